@@ -1,0 +1,5 @@
+import sys
+
+from pgdr.cli import main
+
+sys.exit(main())

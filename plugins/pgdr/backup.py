@@ -1,0 +1,182 @@
+"""Full physical backups: pg_basebackup's tar stream, compressed and hashed on
+the way into the repository, never staged on local disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from pgdr.compression import SUFFIX, compress_stream
+from pgdr.config import ClusterConfig
+from pgdr.errors import PgdrError, PostgresError
+from pgdr.labels import check_label, make_label
+from pgdr.lock import ClusterLock
+from pgdr.lsn import parse_lsn
+from pgdr.manifest import BackupManifest, StoredFile
+from pgdr.pgbin import find_bin_dir
+from pgdr.postgres import ConnInfo, server_info
+from pgdr.repository import MANIFEST, Repository
+from pgdr.results import JsonResult, iso, utcnow
+from pgdr.storage import Storage
+from pgdr.streams import CHUNK, Digest, PipeReader
+from pgdr.tarstream import TarWatcher
+
+log = logging.getLogger(__name__)
+PART_SIZE = 1 << 30  # raw bytes per stored part
+
+
+@dataclass
+class BackupResult(JsonResult):
+    cluster: str
+    label: str
+    status: str  # "ok", or "already_exists" when this label was committed before
+    repository: str
+    pg_version: str
+    system_identifier: str
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    start_time: str
+    stop_time: str
+    size: int
+    stored_size: int
+    compression: str
+    compression_ratio: float
+    parts: int
+    pg_file_count: int
+    duration_seconds: float
+    throughput_mb_s: float
+
+    @classmethod
+    def from_manifest(cls, m: BackupManifest, repository: str, status: str) -> "BackupResult":
+        from pgdr.results import parse_iso
+
+        duration = max((parse_iso(m.stop_time) - parse_iso(m.start_time)).total_seconds(), 1e-6)
+        return cls(
+            cluster=m.cluster, label=m.label, status=status, repository=repository,
+            pg_version=m.pg_version_text, system_identifier=m.system_identifier, timeline=m.timeline,
+            start_lsn=m.start_lsn, stop_lsn=m.stop_lsn, start_time=m.start_time, stop_time=m.stop_time,
+            size=m.size, stored_size=m.stored_size, compression=m.compression,
+            compression_ratio=round(m.size / m.stored_size, 3) if m.stored_size else 0.0,
+            parts=len(m.files), pg_file_count=m.pg_file_count,
+            duration_seconds=round(duration, 3), throughput_mb_s=round(m.size / duration / 1e6, 1),
+        )
+
+
+def basebackup_command(bins, conn: ConnInfo, cluster: ClusterConfig, label: str) -> list[str]:
+    cmd = [bins.tool("pg_basebackup"), "-D", "-", "-F", "t", "-X", "fetch", "-c", cluster.checkpoint,
+           "--manifest-checksums=CRC32C", "-l", f"pgdr {cluster.name} {label}", "-w"]
+    if conn.dsn:
+        cmd += ["-d", conn.dsn]
+    return cmd
+
+
+def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None = None,
+               part_size: int = PART_SIZE) -> BackupResult:
+    info = server_info(conn)
+    if info.wal_level == "minimal":
+        raise PostgresError("wal_level is 'minimal'; physical backups need 'replica' or 'logical' (restart required)")
+    if info.tablespaces:
+        raise PgdrError(
+            f"cluster '{cluster.name}' has extra tablespaces ({', '.join(info.tablespaces)}); pgdr does not yet "
+            "back up tablespaces outside the data directory and refuses rather than take an incomplete backup")
+    bins = find_bin_dir(info.major, cluster.pg_bin_dir, tool="pg_basebackup")
+    repo = Repository(storage, cluster.name)
+    repo.check_identity(info.system_identifier, info.version_num)
+    label = check_label(label) if label else make_label(utcnow())
+
+    with ClusterLock(storage, repo.lock_key, f"backup {label}"):
+        if storage.exists(repo.key(label, MANIFEST)):
+            log.info("backup %s of cluster %s already exists and is committed; nothing to do", label, cluster.name)
+            return BackupResult.from_manifest(repo.manifest(label), storage.describe(), "already_exists")
+        leftovers = repo.remove_unfinished(label)
+        if leftovers:
+            log.info("removed %d objects of an earlier unfinished attempt at backup %s", leftovers, label)
+        try:
+            manifest = _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size)
+        except BaseException:
+            log.error("backup %s failed; removing its partial objects", label)
+            try:
+                repo.remove_unfinished(label)
+            except PgdrError as e:
+                log.error("could not remove partial backup %s (it has no manifest, so it is never used): %s",
+                          label, e)
+            raise
+        repo.commit(manifest)
+    result = BackupResult.from_manifest(manifest, storage.describe(), "ok")
+    log.info("backup %s of cluster %s committed: %.1f MB read, %.1f MB stored (%s), %.1f s, %.1f MB/s",
+             label, cluster.name, result.size / 1e6, result.stored_size / 1e6, cluster.compression,
+             result.duration_seconds, result.throughput_mb_s)
+    return result
+
+
+def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -> BackupManifest:
+    cmd = basebackup_command(bins, conn, cluster, label)
+    suffix = SUFFIX[cluster.compression]
+    start = utcnow()
+    log.info("backup %s of cluster %s: streaming pg_basebackup (PostgreSQL %s, %s) from %s into %s",
+             label, cluster.name, bins.version, bins.path, conn.describe(), storage.describe())
+    with tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, env=conn.process_env())
+        reader = PipeReader(proc.stdout)
+        watcher = TarWatcher()
+        files: list[StoredFile] = []
+        try:
+            eof = False
+            while not eof:
+                raw, stored = Digest(), Digest()
+                state = {"eof": False}
+
+                def raw_chunks():
+                    while raw.size < part_size:
+                        data = reader.read(min(CHUNK, part_size - raw.size))
+                        if not data:
+                            state["eof"] = True
+                            return
+                        watcher.feed(data)
+                        yield data
+
+                name = f"base.tar.{len(files):05d}{suffix}"
+                key = repo.key(label, name)
+                storage.put_stream(key, stored.tap(compress_stream(raw.tap(raw_chunks()), cluster.compression,
+                                                                   cluster.compression_level)))
+                eof = state["eof"]
+                if raw.size == 0 and files:
+                    storage.delete(key)  # the stream ended exactly on a part boundary
+                    break
+                files.append(StoredFile(name, raw.size, stored.size, raw.hexdigest, stored.hexdigest))
+                log.info("stored %s: %.1f MB -> %.1f MB", name, raw.size / 1e6, stored.size / 1e6)
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            reader.close()
+        errfile.seek(0)
+        stderr = errfile.read().decode(errors="replace").strip()
+    if rc != 0:
+        tail = "\n".join(stderr.splitlines()[-5:]) or "(no output)"
+        raise PostgresError(f"pg_basebackup failed with exit code {rc}: {tail}")
+    pg_manifest = watcher.captured.get("backup_manifest")
+    if not pg_manifest:
+        raise PgdrError("pg_basebackup produced no backup_manifest; PostgreSQL 13 or newer is required")
+    storage.put_bytes(repo.key(label, "backup_manifest"), pg_manifest)
+    ranges = json.loads(pg_manifest)["WAL-Ranges"]
+    first = min(ranges, key=lambda r: parse_lsn(r["Start-LSN"]))
+    last = max(ranges, key=lambda r: parse_lsn(r["End-LSN"]))
+    stop = utcnow()
+    return BackupManifest(
+        cluster=cluster.name, label=label, type="full", status="ok",
+        pg_version=info.version_num, pg_version_text=info.version,
+        system_identifier=info.system_identifier, timeline=int(last["Timeline"]),
+        start_lsn=first["Start-LSN"], stop_lsn=last["End-LSN"],
+        start_time=iso(start), stop_time=iso(stop),
+        compression=cluster.compression, compression_level=cluster.compression_level,
+        files=files, pg_file_count=watcher.members,
+        size=sum(f.size for f in files), stored_size=sum(f.stored_size for f in files),
+        wal_included=True, databases=list(info.databases),
+    )

@@ -1,0 +1,145 @@
+"""The ``pgdr`` command: everything a restore needs, with Airflow down.
+
+Exit codes: 0 ok, 1 the operation failed or was refused, 2 usage or config
+error. With ``--json`` the result (or the error) is one JSON document on
+stdout: a stable contract. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pgdr import __version__
+from pgdr.errors import PgdrError, UsageError
+
+log = logging.getLogger("pgdr")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="configuration file (default: $PGDR_CONFIG or include/pgdr.yaml)",
+                        default=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the result as JSON on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="log only warnings and errors")
+
+    p = argparse.ArgumentParser(prog="pgdr", parents=[common],
+                                description="PostgreSQL disaster recovery: backups and restores you can prove.")
+    p.add_argument("--version", action="version", version=f"pgdr {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name, help_):
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.add_argument("--cluster", required=True, help="cluster name from the configuration")
+        return sp
+
+    cmd("check", "check that the cluster and repository are ready for backups")
+    b = cmd("backup", "take a full physical backup into the repository")
+    b.add_argument("--label", help="backup label (default: now, like 20261125-020000F); reusing a committed label "
+                                   "does nothing, reusing an unfinished one replaces it")
+    cmd("list", "list the backups in the repository")
+    i = cmd("info", "show one backup's manifest")
+    i.add_argument("--backup", required=True, help="label or 'latest'")
+    r = cmd("restore", "restore a backup into an empty data directory")
+    r.add_argument("--backup", default="latest", help="label or 'latest' (default)")
+    r.add_argument("--pgdata", required=True, help="target data directory: new or empty")
+    r.add_argument("--start", action="store_true", help="start the restored server (archiving off)")
+    r.add_argument("--port", type=int, help="port for the started server")
+    r.add_argument("--socket-dir", help="unix socket directory for the started server")
+    r.add_argument("--run-as", help="system user to own the data directory and run the server "
+                                    "(default: the cluster's run_as, 'postgres')")
+    return p
+
+
+def _context(args):
+    from pgdr.config import load_config
+    from pgdr.postgres import ConnInfo
+    from pgdr.storage import open_storage
+
+    config = load_config(getattr(args, "config", None))
+    cluster = config.cluster(args.cluster)
+    return cluster, ConnInfo(dsn=cluster.dsn or ""), open_storage(cluster.repository)
+
+
+def run(args) -> object:
+    cluster, conn, storage = _context(args)
+    if args.command == "check":
+        from pgdr.check import run_check
+
+        report = run_check(cluster, conn, storage)
+        if not report.ok:
+            args._exit = 1
+        return report
+    if args.command == "backup":
+        from pgdr.backup import run_backup
+
+        return run_backup(cluster, conn, storage, label=args.label)
+    from pgdr.repository import Repository
+
+    repo = Repository(storage, cluster.name)
+    if args.command == "list":
+        from pgdr.catalog import list_backups
+
+        return list_backups(repo)
+    if args.command == "info":
+        return repo.resolve(args.backup)
+    if args.command == "restore":
+        from pgdr.restore import run_restore
+
+        if args.port is not None and not 1 <= args.port <= 65535:
+            raise UsageError(f"--port {args.port} is not a TCP port")
+        return run_restore(cluster, storage, args.backup, args.pgdata, start=args.start, port=args.port,
+                           socket_dir=args.socket_dir, run_as=args.run_as)
+    raise UsageError(f"unknown command {args.command}")
+
+
+def _human(result) -> str:
+    from pgdr.catalog import CatalogReport
+    from pgdr.check import CheckReport
+
+    if isinstance(result, CheckReport):
+        lines = [f"cluster {result.cluster}: {'ready' if result.ok else 'NOT READY'}"]
+        for c in result.checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.critical else "warn")
+            lines.append(f"  [{mark}] {c.name}: {c.detail}")
+        return "\n".join(lines)
+    if isinstance(result, CatalogReport):
+        lines = [f"cluster {result.cluster} in {result.repository}: {len(result.backups)} backup(s)"]
+        for b in result.backups:
+            if b.status == "ok":
+                lines.append(f"  {b.label}  {b.status:10}  PostgreSQL {b.pg_version}  {b.stop_time}  "
+                             f"{(b.size or 0) / 1e6:10.1f} MB -> {(b.stored_size or 0) / 1e6:.1f} MB  "
+                             f"LSN {b.start_lsn}..{b.stop_lsn}")
+            else:
+                lines.append(f"  {b.label}  {b.status:10}  {b.detail}")
+        return "\n".join(lines)
+    return json.dumps(result.to_dict(), indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    as_json = getattr(args, "json", False)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(asctime)s pgdr %(levelname)s %(message)s", stream=sys.stderr)
+    args._exit = 0
+    try:
+        result = run(args)
+    except PgdrError as e:
+        log.error("%s", e)
+        if as_json:
+            print(json.dumps({**e.to_dict(), "command": args.command}, indent=2))
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing half-written is visible in the repository")
+        return 1
+    print(result.to_json() if as_json else _human(result))
+    return args._exit
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The pgdr configuration file: clusters, their repositories and alert routing.
+
+One YAML file, ``include/pgdr.yaml`` by default, overridden by ``PGDR_CONFIG``.
+Secrets never live here: passwords come from ``PGPASSWORD``/``.pgpass`` or an
+Airflow connection, cloud keys from an Airflow connection or the standard AWS
+credential chain. A file that tries to hold one is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from pgdr.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "include" / "pgdr.yaml"
+CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+COMPRESSIONS = {"zstd": (1, 22, 3), "lz4": (0, 16, 1), "gzip": (1, 9, 6), "none": (0, 0, 0)}
+SSE_MODES = {"AES256", "aws:kms"}
+SECRET_KEYS = re.compile(r"(password|passwd|secret|token|private_key|access_key|credential)", re.I)
+DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", re.I)
+CRON_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path:
+    """The file to read: the explicit one, else ``$PGDR_CONFIG``, else the default."""
+    return Path(explicit or os.environ.get("PGDR_CONFIG") or DEFAULT_CONFIG)
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    aws_conn_id: str | None = None
+    sse: str | None = None
+    kms_key_id: str | None = None
+    part_size_mb: int = 64
+
+    @property
+    def kind(self) -> str:
+        return self.url.split("://", 1)[0]
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    slack_conn_id: str | None = None
+    pagerduty_conn_id: str | None = None
+    severity: str = "critical"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    repository: RepositoryConfig
+    conn_id: str | None = None
+    dsn: str | None = None
+    compression: str = "zstd"
+    compression_level: int = 3
+    schedule: str = "0 2 * * *"
+    timezone: str = "America/New_York"
+    pg_bin_dir: str | None = None
+    checkpoint: str = "fast"
+    run_as: str = "postgres"
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    clusters: dict[str, ClusterConfig]
+
+    def cluster(self, name: str) -> ClusterConfig:
+        try:
+            return self.clusters[name]
+        except KeyError:
+            known = ", ".join(sorted(self.clusters)) or "none"
+            raise ConfigError(self.path, f"no cluster named {name!r} (configured: {known})", key="clusters") from None
+
+
+class _Reader:
+    """Walks the parsed YAML, naming the file and key in every complaint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, message: str):
+        raise ConfigError(self.path, message, key=key)
+
+    def mapping(self, value, key: str, allowed: set[str]) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        for k in value:
+            if not isinstance(k, str):
+                self.fail(key, f"key {k!r} must be a string")
+            if SECRET_KEYS.search(k):
+                self.fail(f"{key}.{k}", "secrets are not allowed in the config file; "
+                          "use an Airflow connection, PGPASSWORD/.pgpass or the AWS credential chain")
+            if k not in allowed:
+                self.fail(f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def string(self, m: dict, name: str, key: str, default=None, required=False):
+        value = m.get(name, default)
+        if value is None:
+            if required:
+                self.fail(f"{key}.{name}", "is required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.fail(f"{key}.{name}", "must be a non-empty string")
+        return value
+
+    def integer(self, m: dict, name: str, key: str, default: int, lo: int, hi: int) -> int:
+        value = m.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.fail(f"{key}.{name}", f"must be an integer from {lo} to {hi}, got {value!r}")
+        return value
+
+
+CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
+                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts"}
+REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb"}
+ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate the configuration; raise ConfigError naming file and key."""
+    path = config_path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found (set PGDR_CONFIG or pass --config)") from None
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(path, f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw, path: str | os.PathLike = "<config>") -> Config:
+    r = _Reader(Path(path))
+    top = r.mapping(raw, "(top level)", {"defaults", "alerts", "clusters"})
+    defaults = r.mapping(top.get("defaults"), "defaults", CLUSTER_KEYS - {"conn_id", "dsn"})
+    alerts = r.mapping(top.get("alerts"), "alerts", ALERT_KEYS)
+    clusters_raw = r.mapping(top.get("clusters"), "clusters", set(top.get("clusters") or {}))
+    if not clusters_raw:
+        r.fail("clusters", "at least one cluster must be configured")
+    clusters = {}
+    for name, body in clusters_raw.items():
+        key = f"clusters.{name}"
+        if not CLUSTER_NAME.match(name):
+            r.fail(key, "cluster names are lowercase letters, digits and '_', starting with a letter")
+        body = r.mapping(body, key, CLUSTER_KEYS)
+        merged = {**defaults, **body}
+        merged["alerts"] = {**alerts, **(defaults.get("alerts") or {}), **(body.get("alerts") or {})}
+        clusters[name] = _cluster(r, name, merged, key)
+    return Config(path=str(path), clusters=clusters)
+
+
+def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
+    dsn = r.string(m, "dsn", key)
+    if dsn and DSN_PASSWORD.search(dsn):
+        r.fail(f"{key}.dsn", "must not contain a password; use PGPASSWORD, a .pgpass file or an Airflow connection")
+    compression = r.string(m, "compression", key, "zstd")
+    if compression not in COMPRESSIONS:
+        r.fail(f"{key}.compression", f"must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    lo, hi, default_level = COMPRESSIONS[compression]
+    level = r.integer(m, "compression_level", key, default_level, lo, hi)
+    schedule = r.string(m, "schedule", key, "0 2 * * *")
+    if schedule not in CRON_PRESETS and len(schedule.split()) != 5:
+        r.fail(f"{key}.schedule", f"must be a 5-field cron expression or one of {', '.join(sorted(CRON_PRESETS))}")
+    tz = r.string(m, "timezone", key, "America/New_York")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        r.fail(f"{key}.timezone", f"unknown time zone {tz!r}")
+    checkpoint = r.string(m, "checkpoint", key, "fast")
+    if checkpoint not in ("fast", "spread"):
+        r.fail(f"{key}.checkpoint", "must be 'fast' or 'spread'")
+    alerts_m = r.mapping(m.get("alerts"), f"{key}.alerts", ALERT_KEYS)
+    severity = r.string(alerts_m, "severity", f"{key}.alerts", "critical")
+    if severity not in ("critical", "error", "warning", "info"):
+        r.fail(f"{key}.alerts.severity", "must be critical, error, warning or info")
+    return ClusterConfig(
+        name=name,
+        repository=_repository(r, m.get("repository"), f"{key}.repository"),
+        conn_id=r.string(m, "conn_id", key),
+        dsn=dsn,
+        compression=compression,
+        compression_level=level,
+        schedule=schedule,
+        timezone=tz,
+        pg_bin_dir=r.string(m, "pg_bin_dir", key),
+        checkpoint=checkpoint,
+        run_as=r.string(m, "run_as", key, "postgres"),
+        alerts=AlertConfig(
+            slack_conn_id=r.string(alerts_m, "slack_conn_id", f"{key}.alerts"),
+            pagerduty_conn_id=r.string(alerts_m, "pagerduty_conn_id", f"{key}.alerts"),
+            severity=severity,
+        ),
+    )
+
+
+def _repository(r: _Reader, raw, key: str) -> RepositoryConfig:
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    if raw is None:
+        r.fail(key, "is required (file:///path or s3://bucket/prefix)")
+    m = r.mapping(raw, key, REPO_KEYS)
+    url = r.string(m, "url", key, required=True)
+    if url.startswith("file://"):
+        if not url[len("file://"):].startswith("/"):
+            r.fail(f"{key}.url", "file repositories need an absolute path: file:///path")
+    elif url.startswith("s3://"):
+        if not url[len("s3://"):].split("/", 1)[0]:
+            r.fail(f"{key}.url", "s3 repositories need a bucket: s3://bucket/prefix")
+    else:
+        r.fail(f"{key}.url", f"must start with file:// or s3://, got {url!r}")
+    sse = r.string(m, "sse", key)
+    if sse is not None and sse not in SSE_MODES:
+        r.fail(f"{key}.sse", f"must be one of {', '.join(sorted(SSE_MODES))}")
+    kms = r.string(m, "kms_key_id", key)
+    if kms and sse != "aws:kms":
+        r.fail(f"{key}.kms_key_id", "only applies with sse: aws:kms")
+    return RepositoryConfig(
+        url=url.rstrip("/"),
+        endpoint_url=r.string(m, "endpoint_url", key),
+        region=r.string(m, "region", key),
+        aws_conn_id=r.string(m, "aws_conn_id", key),
+        sse=sse,
+        kms_key_id=kms,
+        part_size_mb=r.integer(m, "part_size_mb", key, 64, 5, 5120),
+    )

@@ -1,0 +1,72 @@
+"""The backup manifest: what a backup holds, written last as its commit point."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pgdr import __version__
+from pgdr.errors import IntegrityError
+from pgdr.results import JsonResult
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StoredFile(JsonResult):
+    """One object in the repository: raw size and digest, and as stored."""
+
+    name: str
+    size: int
+    stored_size: int
+    sha256: str
+    stored_sha256: str
+
+
+@dataclass
+class BackupManifest(JsonResult):
+    cluster: str
+    label: str
+    type: str
+    status: str
+    pg_version: int
+    pg_version_text: str
+    system_identifier: str
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    start_time: str
+    stop_time: str
+    compression: str
+    compression_level: int
+    files: list[StoredFile] = field(default_factory=list)
+    pg_file_count: int = 0
+    size: int = 0
+    stored_size: int = 0
+    wal_included: bool = True
+    databases: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    tool: str = "pgdr"
+    tool_version: str = __version__
+
+    @property
+    def pg_major(self) -> int:
+        return self.pg_version // 10000
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: bytes | str, where: str = "manifest") -> "BackupManifest":
+        try:
+            data = json.loads(text)
+            if data.get("format_version") != FORMAT_VERSION:
+                raise IntegrityError(
+                    f"{where}: format version {data.get('format_version')!r} is not one this pgdr "
+                    f"({__version__}) reads ({FORMAT_VERSION})")
+            data["files"] = [StoredFile(**f) for f in data.get("files", [])]
+            return cls.from_dict(data)
+        except IntegrityError:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            raise IntegrityError(f"{where}: unreadable manifest: {e}") from None

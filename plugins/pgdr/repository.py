@@ -1,0 +1,130 @@
+"""The repository layout, per cluster, on any storage backend.
+
+    <cluster>/cluster.json                     system identifier and version, written once
+    <cluster>/lock.json                        held while a backup runs
+    <cluster>/backup/<label>/base.tar.NNNNN.zst   the pg_basebackup tar stream, in parts
+    <cluster>/backup/<label>/backup_manifest   PostgreSQL's own manifest, as produced
+    <cluster>/backup/<label>/manifest.json     pgdr's manifest: written last, the commit point
+    <cluster>/wal/                             archived WAL (continuous archiving)
+    <cluster>/reports/                         verification and drill reports
+
+A backup directory without manifest.json is an unfinished backup and is
+never offered for restore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from pgdr.errors import BackupNotFound, IntegrityError, ObjectNotFound, RepositoryError
+from pgdr.labels import check_label
+from pgdr.manifest import BackupManifest
+from pgdr.storage import Storage
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class CatalogEntry:
+    label: str
+    manifest: BackupManifest | None
+    error: str | None = None
+
+
+class Repository:
+    def __init__(self, storage: Storage, cluster: str):
+        self.storage = storage
+        self.cluster = cluster
+
+    # keys
+    def backup_prefix(self, label: str) -> str:
+        return f"{self.cluster}/backup/{label}/"
+
+    def key(self, label: str, name: str) -> str:
+        return self.backup_prefix(label) + name
+
+    @property
+    def cluster_key(self) -> str:
+        return f"{self.cluster}/cluster.json"
+
+    @property
+    def lock_key(self) -> str:
+        return f"{self.cluster}/lock.json"
+
+    # cluster identity
+    def check_identity(self, system_identifier: str, pg_version: int) -> None:
+        """Record which cluster this repository belongs to; refuse any other."""
+        record = json.dumps({"cluster": self.cluster, "system_identifier": system_identifier,
+                             "pg_version": pg_version}).encode()
+        if self.storage.put_if_absent(self.cluster_key, record):
+            log.info("repository %s now belongs to cluster %s (system identifier %s)",
+                     self.storage.describe(), self.cluster, system_identifier)
+            return
+        try:
+            known = json.loads(self.storage.get_bytes(self.cluster_key))
+        except ValueError as e:
+            raise IntegrityError(f"{self.cluster_key} is unreadable: {e}") from None
+        if known.get("system_identifier") != system_identifier:
+            raise RepositoryError(
+                f"repository {self.storage.describe()} holds cluster '{self.cluster}' with system identifier "
+                f"{known.get('system_identifier')}, but the server has {system_identifier}: refusing to mix "
+                "two clusters' backups (point this cluster at a new repository path)")
+
+    # catalog
+    def catalog(self) -> list[CatalogEntry]:
+        """Every backup directory, oldest first, committed or not."""
+        prefix = f"{self.cluster}/backup/"
+        labels: dict[str, bool] = {}
+        for obj in self.storage.list(prefix):
+            label, _, name = obj.key[len(prefix):].partition("/")
+            labels[label] = labels.get(label, False) or name == MANIFEST
+        out = []
+        for label in sorted(labels):
+            if not labels[label]:
+                out.append(CatalogEntry(label, None, "unfinished: no manifest (backup in progress or failed)"))
+                continue
+            try:
+                out.append(CatalogEntry(label, self.manifest(label)))
+            except (IntegrityError, RepositoryError) as e:
+                out.append(CatalogEntry(label, None, str(e)))
+        return out
+
+    def backups(self) -> list[BackupManifest]:
+        """Committed backups, oldest first."""
+        return [e.manifest for e in self.catalog() if e.manifest is not None and e.manifest.status == "ok"]
+
+    def manifest(self, label: str) -> BackupManifest:
+        key = self.key(label, MANIFEST)
+        try:
+            data = self.storage.get_bytes(key)
+        except ObjectNotFound:
+            raise BackupNotFound(f"no backup {label} for cluster '{self.cluster}' in {self.storage.describe()}") from None
+        return BackupManifest.from_json(data, where=key)
+
+    def resolve(self, label: str) -> BackupManifest:
+        """``latest`` or a label, to a committed backup's manifest."""
+        if label == "latest":
+            backups = self.backups()
+            if not backups:
+                raise BackupNotFound(f"cluster '{self.cluster}' has no completed backup in {self.storage.describe()}")
+            return backups[-1]
+        check_label(label)
+        m = self.manifest(label)
+        if m.status != "ok":
+            raise BackupNotFound(f"backup {label} has status {m.status!r}, not restorable")
+        return m
+
+    def commit(self, manifest: BackupManifest) -> None:
+        self.storage.put_bytes(self.key(manifest.label, MANIFEST), manifest.to_json().encode())
+
+    def remove_unfinished(self, label: str) -> int:
+        """Delete the objects of an unfinished backup with this label; manifest-less only."""
+        if self.storage.exists(self.key(label, MANIFEST)):
+            raise RepositoryError(f"backup {label} is committed; refusing to delete it as unfinished")
+        objs = self.storage.list(self.backup_prefix(label))
+        for obj in objs:
+            self.storage.delete(obj.key)
+        return len(objs)

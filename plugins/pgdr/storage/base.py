@@ -1,0 +1,57 @@
+"""The storage contract every backend fulfils (tests/test_storage_contract.py)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Storage(ABC):
+    """Keys are '/'-separated paths relative to the repository root.
+
+    Writes are atomic: a reader sees the whole object or nothing, never a
+    half-written one.
+    """
+
+    url: str
+
+    @abstractmethod
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Store the concatenated chunks under key; return the byte count."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.put_stream(key, [data])
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create key only if it does not exist; False when it already did."""
+
+    @abstractmethod
+    def get_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """Yield the object's bytes; raise ObjectNotFound when it is missing."""
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.get_stream(key))
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with prefix, sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove key; removing a missing key is not an error."""
+
+    def exists(self, key: str) -> bool:
+        return any(o.key == key for o in self.list(key))
+
+    def describe(self) -> str:
+        return self.url

@@ -1,0 +1,144 @@
+"""A repository in a local or mounted directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pgdr.errors import ObjectNotFound, RepositoryError
+from pgdr.storage.base import CHUNK, ObjectInfo, Storage
+
+TMP_MARK = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStorage(Storage):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise RepositoryError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def _error(self, action: str, key: str, e: OSError) -> RepositoryError:
+        return RepositoryError(f"cannot {action} {self.url}/{key}: {e.strerror or e}")
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        written = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    written += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self._error("write", key, e) from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return written
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, fails if path exists
+            except FileExistsError:
+                return False
+            fsync_dir(path.parent)
+            return True
+        except OSError as e:
+            raise self._error("write", key, e) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.url}/{key} does not exist") from None
+        except OSError as e:
+            raise self._error("read", key, e) from e
+        with f:
+            while True:
+                try:
+                    chunk = f.read(chunk_size)
+                except OSError as e:
+                    raise self._error("read", key, e) from e
+                if not chunk:
+                    return
+                yield chunk
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        out = []
+        try:
+            walker = os.walk(base, onerror=_raise)
+            for dirpath, dirnames, filenames in walker:
+                dirnames.sort()
+                for name in filenames:
+                    if TMP_MARK in name and name.startswith("."):
+                        continue
+                    full = Path(dirpath) / name
+                    key = full.relative_to(self.root).as_posix()
+                    if key.startswith(prefix):
+                        out.append(ObjectInfo(key, full.stat().st_size))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._error("list", prefix, e) from e
+        return sorted(out, key=lambda o: o.key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise self._error("delete", key, e) from e
+        # Tidy empty directories up to the root so listings stay clean.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    break
+                raise self._error("delete", key, e) from e
+            parent = parent.parent
+
+
+def _raise(e: OSError):
+    if isinstance(e, FileNotFoundError):
+        return
+    raise e

@@ -18,7 +18,7 @@ def _zstd_compressor(level: int):
     import zstandard
 
     # threads=-1: one worker per core; output is still a single frame.
-    return zstandard.ZstdCompressor(level=level, threads=-1).compressobj()
+    return zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compressobj()
 
 
 def _zstd_decompressor():
@@ -31,7 +31,7 @@ class _Lz4Compressor:
     def __init__(self, level: int):
         import lz4.frame
 
-        self._c = lz4.frame.LZ4FrameCompressor(compression_level=level)
+        self._c = lz4.frame.LZ4FrameCompressor(compression_level=level, content_checksum=True)
         self._started = False
 
     def compress(self, data: bytes) -> bytes:

@@ -24,7 +24,7 @@ COMPRESSIONS = {"zstd": (1, 22, 3), "lz4": (0, 16, 1), "gzip": (1, 9, 6), "none"
 SSE_MODES = {"AES256", "aws:kms"}
 SECRET_KEYS = re.compile(r"(password|passwd|secret|token|private_key|access_key|credential)", re.I)
 DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", re.I)
-CRON_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
+CRON_PRESETS = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:

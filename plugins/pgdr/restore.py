@@ -197,4 +197,5 @@ def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | No
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else proc.stderr
-        raise PgdrError(f"the restored server did not start (pg_ctl exit {proc.returncode}): {tail.strip()}")
+        raise PgdrError(f"{target} is restored and verified, but the server did not start "
+                        f"(pg_ctl exit {proc.returncode}): {tail.strip()}")

@@ -50,10 +50,10 @@ class FileStorage(Storage):
             os.replace(tmp, path)
             fsync_dir(path.parent)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise self._error("write", key, e) from e
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise
         return written
 
@@ -75,7 +75,7 @@ class FileStorage(Storage):
         except OSError as e:
             raise self._error("write", key, e) from e
         finally:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
 
     def get_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         path = self._path(key)
@@ -136,6 +136,13 @@ class FileStorage(Storage):
                     break
                 raise self._error("delete", key, e) from e
             parent = parent.parent
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _raise(e: OSError):

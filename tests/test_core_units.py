@@ -1,0 +1,191 @@
+"""The core's pure pieces: config validation, codecs, the tar watcher, labels, the lock."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, pgdr
+from pgdr import lock as lockmod
+from pgdr.compression import compress_stream, decompress_stream
+from pgdr.config import RepositoryConfig, load_config, parse_config
+from pgdr.errors import ConfigError, IntegrityError, LockedError, UsageError
+from pgdr.labels import check_label, make_label
+from pgdr.lock import ClusterLock
+from pgdr.storage import open_storage
+from pgdr.tarstream import TarWatcher
+
+
+def test_core_imports_no_airflow():
+    code = ("import sys, pkgutil, importlib, pgdr\n"
+            "for m in pkgutil.walk_packages(pgdr.__path__, 'pgdr.'):\n"
+            "    m.name != 'pgdr.__main__' and importlib.import_module(m.name)\n"
+            "bad = sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.'))\n"
+            "assert not bad, bad\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    for path in (ROOT / "plugins" / "pgdr").rglob("*.py"):
+        assert "import airflow" not in path.read_text() and "from airflow" not in path.read_text(), path
+
+
+GOOD = {"clusters": {"app": {"dsn": "host=db port=5432 user=backup", "repository": "file:///srv/pgdr"}}}
+
+
+def test_config_defaults():
+    c = parse_config(GOOD).cluster("app")
+    assert (c.compression, c.compression_level, c.schedule, c.timezone) == ("zstd", 3, "0 2 * * *", "America/New_York")
+    assert c.repository.kind == "file" and c.repository.url == "file:///srv/pgdr"
+
+
+def test_config_defaults_and_alerts_merge():
+    cfg = parse_config({
+        "defaults": {"compression": "lz4", "schedule": "30 1 * * *"},
+        "alerts": {"slack_conn_id": "slack", "pagerduty_conn_id": "pd"},
+        "clusters": {"app": {"repository": {"url": "s3://b/p", "sse": "aws:kms", "kms_key_id": "k1"},
+                             "alerts": {"severity": "error"}}},
+    })
+    c = cfg.cluster("app")
+    assert c.compression == "lz4" and c.compression_level == 1 and c.schedule == "30 1 * * *"
+    assert (c.alerts.slack_conn_id, c.alerts.pagerduty_conn_id, c.alerts.severity) == ("slack", "pd", "error")
+    assert c.repository.sse == "aws:kms"
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"clusters": {"app": {"repository": "file:///x", "compresion": "zstd"}}}, "clusters.app.compresion", "unknown key"),
+    ({"clusters": {"app": {"repository": "file:///x", "compression": "brotli"}}}, "clusters.app.compression", "must be one of"),
+    ({"clusters": {"app": {"repository": "file:///x", "compression": "zstd", "compression_level": 40}}},
+     "clusters.app.compression_level", "from 1 to 22"),
+    ({"clusters": {"app": {"repository": "ftp://x"}}}, "clusters.app.repository.url", "file:// or s3://"),
+    ({"clusters": {"app": {"repository": "file://relative"}}}, "clusters.app.repository.url", "absolute"),
+    ({"clusters": {"app": {}}}, "clusters.app.repository", "is required"),
+    ({"clusters": {"App!": {"repository": "file:///x"}}}, "clusters.App!", "lowercase"),
+    ({"clusters": {"app": {"repository": "file:///x", "timezone": "Mars/Olympus"}}}, "clusters.app.timezone", "unknown time zone"),
+    ({"clusters": {"app": {"repository": "file:///x", "schedule": "daily"}}}, "clusters.app.schedule", "cron"),
+    ({"clusters": {"app": {"repository": "file:///x", "dsn": "host=db password=hunter2"}}}, "clusters.app.dsn", "password"),
+    ({"clusters": {"app": {"repository": "file:///x", "dsn": "postgresql://u:hunter2@db/x"}}}, "clusters.app.dsn", "password"),
+    ({"clusters": {"app": {"repository": {"url": "s3://b", "aws_secret_access_key": "x"}}}},
+     "clusters.app.repository.aws_secret_access_key", "secrets are not allowed"),
+    ({"clusters": {}}, "clusters", "at least one"),
+    ([1, 2], "(top level)", "must be a mapping"),
+])
+def test_config_errors_name_the_key(raw, key, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "/etc/pgdr.yaml")
+    assert e.value.key == key
+    assert words in str(e.value) and str(e.value).startswith("/etc/pgdr.yaml: ")
+    assert "hunter2" not in str(e.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "pgdr.yaml"
+    p.write_text("clusters:\n  app:\n    repository: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"pgdr.yaml: not valid YAML at line \d+"):
+        load_config(p)
+    code, data, err = pgdr("--json", "list", "--cluster", "app", config=p)
+    assert code == 2 and data["error"] == "config" and data["file"] == str(p)
+    assert "not valid YAML" in err
+
+
+def test_cli_missing_config_and_unknown_cluster(tmp_path):
+    code, data, err = pgdr("--json", "list", "--cluster", "app", config=tmp_path / "nope.yaml")
+    assert code == 2 and "file not found" in data["message"]
+    p = tmp_path / "pgdr.yaml"
+    p.write_text(json.dumps(GOOD))
+    code, data, _ = pgdr("--json", "list", "--cluster", "billing", config=p)
+    assert code == 2 and "no cluster named 'billing' (configured: app)" in data["message"]
+    code, _, err = pgdr("restore", "--cluster", "app", config=p)  # --pgdata missing
+    assert code == 2 and "--pgdata" in err
+
+
+def test_pgdr_config_env_var_is_used(tmp_path):
+    p = tmp_path / "env.yaml"
+    p.write_text(json.dumps({"clusters": {"envonly": {"repository": f"file://{tmp_path}/r"}}}))
+    code, data, _ = pgdr("--json", "list", "--cluster", "envonly", env={"PGDR_CONFIG": str(p)})
+    assert code == 0 and data == {"cluster": "envonly", "repository": f"file://{tmp_path}/r", "backups": []}
+
+
+@pytest.mark.parametrize("kind,level", [("zstd", 3), ("lz4", 1), ("gzip", 6), ("none", 0)])
+def test_codecs_round_trip(kind, level):
+    data = [os.urandom(100_000), b"a" * 300_000, b"", b"tail"]
+    packed = list(compress_stream(iter(data), kind, level))
+    assert b"".join(decompress_stream(iter(packed), kind)) == b"".join(data)
+
+
+@pytest.mark.parametrize("kind", ["zstd", "lz4", "gzip"])
+def test_codecs_detect_garbage(kind):
+    packed = bytearray(b"".join(compress_stream(iter([os.urandom(50_000)]), kind, 1)))
+    packed[len(packed) // 2] ^= 0xFF
+    packed[10] ^= 0xFF
+    with pytest.raises(IntegrityError, match="cannot decompress"):
+        b"".join(decompress_stream(iter([bytes(packed)]), kind))
+
+
+def test_tar_watcher_matches_tarfile():
+    buf = io.BytesIO()
+    long_name = "base/" + "x" * 150 + "/file"
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in [("PG_VERSION", b"15\n"), (long_name, os.urandom(70_000)),
+                           ("empty", b""), ("backup_manifest", b'{"WAL-Ranges": []}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    w = TarWatcher()
+    for i in range(0, len(raw), 777):  # odd chunk sizes cross every boundary
+        w.feed(raw[i:i + 777])
+    assert w.members == 4
+    assert w.captured["backup_manifest"] == b'{"WAL-Ranges": []}'
+
+
+def test_labels():
+    assert make_label(datetime(2026, 11, 25, 7, 0, tzinfo=timezone.utc)) == "20261125-070000F"
+    assert check_label("20261125-020000F") == "20261125-020000F"
+    for bad in ("latest2", "20261125-0200F", "../../etc", ""):
+        with pytest.raises(UsageError):
+            check_label(bad)
+
+
+@pytest.fixture
+def lock_storage(tmp_path):
+    return open_storage(RepositoryConfig(url=f"file://{tmp_path}"))
+
+
+def test_lock_excludes_a_second_holder(lock_storage):
+    with ClusterLock(lock_storage, "app/lock.json", "backup A"):
+        with pytest.raises(LockedError, match="another pgdr process holds app/lock.json"):
+            ClusterLock(lock_storage, "app/lock.json", "backup B").acquire()
+    assert not lock_storage.exists("app/lock.json")
+    with ClusterLock(lock_storage, "app/lock.json", "backup B"):
+        pass
+
+
+def test_lock_of_a_dead_process_is_taken_over(lock_storage, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    lock_storage.put_bytes("app/lock.json", json.dumps({
+        "token": "old", "host": socket.gethostname(), "pid": dead.pid, "purpose": "backup X",
+        "acquired_at": "2026-01-01T00:00:00.000000Z", "heartbeat_at": lockmod.iso(lockmod.utcnow())}).encode())
+    with ClusterLock(lock_storage, "app/lock.json", "backup Y") as lk:
+        assert json.loads(lock_storage.get_bytes("app/lock.json"))["token"] == lk.token
+    assert f"process {dead.pid}" in caplog.text
+
+
+def test_lock_without_heartbeat_is_stale_but_a_fresh_remote_one_is_not(lock_storage):
+    remote = {"token": "r", "host": "another-host", "pid": 1, "purpose": "backup R",
+              "acquired_at": "x", "heartbeat_at": lockmod.iso(lockmod.utcnow())}
+    lock_storage.put_bytes("app/lock.json", json.dumps(remote).encode())
+    with pytest.raises(LockedError, match="another-host"):
+        ClusterLock(lock_storage, "app/lock.json", "backup").acquire()
+    remote["heartbeat_at"] = lockmod.iso(lockmod.utcnow() - timedelta(hours=1))
+    lock_storage.put_bytes("app/lock.json", json.dumps(remote).encode())
+    ClusterLock(lock_storage, "app/lock.json", "backup").acquire().release()

@@ -1,0 +1,101 @@
+"""One contract, two backends: a temp directory and a real S3 server over HTTP."""
+
+from __future__ import annotations
+
+import os
+
+import boto3
+import pytest
+
+from pgdr.config import RepositoryConfig
+from pgdr.errors import ObjectNotFound, RepositoryError
+from pgdr.storage import open_storage
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request, tmp_path):
+    if request.param == "file":
+        return open_storage(RepositoryConfig(url=f"file://{tmp_path}/repo"))
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(RepositoryConfig(url=f"s3://{bucket}/some/prefix", endpoint_url=server,
+                                         region="us-east-1", sse="AES256", part_size_mb=5))
+
+
+def test_put_get_list_delete(storage):
+    storage.put_bytes("c/backup/a/manifest.json", b"{}")
+    storage.put_stream("c/backup/a/base.tar.00000.zst", iter([b"ab", b"cd", b""]))
+    storage.put_bytes("c/other", b"x" * 10)
+    assert storage.get_bytes("c/backup/a/base.tar.00000.zst") == b"abcd"
+    assert [(o.key, o.size) for o in storage.list("c/backup/")] == [
+        ("c/backup/a/base.tar.00000.zst", 4), ("c/backup/a/manifest.json", 2)]
+    assert [o.key for o in storage.list("c/")] == ["c/backup/a/base.tar.00000.zst", "c/backup/a/manifest.json", "c/other"]
+    assert storage.exists("c/other") and not storage.exists("c/oth")
+    storage.delete("c/other")
+    storage.delete("c/other")  # deleting twice is fine
+    assert not storage.exists("c/other")
+    assert storage.list("nothing/") == []
+
+
+def test_missing_object_is_object_not_found(storage):
+    with pytest.raises(ObjectNotFound, match="does not exist"):
+        storage.get_bytes("c/missing")
+
+
+def test_overwrite_replaces_whole_object(storage):
+    storage.put_bytes("k", b"first version, longer")
+    storage.put_bytes("k", b"second")
+    assert storage.get_bytes("k") == b"second"
+
+
+def test_put_if_absent_creates_once(storage):
+    assert storage.put_if_absent("c/lock.json", b"one") is True
+    assert storage.put_if_absent("c/lock.json", b"two") is False
+    assert storage.get_bytes("c/lock.json") == b"one"
+
+
+def test_failed_stream_leaves_nothing_visible(storage):
+    def broken():
+        yield os.urandom(6 * 1024 * 1024)  # past one S3 part, so a multipart upload is under way
+        yield os.urandom(1024)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        storage.put_stream("c/backup/x/base.tar.00000.zst", broken())
+    assert storage.list("c/") == []
+
+
+def test_large_object_round_trips_through_multipart(storage):
+    data = os.urandom(12 * 1024 * 1024 + 123)
+    n = storage.put_stream("big", (data[i:i + 1_000_000] for i in range(0, len(data), 1_000_000)))
+    assert n == len(data)
+    assert b"".join(storage.get_stream("big", chunk_size=333_333)) == data
+
+
+def test_s3_objects_carry_server_side_encryption(s3_server, s3_bucket):
+    st = open_storage(RepositoryConfig(url=f"s3://{s3_bucket}/p", endpoint_url=s3_server, region="us-east-1",
+                                       sse="AES256", part_size_mb=5))
+    st.put_bytes("small", b"abc")
+    st.put_stream("large", [os.urandom(6 * 1024 * 1024)])
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for key in ("p/small", "p/large"):
+        assert s3.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+
+def test_file_storage_rejects_escaping_keys(tmp_path):
+    st = open_storage(RepositoryConfig(url=f"file://{tmp_path}"))
+    with pytest.raises(RepositoryError, match="invalid object key"):
+        st.put_bytes("../outside", b"x")
+
+
+def test_unwritable_repository_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    st = open_storage(RepositoryConfig(url=f"file://{tmp_path}/afile/repo"))
+    with pytest.raises(RepositoryError, match="cannot write"):
+        st.put_bytes("c/x", b"x")
+
+
+def test_missing_bucket_is_a_clear_error(s3_server):
+    st = open_storage(RepositoryConfig(url="s3://no-such-bucket/p", endpoint_url=s3_server, region="us-east-1"))
+    with pytest.raises(RepositoryError, match="NoSuchBucket"):
+        st.put_bytes("c/x", b"x")

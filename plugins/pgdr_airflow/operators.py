@@ -49,16 +49,16 @@ def label_for_run(context) -> str:
 class PgdrBackupOperator(PgdrOperator):
     """A full physical backup; idempotent per DAG run (label from the logical date)."""
 
-    template_fields = ("label",)
+    template_fields = ("backup_label",)
 
-    def __init__(self, *, label: str | None = None, **kwargs):
+    def __init__(self, *, backup_label: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.label = label
+        self.backup_label = backup_label
 
     def execute(self, context):
         from pgdr.backup import run_backup
 
-        label = self.label or label_for_run(context)
+        label = self.backup_label or label_for_run(context)
         self.log.info("backing up cluster '%s' as %s", self.cluster, label)
         result = run_backup(self.hook.cluster, self.hook.conn_info(), self.hook.storage(), label=label)
         if result.status == "already_exists":

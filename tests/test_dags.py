@@ -1,0 +1,162 @@
+"""The Airflow layer for real: DAG integrity, the backup DAG run with dag.test()
+against real PostgreSQL and S3 servers, and failure alerts captured over HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+
+import pytest
+
+from capture import CaptureServer
+from helpers import ROOT, pgdr, table_hashes, write_config
+from test_backup_restore import restore_and_start
+
+_n = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    from airflow.utils import db
+
+    db.resetdb()
+    yield
+
+
+@pytest.fixture
+def capture():
+    server = CaptureServer()
+    yield server
+    server.close()
+
+
+def load_dag_module(monkeypatch, config, name="pgdr_backup"):
+    monkeypatch.setenv("PGDR_CONFIG", str(config))
+    spec = importlib.util.spec_from_file_location(f"{name}_{next(_n)}", ROOT / "dags" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def connections(monkeypatch, pg, s3_server=None, capture_url=None):
+    conn = {"conn_type": "postgres", "host": "127.0.0.1", "port": pg.port, "login": "postgres", "schema": "postgres"}
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_APP", json.dumps(conn))
+    if s3_server:
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", json.dumps({
+            "conn_type": "aws", "login": "testing", "password": "testing",
+            "extra": {"endpoint_url": s3_server, "region_name": "us-east-1"}}))
+    if capture_url:
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_SLACK", json.dumps({
+            "conn_type": "slackwebhook", "host": capture_url + "/slack", "password": "T000/B000/XXXX"}))
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_PAGERDUTY", json.dumps({
+            "conn_type": "pagerduty_events", "password": "routing-key-123"}))
+
+
+def test_dag_integrity(monkeypatch, tmp_path):
+    """Every DAG file imports with connection and variable lookups made to fail."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import BaseHook, Variable
+
+    def refuse(*a, **k):
+        raise AssertionError("DAG files must not look up connections or variables at import time")
+
+    monkeypatch.setattr(BaseHook, "get_connection", classmethod(refuse))
+    monkeypatch.setattr(Variable, "get", staticmethod(refuse))
+    config = write_config(tmp_path / "pgdr.yaml", {
+        "app": {"conn_id": "pgdr_app", "repository": "file:///srv/pgdr"},
+        "billing": {"conn_id": "pgdr_billing", "repository": {"url": "s3://b/p", "aws_conn_id": "s3"},
+                    "schedule": "15 3 * * *", "timezone": "Europe/Berlin"},
+    }, alerts={"slack_conn_id": "pgdr_slack", "pagerduty_conn_id": "pgdr_pagerduty"})
+    monkeypatch.setenv("PGDR_CONFIG", str(config))
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    assert {"pgdr_app_backup", "pgdr_billing_backup"} <= set(bag.dag_ids)
+    for dag_id, dag in bag.dags.items():
+        assert "pgdr" in dag.tags and dag.doc_md, dag_id
+        assert dag.max_active_runs == 1 and dag.catchup is False
+        for task in dag.tasks:
+            assert task.retries >= 2, f"{dag_id}.{task.task_id}"
+            assert task.on_failure_callback, f"{dag_id}.{task.task_id} has no failure alert"
+    billing = bag.dags["pgdr_billing_backup"]
+    assert (billing.timetable.expression, str(billing.timetable.timezone)) == ("15 3 * * *", "Europe/Berlin")
+    assert [o.name for o in bag.dags["pgdr_app_backup"].get_task("backup").outlets] == ["pgdr_app_backups"]
+
+
+def test_broken_config_is_a_dag_import_error(monkeypatch, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    (tmp_path / "pgdr.yaml").write_text("clusters:\n  app:\n    repository: ftp://nope\n")
+    monkeypatch.setenv("PGDR_CONFIG", str(tmp_path / "pgdr.yaml"))
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "pgdr_backup.py"))
+    (err,) = bag.import_errors.values()
+    assert "clusters.app.repository.url" in err and "pgdr.yaml" in err
+
+
+def test_backup_dag_backs_up_to_s3_and_the_cli_restores_it(airflow_db, monkeypatch, pg18, s3_server, s3_bucket,
+                                                           tmp_path, workdir):
+    connections(monkeypatch, pg18, s3_server)
+    repo = {"url": f"s3://{s3_bucket}/airflow", "aws_conn_id": "pgdr_s3", "region": "us-east-1"}
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
+    dag = load_dag_module(monkeypatch, config).pgdr_app_backup
+    before = table_hashes(pg18)
+    run = dag.test()
+    assert run.state == "success"
+
+    # The CLI, with no Airflow involved, finds and restores what the DAG wrote
+    # (credentials from the environment, endpoint from the config).
+    cli_config = write_config(tmp_path / "cli.yaml", {"app": {
+        "dsn": pg18.dsn, "repository": {**repo, "endpoint_url": s3_server, "aws_conn_id": None}}})
+    code, listing, err = pgdr("--json", "list", "--cluster", "app", config=cli_config)
+    assert code == 0, err
+    (backup,) = listing["backups"]
+    assert backup["status"] == "ok"
+    from pgdr.labels import make_label
+
+    assert backup["label"] == make_label(run.logical_date)  # label derives from the run
+    restored, _ = restore_and_start(cli_config, workdir, pg18)
+    try:
+        assert table_hashes(restored) == before
+    finally:
+        restored.destroy()
+
+    # A second run for the same logical date (a retry) does not add a backup.
+    from pgdr_airflow.operators import PgdrBackupOperator
+
+    result = PgdrBackupOperator(task_id="again", cluster="app").execute({"logical_date": run.logical_date})
+    assert result["status"] == "already_exists" and result["label"] == backup["label"]
+
+
+def test_failure_alerts_reach_slack_and_pagerduty(airflow_db, monkeypatch, capture, tmp_path):
+    import pagerduty
+
+    # The PagerDuty client insists on https; point it at the capture server in-process.
+    monkeypatch.setattr(pagerduty.EventsApiV2Client, "url",
+                        property(lambda self: capture.url, lambda self, v: None), raising=False)
+
+    class Dead:
+        port = 1  # nothing listens there
+
+    connections(monkeypatch, Dead, capture_url=capture.url)
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {
+        "conn_id": "pgdr_app", "repository": f"file://{tmp_path}/repo",
+        "alerts": {"slack_conn_id": "pgdr_slack", "pagerduty_conn_id": "pgdr_pagerduty", "severity": "critical"}}})
+    dag = load_dag_module(monkeypatch, config).pgdr_app_backup
+    for t in dag.tasks:
+        t.retries = 0  # fail now rather than after retry delays
+    run = dag.test()
+    assert run.state == "failed"
+
+    slack = [r for r in capture.requests if r["path"].startswith("/slack")]
+    pd = [r for r in capture.requests if r["path"] == "/v2/enqueue"]
+    assert len(slack) == 1 and len(pd) == 1, capture.requests
+    assert slack[0]["path"] == "/slack/T000/B000/XXXX"
+    text = slack[0]["body"]["text"]
+    assert "pgdr_app_backup failed at task check for cluster 'app'" in text and "not ready for backups" in text
+    event = pd[0]["body"]
+    assert event["routing_key"] == "routing-key-123" and event["event_action"] == "trigger"
+    assert event["dedup_key"] == "pgdr/app/pgdr_app_backup"
+    assert event["payload"]["severity"] == "critical" and event["payload"]["source"] == "pgdr/app"
+    assert "pgdr_app_backup failed at task check" in event["payload"]["summary"]
+    assert event["payload"]["custom_details"]["cluster"] == "app"
+    assert not (tmp_path / "repo" / "app" / "backup").exists()

@@ -31,16 +31,7 @@ SEED_SQL = [
 
 def table_hashes(cluster, databases=("app", "billing", "postgres")) -> dict:
     """{db.schema.table: md5 of all rows in a stable order} for every user table."""
-    out = {}
-    for db in databases:
-        tables = cluster.psql(
-            "select quote_ident(schemaname) || '.' || quote_ident(tablename) from pg_tables "
-            "where schemaname not in ('pg_catalog', 'information_schema') order by 1", dbname=db)
-        for t in filter(None, tables.splitlines()):
-            out[f"{db}.{t}"] = cluster.psql(
-                f"select count(*) || ':' || coalesce(md5(string_agg(x::text, '|' order by x::text)), '') "
-                f"from {t} x", dbname=db)
-    return out
+    return cluster.table_hashes(databases)
 
 
 def write_config(path: Path, clusters: dict, **top) -> Path:

@@ -95,6 +95,25 @@ class SandboxCluster:
             raise PgdrError(f"psql failed: {proc.stderr.strip()}")
         return proc.stdout.strip()
 
+    def databases(self) -> list[str]:
+        return self.psql("select datname from pg_database where datallowconn order by 1").splitlines()
+
+    def table_hashes(self, databases=None) -> dict:
+        """{db.schema.table: row count and md5 of all rows in a stable order}, for every user table.
+
+        Two clusters with equal hashes hold the same data, row for row.
+        """
+        out = {}
+        for db in databases or self.databases():
+            tables = self.psql(
+                "select quote_ident(schemaname) || '.' || quote_ident(tablename) from pg_tables "
+                "where schemaname not in ('pg_catalog', 'information_schema') order by 1", dbname=db)
+            for t in filter(None, tables.splitlines()):
+                out[f"{db}.{t}"] = self.psql(
+                    f"select count(*) || ':' || coalesce(md5(string_agg(x::text, '|' order by x::text)), '') "
+                    f"from {t} x", dbname=db)
+        return out
+
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.datadir, ignore_errors=True)

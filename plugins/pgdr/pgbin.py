@@ -140,18 +140,24 @@ def reachable_by(bin_dir: BinDir, user: str | None) -> BinDir:
     check = subprocess.run(as_user(["test", "-x", bin_dir.tool("postgres")], user))
     if check.returncode == 0:
         return bin_dir
+    # Copy the install tree with its parent's name, and any auditwheel "<pkg>.libs"
+    # directory beside it: the binaries find their libraries by relative RPATH.
     src = Path(bin_dir.path).parent
+    pkg = src.parent
     digest = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
     dest = Path("/var/tmp") / f"pgdr-postgresql-{bin_dir.major}-{digest}"
-    if not (dest / "bin" / "postgres").exists():
+    new_bin = dest / pkg.name / src.name / "bin"
+    if not (new_bin / "postgres").exists():
         log.info("copying PostgreSQL %s binaries to %s so user %s can run them", bin_dir.major, dest, user)
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, symlinks=True)
-        for root, dirs, files in os.walk(tmp):
+        shutil.copytree(src, tmp / pkg.name / src.name, symlinks=True)
+        for libs in pkg.parent.glob(f"{pkg.name}.libs"):
+            shutil.copytree(libs, tmp / libs.name, symlinks=True)
+        for root, _dirs, _files in os.walk(tmp):
             os.chmod(root, 0o755)
         try:
             os.rename(tmp, dest)
-        except OSError:
+        except OSError:  # another process copied it first
             shutil.rmtree(tmp, ignore_errors=True)
-    return BinDir(path=str(dest / "bin"), major=bin_dir.major, version=bin_dir.version)
+    return BinDir(path=str(new_bin), major=bin_dir.major, version=bin_dir.version)

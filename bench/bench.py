@@ -1,0 +1,155 @@
+"""pgdr benchmark: backup and restore speed and memory, beside the stream limit
+and pgBackRest, on a PostgreSQL 15 cluster built for the purpose.
+
+    make bench                                 # ~3 GB: pgbench scale 130 + 1 GB of random rows
+    make bench BENCH_ARGS="--scale 10 --random-mb 100"   # a quick look
+
+Prints one table: wall time, MB/s (database size / wall time) and peak RSS of
+the measured process (and of its whole process tree, pg_basebackup and tar
+included). Targets: pgdr backup and restore wall time no more than
+pgBackRest's (zstd, process-max 2); pgdr peak RSS under 256 MB at any size.
+Numbers are printed, never asserted: the test suite has no timing checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+
+from pgdr.pgbin import as_user, probe  # noqa: E402
+from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
+
+PG15 = "/usr/lib/postgresql/15/bin"
+
+
+def measure(cmd: list[str], env=None, stdout=subprocess.DEVNULL) -> dict:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.PIPE)
+    top = psutil.Process(proc.pid)
+    peak_top = peak_tree = 0
+    while proc.poll() is None:
+        try:
+            procs = [top] + top.children(recursive=True)
+            rss = {p.pid: p.memory_info().rss for p in procs if p.is_running()}
+            # runuser/sh wrappers: count the process doing the work as "top"
+            main = max(rss.values()) if cmd[0] in ("runuser", "sh") else rss.get(top.pid, 0)
+            peak_top = max(peak_top, main)
+            peak_tree = max(peak_tree, sum(rss.values()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    wall = time.monotonic() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return {"wall": wall, "rss_mb": peak_top / 2**20, "tree_rss_mb": peak_tree / 2**20}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=130, help="pgbench scale (130 ≈ 2 GB)")
+    ap.add_argument("--random-mb", type=int, default=1024, help="MB of poorly compressible rows")
+    ap.add_argument("--workdir", default="/var/tmp/pgdr-bench")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+
+    bins = probe(PG15, "postgres")
+    if bins is None:
+        raise SystemExit("PostgreSQL 15 binaries are missing: apt-get install postgresql-15")
+    ensure_system_user("postgres")
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    pgbackrest = shutil.which("pgbackrest")
+    conf = work / "pgbackrest.conf"
+    archive = ""
+    if pgbackrest:
+        archive = (f"archive_mode = on\narchive_command = '{pgbackrest} --config={conf} --stanza=bench "
+                   "archive-push %p'\n")
+    src = SandboxCluster(bins, work / "source", free_port())
+    restored_dirs = []
+    try:
+        src.init(extra_conf=archive + "max_wal_size = 4GB\nfsync = on\n").start()
+        print(f"building the cluster: pgbench scale {args.scale} + {args.random_mb} MB of random rows …", flush=True)
+        subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
+                        "-p", str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
+        src.psql("create extension if not exists pgcrypto")
+        src.psql("create table noise (id int primary key, payload bytea)")
+        src.psql("alter table noise alter column payload set storage external")
+        rows = args.random_mb * 128  # 8 KiB each
+        for start in range(0, rows, 16384):
+            src.psql(f"insert into noise select g, {' || '.join(['gen_random_bytes(1024)'] * 8)} "
+                     f"from generate_series({start + 1}, {min(start + 16384, rows)}) g")
+        src.psql("checkpoint")
+        size = int(src.psql("select sum(pg_database_size(datname)) from pg_database"))
+        print(f"cluster size: {size / 1e9:.2f} GB", flush=True)
+
+        results = []
+
+        def row(name, m):
+            results.append((name, m["wall"], size / m["wall"] / 1e6, m["rss_mb"], m["tree_rss_mb"]))
+            print(f"  {name}: {m['wall']:.1f} s", flush=True)
+
+        row("pg_basebackup -Ft -X none -D - > /dev/null (stream limit)", measure(
+            ["sh", "-c", f"{bins.tool('pg_basebackup')} -h 127.0.0.1 -p {src.port} -U postgres -Ft -X none "
+                         f"-c fast -D - > /dev/null"]))
+
+        config = work / "pgdr.yaml"
+        config.write_text(json.dumps({"clusters": {"bench": {
+            "dsn": src.dsn, "repository": f"file://{work / 'repo-pgdr'}", "pg_bin_dir": PG15}}}))
+        pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
+        row("pgdr backup (zstd level 3)", measure(pgdr + ["backup", "--cluster", "bench"]))
+        target = work / "restore-pgdr"
+        restored_dirs.append(target)
+        row("pgdr restore (incl. pg_verifybackup)", measure(pgdr + ["restore", "--cluster", "bench",
+                                                                    "--pgdata", str(target)]))
+        stored = sum(f.stat().st_size for f in (work / "repo-pgdr").rglob("*") if f.is_file())
+
+        if pgbackrest:
+            conf.write_text(
+                f"[global]\nrepo1-path={work / 'repo-pgbackrest'}\nlog-path={work}\nlock-path={work}\n"
+                "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n"
+                f"[bench]\npg1-path={src.datadir}\npg1-port={src.port}\npg1-socket-path={src.socket_dir}\n")
+            (work / "repo-pgbackrest").mkdir()
+            shutil.chown(work / "repo-pgbackrest", "postgres", "postgres")
+            os.chmod(conf, 0o644)
+            subprocess.run(as_user([pgbackrest, f"--config={conf}", "--stanza=bench", "stanza-create"], "postgres"),
+                           check=True, capture_output=True)
+            row("pgbackrest backup (zstd 3, process-max 2)", measure(
+                as_user([pgbackrest, f"--config={conf}", "--stanza=bench", "--type=full", "backup"], "postgres")))
+            target = work / "restore-pgbackrest"
+            target.mkdir(mode=0o700)
+            shutil.chown(target, "postgres", "postgres")
+            restored_dirs.append(target)
+            row("pgbackrest restore (process-max 2)", measure(
+                as_user([pgbackrest, f"--config={conf}", "--stanza=bench", f"--pg1-path={target}", "restore"],
+                        "postgres")))
+        else:
+            print("pgbackrest is not installed (apt-get install pgbackrest): skipping its rows")
+
+        print(f"\ncluster {size / 1e9:.2f} GB; pgdr repository {stored / 1e9:.2f} GB "
+              f"({size / max(stored, 1):.2f}x); {os.cpu_count()} cores")
+        print(f"{'':60} {'wall s':>8} {'MB/s':>8} {'RSS MB':>8} {'tree MB':>8}")
+        for name, wall, mbs, rss, tree in results:
+            print(f"{name:60} {wall:8.1f} {mbs:8.1f} {rss:8.1f} {tree:8.1f}")
+        return 0
+    finally:
+        src.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,8 @@ PG15 = "/usr/lib/postgresql/15/bin"
 
 def measure(cmd: list[str], env=None, stdout=subprocess.DEVNULL) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.PIPE)
+    errfile = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=errfile)
     top = psutil.Process(proc.pid)
     peak_top = peak_tree = 0
     while proc.poll() is None:
@@ -50,10 +52,26 @@ def measure(cmd: list[str], env=None, stdout=subprocess.DEVNULL) -> dict:
             pass
         time.sleep(0.02)
     wall = time.monotonic() - t0
-    err = proc.stderr.read().decode(errors="replace")
+    errfile.seek(0)
+    err = errfile.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     return {"wall": wall, "rss_mb": peak_top / 2**20, "tree_rss_mb": peak_tree / 2**20}
+
+
+def pgbackrest_setup(pgbackrest, conf, work, src):
+    conf.write_text(
+        f"[global]\nrepo1-path={work / 'repo-pgbackrest'}\nlog-path={work / 'repo-pgbackrest'}\n"
+        f"lock-path={work / 'repo-pgbackrest'}\n"
+        "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n"
+        f"[bench]\npg1-path={src.datadir}\npg1-port={src.port}\npg1-socket-path={src.socket_dir}\n")
+    (work / "repo-pgbackrest").mkdir()
+    shutil.chown(work / "repo-pgbackrest", "postgres", "postgres")
+    os.chmod(conf, 0o644)
+    proc = subprocess.run(as_user([pgbackrest, f"--config={conf}", "--stanza=bench", "stanza-create"], "postgres"),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"pgbackrest stanza-create failed: {proc.stdout}{proc.stderr}")
 
 
 def main() -> int:
@@ -82,6 +100,8 @@ def main() -> int:
     restored_dirs = []
     try:
         src.init(extra_conf=archive + "max_wal_size = 4GB\nfsync = on\n").start()
+        if pgbackrest:
+            pgbackrest_setup(pgbackrest, conf, work, src)
         print(f"building the cluster: pgbench scale {args.scale} + {args.random_mb} MB of random rows …", flush=True)
         subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
                         "-p", str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
@@ -118,15 +138,6 @@ def main() -> int:
         stored = sum(f.stat().st_size for f in (work / "repo-pgdr").rglob("*") if f.is_file())
 
         if pgbackrest:
-            conf.write_text(
-                f"[global]\nrepo1-path={work / 'repo-pgbackrest'}\nlog-path={work}\nlock-path={work}\n"
-                "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n"
-                f"[bench]\npg1-path={src.datadir}\npg1-port={src.port}\npg1-socket-path={src.socket_dir}\n")
-            (work / "repo-pgbackrest").mkdir()
-            shutil.chown(work / "repo-pgbackrest", "postgres", "postgres")
-            os.chmod(conf, 0o644)
-            subprocess.run(as_user([pgbackrest, f"--config={conf}", "--stanza=bench", "stanza-create"], "postgres"),
-                           check=True, capture_output=True)
             row("pgbackrest backup (zstd 3, process-max 2)", measure(
                 as_user([pgbackrest, f"--config={conf}", "--stanza=bench", "--type=full", "backup"], "postgres")))
             target = work / "restore-pgbackrest"

@@ -59,6 +59,20 @@ def measure(cmd: list[str], env=None, stdout=subprocess.DEVNULL) -> dict:
     return {"wall": wall, "rss_mb": peak_top / 2**20, "tree_rss_mb": peak_tree / 2**20}
 
 
+def build(bins, src, args) -> None:
+    print(f"building the cluster: pgbench scale {args.scale} + {args.random_mb} MB of random rows …", flush=True)
+    subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
+                    "-p", str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
+    src.psql("create extension if not exists pgcrypto")
+    src.psql("create table noise (id int primary key, payload bytea)")
+    src.psql("alter table noise alter column payload set storage external")
+    rows = args.random_mb * 128  # 8 KiB each
+    for start in range(0, rows, 16384):
+        src.psql(f"insert into noise select g, {' || '.join(['gen_random_bytes(1024)'] * 8)} "
+                 f"from generate_series({start + 1}, {min(start + 16384, rows)}) g")
+    src.psql("checkpoint")
+
+
 def pgbackrest_setup(pgbackrest, conf, work, src):
     conf.write_text(
         f"[global]\nrepo1-path={work / 'repo-pgbackrest'}\nlog-path={work / 'repo-pgbackrest'}\n"
@@ -79,7 +93,8 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=130, help="pgbench scale (130 ≈ 2 GB)")
     ap.add_argument("--random-mb", type=int, default=1024, help="MB of poorly compressible rows")
     ap.add_argument("--workdir", default="/var/tmp/pgdr-bench")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (and the built cluster)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the cluster a --keep run left behind")
     args = ap.parse_args()
 
     bins = probe(PG15, "postgres")
@@ -87,32 +102,33 @@ def main() -> int:
         raise SystemExit("PostgreSQL 15 binaries are missing: apt-get install postgresql-15")
     ensure_system_user("postgres")
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
+    reuse = args.reuse and (work / "source" / "PG_VERSION").exists()
+    if reuse:  # keep the built cluster, drop every earlier result
+        port = int((work / "port").read_text())
+        for entry in work.iterdir():
+            if entry.name not in ("source", "port", f"sock-{port}"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    else:
+        port = free_port()
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        work.chmod(0o755)
+        (work / "port").write_text(str(port))
     pgbackrest = shutil.which("pgbackrest")
     conf = work / "pgbackrest.conf"
     archive = ""
     if pgbackrest:
         archive = (f"archive_mode = on\narchive_command = '{pgbackrest} --config={conf} --stanza=bench "
                    "archive-push %p'\n")
-    src = SandboxCluster(bins, work / "source", free_port())
-    restored_dirs = []
+    src = SandboxCluster(bins, work / "source", port)
     try:
-        src.init(extra_conf=archive + "max_wal_size = 4GB\nfsync = on\n").start()
+        if not reuse:
+            src.init(extra_conf=archive + "max_wal_size = 4GB\nfsync = on\n")
+        src.start()
         if pgbackrest:
             pgbackrest_setup(pgbackrest, conf, work, src)
-        print(f"building the cluster: pgbench scale {args.scale} + {args.random_mb} MB of random rows …", flush=True)
-        subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
-                        "-p", str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
-        src.psql("create extension if not exists pgcrypto")
-        src.psql("create table noise (id int primary key, payload bytea)")
-        src.psql("alter table noise alter column payload set storage external")
-        rows = args.random_mb * 128  # 8 KiB each
-        for start in range(0, rows, 16384):
-            src.psql(f"insert into noise select g, {' || '.join(['gen_random_bytes(1024)'] * 8)} "
-                     f"from generate_series({start + 1}, {min(start + 16384, rows)}) g")
-        src.psql("checkpoint")
+        if not reuse:
+            build(bins, src, args)
         size = int(src.psql("select sum(pg_database_size(datname)) from pg_database"))
         print(f"cluster size: {size / 1e9:.2f} GB", flush=True)
 
@@ -132,8 +148,7 @@ def main() -> int:
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
         row("pgdr backup (zstd level 3)", measure(pgdr + ["backup", "--cluster", "bench"]))
         target = work / "restore-pgdr"
-        restored_dirs.append(target)
-        row("pgdr restore (incl. pg_verifybackup)", measure(pgdr + ["restore", "--cluster", "bench",
+        row("pgdr restore (SHA-256 + pg_verifybackup -s)", measure(pgdr + ["restore", "--cluster", "bench",
                                                                     "--pgdata", str(target)]))
         stored = sum(f.stat().st_size for f in (work / "repo-pgdr").rglob("*") if f.is_file())
 
@@ -143,7 +158,6 @@ def main() -> int:
             target = work / "restore-pgbackrest"
             target.mkdir(mode=0o700)
             shutil.chown(target, "postgres", "postgres")
-            restored_dirs.append(target)
             row("pgbackrest restore (process-max 2)", measure(
                 as_user([pgbackrest, f"--config={conf}", "--stanza=bench", f"--pg1-path={target}", "restore"],
                         "postgres")))

@@ -33,11 +33,11 @@ def socket_dir(workdir):
     return d
 
 
-def restore_and_start(config, workdir, pg, label="latest", **kw):
+def restore_and_start(config, workdir, pg, label="latest", *extra):
     target = workdir / f"restore-{next(_n)}"
     port = free_port()
     code, result, err = pgdr("--json", "restore", "--cluster", "app", "--backup", label, "--pgdata", target,
-                             "--start", "--port", port, "--socket-dir", socket_dir(workdir), config=config)
+                             "--start", "--port", port, "--socket-dir", socket_dir(workdir), *extra, config=config)
     assert code == 0, err
     return SandboxCluster(pg.bins, target, port), result
 
@@ -61,12 +61,12 @@ def test_backup_and_restore_round_trip(pg, repo_url, workdir, tmp_path):
         code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=config)
         assert [b["label"] for b in listing["backups"]] == [result["label"]]
         code, info, _ = pgdr("--json", "info", "--cluster", "app", "--backup", "latest", config=config)
-        assert info["label"] == result["label"] and info["files"][0]["stored_sha256"]
+        assert info["label"] == result["label"] and len(info["files"][0]["sha256"]) == 64
         assert info["system_identifier"] == result["system_identifier"]
 
         restored, rres = restore_and_start(config, workdir, pg, result["label"])
         try:
-            assert rres["pg_verifybackup"] == "ok" and rres["started"] is True
+            assert rres["pg_verifybackup"] == "ok (files, sizes, WAL)" and rres["started"] is True
             assert table_hashes(restored) == before
         finally:
             restored.destroy()
@@ -97,9 +97,10 @@ def test_backup_split_into_parts_restores(pg15, workdir, tmp_path):
     before = table_hashes(pg15)
     result = run_backup(cluster, ConnInfo(pg15.dsn), storage_of(config), part_size=8 * 1024 * 1024)
     assert result.parts >= 3
-    restored, rres = restore_and_start(config, workdir, pg15)
+    restored, rres = restore_and_start(config, workdir, pg15, "latest", "--verify-checksums")
     try:
         assert rres["parts_verified"] == result.parts
+        assert rres["pg_verifybackup"] == "ok (files, sizes, checksums, WAL)"
         assert table_hashes(restored) == before
     finally:
         restored.destroy()

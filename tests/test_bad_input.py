@@ -124,3 +124,24 @@ def test_s3_corruption_on_the_server_side_is_named(pg15, s3_server, s3_bucket, t
     code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--pgdata", tmp_path / "t", config=config)
     assert code == 1 and out["error"] == "integrity" and "base.tar.00000.zst" in out["message"]
     assert not (tmp_path / "t").exists()
+
+
+def test_tablespaces_are_refused_with_a_clear_message(pg15, tmp_path, workdir):
+    import os
+    import shutil
+
+    config = config_for(pg15, f"file://{tmp_path}/repo", tmp_path)
+    location = workdir / "tblspc"
+    location.mkdir()
+    shutil.chown(location, "postgres", "postgres")
+    os.chmod(location, 0o700)
+    pg15.psql(f"create tablespace extra location '{location}'")
+    try:
+        code, out, _ = pgdr("--json", "backup", "--cluster", "app", config=config)
+        assert code == 1 and "extra tablespaces (extra)" in out["message"] and "refuses" in out["message"]
+        code, report, _ = pgdr("--json", "check", "--cluster", "app", config=config)
+        checks = {c["name"]: c for c in report["checks"]}
+        assert code == 1 and checks["tablespaces"]["ok"] is False
+        assert [o.key for o in storage_of(config).list("app/backup/")] == []
+    finally:
+        pg15.psql("drop tablespace extra")

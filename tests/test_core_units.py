@@ -119,6 +119,13 @@ def test_codecs_round_trip(kind, level):
     assert b"".join(decompress_stream(iter(packed), kind)) == b"".join(data)
 
 
+@pytest.mark.parametrize("kind,level", [("zstd", 3), ("lz4", 1), ("gzip", 6), ("none", 0)])
+def test_decompression_output_is_bounded_whatever_the_ratio(kind, level):
+    packed = b"".join(compress_stream(iter([bytes(1 << 20)] * 64), kind, level))  # 64 MiB of zero pages
+    sizes = [len(c) for c in decompress_stream(iter([packed]), kind)]
+    assert sum(sizes) == 64 << 20 and max(sizes) <= 1 << 20
+
+
 @pytest.mark.parametrize("kind", ["zstd", "lz4", "gzip"])
 def test_codecs_detect_garbage(kind):
     packed = bytearray(b"".join(compress_stream(iter([os.urandom(50_000)]), kind, 1)))
@@ -189,3 +196,56 @@ def test_lock_without_heartbeat_is_stale_but_a_fresh_remote_one_is_not(lock_stor
     remote["heartbeat_at"] = lockmod.iso(lockmod.utcnow() - timedelta(hours=1))
     lock_storage.put_bytes("app/lock.json", json.dumps(remote).encode())
     ClusterLock(lock_storage, "app/lock.json", "backup").acquire().release()
+
+
+def _tar(members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            info.mode = 0o600 if kind == tarfile.REGTYPE else 0o700
+            if kind == tarfile.SYMTYPE:
+                info.linkname = data.decode()
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def test_tar_extractor_writes_the_tree(tmp_path):
+    from pgdr.tarstream import TarExtractor
+
+    payload = os.urandom(300_000)
+    raw = _tar([("global", tarfile.DIRTYPE, b""), ("global/pg_control", tarfile.REGTYPE, payload),
+                ("base/1/" + "n" * 120, tarfile.REGTYPE, b"long name"), ("pg_wal", tarfile.DIRTYPE, b""),
+                ("link", tarfile.SYMTYPE, b"global/pg_control")])
+    x = TarExtractor(tmp_path)
+    for i in range(0, len(raw), 4099):
+        x.feed(raw[i:i + 4099])
+    x.close()
+    assert (tmp_path / "global" / "pg_control").read_bytes() == payload
+    assert (tmp_path / "global" / "pg_control").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "base" / "1" / ("n" * 120)).read_bytes() == b"long name"
+    assert os.readlink(tmp_path / "link") == "global/pg_control"
+
+
+@pytest.mark.parametrize("name,kind", [("../escape", tarfile.REGTYPE), ("/etc/passwd", tarfile.REGTYPE),
+                                       ("dev", tarfile.CHRTYPE)])
+def test_tar_extractor_refuses_what_a_base_backup_never_holds(tmp_path, name, kind):
+    from pgdr.tarstream import TarExtractor
+
+    (tmp_path / "t").mkdir()
+    x = TarExtractor(tmp_path / "t")
+    with pytest.raises(IntegrityError):
+        x.feed(_tar([(name, kind, b"x")]))
+    assert not (tmp_path / "escape").exists()
+
+
+def test_tar_extractor_notices_a_stream_cut_short(tmp_path):
+    from pgdr.tarstream import TarExtractor
+
+    raw = _tar([("f", tarfile.REGTYPE, os.urandom(5000))])
+    x = TarExtractor(tmp_path)
+    x.feed(raw[:3000])
+    with pytest.raises(IntegrityError, match="ends in the middle"):
+        x.close()

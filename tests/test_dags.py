@@ -160,3 +160,30 @@ def test_failure_alerts_reach_slack_and_pagerduty(airflow_db, monkeypatch, captu
     assert "pgdr_app_backup failed at task check" in event["payload"]["summary"]
     assert event["payload"]["custom_details"]["cluster"] == "app"
     assert not (tmp_path / "repo" / "app" / "backup").exists()
+
+
+def test_airflow_dags_test_command_backs_up_pg15(airflow_db, pg15, tmp_path, workdir):
+    """The same DAG through Airflow's own CLI, as `make demo` and an operator would run it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"conn_id": "pgdr_app",
+                                                           "repository": f"file://{tmp_path}/repo"}})
+    env = {**os.environ, "PGDR_CONFIG": str(config),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "AIRFLOW_CONN_PGDR_APP": json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": pg15.port,
+                                                "login": "postgres", "schema": "postgres"})}
+    before = table_hashes(pg15)
+    proc = subprocess.run(["airflow", "dags", "test", "pgdr_app_backup", "2026-11-25T07:00:00+00:00"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=config)
+    assert [(b["label"], b["status"]) for b in listing["backups"]] == [("20261125-070000F", "ok")]
+    cli_config = write_config(tmp_path / "cli.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/repo"}})
+    restored, _ = restore_and_start(cli_config, workdir, pg15)
+    try:
+        assert table_hashes(restored) == before
+    finally:
+        restored.destroy()

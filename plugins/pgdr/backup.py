@@ -21,7 +21,7 @@ from pgdr.postgres import ConnInfo, server_info
 from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.storage import Storage
-from pgdr.streams import CHUNK, Digest, PipeReader
+from pgdr.streams import CHUNK, ChunkReader, Digest, Prefetch, read_pipe
 from pgdr.tarstream import TarWatcher
 
 log = logging.getLogger(__name__)
@@ -121,41 +121,43 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
              label, cluster.name, bins.version, bins.path, conn.describe(), storage.describe())
     with tempfile.TemporaryFile() as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, env=conn.process_env())
-        reader = PipeReader(proc.stdout)
+        prefetch = Prefetch(read_pipe(proc.stdout), depth=16)
+        reader = ChunkReader(prefetch)
         watcher = TarWatcher()
         files: list[StoredFile] = []
         try:
             eof = False
             while not eof:
-                raw, stored = Digest(), Digest()
-                state = {"eof": False}
+                stored = Digest()
+                state = {"eof": False, "raw": 0}
 
                 def raw_chunks():
-                    while raw.size < part_size:
-                        data = reader.read(min(CHUNK, part_size - raw.size))
+                    while state["raw"] < part_size:
+                        data = reader.read(min(CHUNK, part_size - state["raw"]))
                         if not data:
                             state["eof"] = True
                             return
                         watcher.feed(data)
+                        state["raw"] += len(data)
                         yield data
 
                 name = f"base.tar.{len(files):05d}{suffix}"
                 key = repo.key(label, name)
-                storage.put_stream(key, stored.tap(compress_stream(raw.tap(raw_chunks()), cluster.compression,
+                storage.put_stream(key, stored.tap(compress_stream(raw_chunks(), cluster.compression,
                                                                    cluster.compression_level)))
                 eof = state["eof"]
-                if raw.size == 0 and files:
+                if state["raw"] == 0 and files:
                     storage.delete(key)  # the stream ended exactly on a part boundary
                     break
-                files.append(StoredFile(name, raw.size, stored.size, raw.hexdigest, stored.hexdigest))
-                log.info("stored %s: %.1f MB -> %.1f MB", name, raw.size / 1e6, stored.size / 1e6)
+                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest))
+                log.info("stored %s: %.1f MB -> %.1f MB", name, state["raw"] / 1e6, stored.size / 1e6)
             rc = proc.wait()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         finally:
-            reader.close()
+            prefetch.close()
         errfile.seek(0)
         stderr = errfile.read().decode(errors="replace").strip()
     if rc != 0:

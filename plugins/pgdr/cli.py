@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--start", action="store_true", help="start the restored server (archiving off)")
     r.add_argument("--port", type=int, help="port for the started server")
     r.add_argument("--socket-dir", help="unix socket directory for the started server")
+    r.add_argument("--verify-checksums", action="store_true",
+                   help="also have pg_verifybackup re-read every restored file and check its checksum")
     r.add_argument("--run-as", help="system user to own the data directory and run the server "
                                     "(default: the cluster's run_as, 'postgres')")
     return p
@@ -93,7 +95,8 @@ def run(args) -> object:
         if args.port is not None and not 1 <= args.port <= 65535:
             raise UsageError(f"--port {args.port} is not a TCP port")
         return run_restore(cluster, storage, args.backup, args.pgdata, start=args.start, port=args.port,
-                           socket_dir=args.socket_dir, run_as=args.run_as)
+                           socket_dir=args.socket_dir, run_as=args.run_as,
+                           verify_checksums=args.verify_checksums)
     raise UsageError(f"unknown command {args.command}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from typing import Iterable, Iterator
 
-from pgdr.errors import IntegrityError, UsageError
+from pgdr.errors import IntegrityError, PgdrError, UsageError
 
 SUFFIX = {"zstd": ".zst", "lz4": ".lz4", "gzip": ".gz", "none": ""}
 
@@ -19,12 +19,6 @@ def _zstd_compressor(level: int):
 
     # threads=-1: one worker per core; output is still a single frame.
     return zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compressobj()
-
-
-def _zstd_decompressor():
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompressobj()
 
 
 class _Lz4Compressor:
@@ -45,21 +39,9 @@ class _Lz4Compressor:
         return head + self._c.flush()
 
 
-class _Lz4Decompressor:
-    def __init__(self):
-        import lz4.frame
-
-        self._d = lz4.frame.LZ4FrameDecompressor()
-
-    def decompress(self, data: bytes) -> bytes:
-        return self._d.decompress(data)
-
-
 class _Identity:
     def compress(self, data: bytes) -> bytes:
         return data
-
-    decompress = compress
 
     def flush(self) -> bytes:
         return b""
@@ -77,18 +59,6 @@ def compressor(kind: str, level: int):
     raise UsageError(f"unknown compression {kind!r}")
 
 
-def decompressor(kind: str):
-    if kind == "zstd":
-        return _zstd_decompressor()
-    if kind == "lz4":
-        return _Lz4Decompressor()
-    if kind == "gzip":
-        return zlib.decompressobj(31)
-    if kind == "none":
-        return _Identity()
-    raise UsageError(f"unknown compression {kind!r}")
-
-
 def compress_stream(chunks: Iterable[bytes], kind: str, level: int) -> Iterator[bytes]:
     c = compressor(kind, level)
     for chunk in chunks:
@@ -100,19 +70,56 @@ def compress_stream(chunks: Iterable[bytes], kind: str, level: int) -> Iterator[
         yield tail
 
 
-def decompress_stream(chunks: Iterable[bytes], kind: str, name: str = "object") -> Iterator[bytes]:
-    d = decompressor(kind)
+def decompress_stream(chunks: Iterable[bytes], kind: str, name: str = "object",
+                      out_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompress, yielding pieces of at most ``out_size`` bytes.
+
+    Bounded output matters: a megabyte of compressed zero pages can expand a
+    thousandfold, and memory must not grow with the compression ratio.
+    """
     try:
-        for chunk in chunks:
-            out = d.decompress(chunk)
-            if out:
-                yield out
-        flush = getattr(d, "flush", None)
-        if flush:
-            tail = flush()
+        if kind == "zstd":
+            import zstandard
+
+            from pgdr.streams import ChunkReader
+
+            yield from zstandard.ZstdDecompressor().read_to_iter(ChunkReader(chunks), read_size=out_size,
+                                                                 write_size=out_size)
+        elif kind == "lz4":
+            import lz4.frame
+
+            d = lz4.frame.LZ4FrameDecompressor()
+            for chunk in chunks:
+                out = d.decompress(chunk, max_length=out_size)
+                while True:
+                    if out:
+                        yield out
+                    if d.needs_input or d.eof:
+                        break
+                    out = d.decompress(b"", max_length=out_size)
+            if not d.eof:
+                raise IntegrityError(f"{name}: lz4 stream ends early")
+        elif kind == "gzip":
+            d = zlib.decompressobj(31)
+            for chunk in chunks:
+                data = chunk
+                while data:
+                    out = d.decompress(data, out_size)
+                    if out:
+                        yield out
+                    data = d.unconsumed_tail
+            tail = d.flush()
             if tail:
                 yield tail
-    except IntegrityError:
+            if not d.eof:
+                raise IntegrityError(f"{name}: gzip stream ends early")
+        elif kind == "none":
+            for chunk in chunks:
+                for i in range(0, len(chunk), out_size):
+                    yield chunk[i:i + out_size]
+        else:
+            raise UsageError(f"unknown compression {kind!r}")
+    except PgdrError:
         raise
     except Exception as e:  # each codec has its own error type; all mean the same thing here
         raise IntegrityError(f"{name}: cannot decompress ({kind}): {e}") from e

@@ -14,13 +14,18 @@ FORMAT_VERSION = 1
 
 @dataclass
 class StoredFile(JsonResult):
-    """One object in the repository: raw size and digest, and as stored."""
+    """One object in the repository.
+
+    ``sha256`` and ``stored_size`` are of the bytes as stored (compressed), so
+    an object is checked before anything decompresses it; ``size`` is the
+    decompressed length, whose content the codec's own checksum (zstd, lz4
+    content checksum, gzip CRC) guards.
+    """
 
     name: str
     size: int
     stored_size: int
     sha256: str
-    stored_sha256: str
 
 
 @dataclass

@@ -28,53 +28,78 @@ class Digest:
         return self.sha.hexdigest()
 
 
-class PipeReader:
-    """Reads a pipe in a background thread so the writer never waits on us.
+class Prefetch:
+    """Iterates ``source`` in a background thread, up to ``depth`` items ahead.
 
-    ``read(limit)`` returns at most ``limit`` bytes, b"" at end of stream.
-    Up to ``depth`` chunks are buffered (bounded memory).
+    Reading (and hashing, which releases the GIL) then overlaps with whatever
+    the consumer does: compressing, decompressing, writing to a pipe. Memory
+    stays bounded by ``depth`` chunks. Errors in the source reach the consumer.
     """
 
-    def __init__(self, pipe: IO[bytes], depth: int = 16, chunk: int = CHUNK):
+    _END = object()
+
+    def __init__(self, source: Iterable[bytes], depth: int = 8):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._left = b""
-        self._eof = False
-        self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(pipe, chunk), name="pgdr-pipe-reader", daemon=True)
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(iter(source),), name="pgdr-prefetch", daemon=True)
         self._thread.start()
 
-    def _run(self, pipe, chunk):
+    def _run(self, it):
         try:
-            while not self._stop.is_set():
-                data = pipe.read(chunk)
-                self._put(data)
-                if not data:
+            for item in it:
+                if not self._put(item):
                     return
+            self._put(self._END)
         except BaseException as e:  # handed to the consumer
-            self._error = e
-            self._put(b"")
+            self._put(e)
 
-    def _put(self, data):
+    def _put(self, item) -> bool:
         while not self._stop.is_set():
             try:
-                self._q.put(data, timeout=0.5)
-                return
+                self._q.put(item, timeout=0.5)
+                return True
             except queue.Full:
                 continue
+        return False
 
-    def read(self, limit: int) -> bytes:
-        if not self._left:
-            if self._eof:
-                return b""
-            self._left = self._q.get()
-            if not self._left:
-                self._eof = True
-                if self._error:
-                    raise self._error
-                return b""
-        out, self._left = self._left[:limit], self._left[limit:]
-        return out
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        item = self._q.get()
+        if item is self._END:
+            self._done = True
+            self._thread.join()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
 
     def close(self):
         self._stop.set()
+
+
+class ChunkReader:
+    """``read(limit)`` over an iterator of chunks: at most ``limit`` bytes, b"" at the end."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._it = iter(chunks)
+        self._left = b""
+
+    def read(self, limit: int) -> bytes:
+        if not self._left:
+            self._left = next(self._it, b"")
+        out, self._left = self._left[:limit], self._left[limit:]
+        return out
+
+
+def read_pipe(pipe: IO[bytes], chunk: int = CHUNK) -> Iterator[bytes]:
+    while True:
+        data = pipe.read(chunk)
+        if not data:
+            return
+        yield data

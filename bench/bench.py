@@ -166,6 +166,9 @@ def main() -> int:
 
         print(f"\ncluster {size / 1e9:.2f} GB; pgdr repository {stored / 1e9:.2f} GB "
               f"({size / max(stored, 1):.2f}x); {os.cpu_count()} cores")
+        if pgbackrest:
+            brest = sum(f.stat().st_size for f in (work / "repo-pgbackrest" / "backup").rglob("*") if f.is_file())
+            print(f"pgbackrest repository {brest / 1e9:.2f} GB ({size / max(brest, 1):.2f}x)")
         print(f"{'':60} {'wall s':>8} {'MB/s':>8} {'RSS MB':>8} {'tree MB':>8}")
         for name, wall, mbs, rss, tree in results:
             print(f"{name:60} {wall:8.1f} {mbs:8.1f} {rss:8.1f} {tree:8.1f}")

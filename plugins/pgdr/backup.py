@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pgdr.compression import SUFFIX, compress_stream
 from pgdr.config import ClusterConfig
-from pgdr.errors import PgdrError, PostgresError
+from pgdr.errors import LockedError, PgdrError, PostgresError
 from pgdr.labels import check_label, make_label
 from pgdr.lock import ClusterLock
 from pgdr.lsn import parse_lsn
@@ -88,7 +88,7 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
     repo.check_identity(info.system_identifier, info.version_num)
     label = check_label(label) if label else make_label(utcnow())
 
-    with ClusterLock(storage, repo.lock_key, f"backup {label}"):
+    with ClusterLock(storage, repo.lock_key, f"backup {label}") as lock:
         if storage.exists(repo.key(label, MANIFEST)):
             log.info("backup %s of cluster %s already exists and is committed; nothing to do", label, cluster.name)
             return BackupResult.from_manifest(repo.manifest(label), storage.describe(), "already_exists")
@@ -105,6 +105,10 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
                 log.error("could not remove partial backup %s (it has no manifest, so it is never used): %s",
                           label, e)
             raise
+        if not lock.held():
+            repo.remove_unfinished(label)
+            raise LockedError(f"lost {repo.lock_key} to another process during backup {label}; "
+                              "not committing it (its objects were removed)")
         repo.commit(manifest)
     result = BackupResult.from_manifest(manifest, storage.describe(), "ok")
     log.info("backup %s of cluster %s committed: %.1f MB read, %.1f MB stored (%s), %.1f s, %.1f MB/s",

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="also have pg_verifybackup re-read every restored file and check its checksum")
     r.add_argument("--run-as", help="system user to own the data directory and run the server "
                                     "(default: the cluster's run_as, 'postgres')")
+    wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
+    wp.add_argument("path", help="the file to archive (%%p)")
+    wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
+    wf.add_argument("name", help="WAL file name (%%f)")
+    wf.add_argument("dest", help="where to write it (%%p)")
+    cmd("wal-check", "archived WAL ranges per timeline and every gap")
     return p
 
 
@@ -89,6 +95,19 @@ def run(args) -> object:
         return list_backups(repo)
     if args.command == "info":
         return repo.resolve(args.backup)
+    if args.command.startswith("wal-"):
+        from pgdr.wal import WalArchive
+
+        archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
+        if args.command == "wal-push":
+            return archive.push(args.path)
+        if args.command == "wal-fetch":
+            return archive.fetch(args.name, args.dest)
+        backups = repo.backups()
+        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)))
+        if not report.ok:
+            args._exit = 1
+        return report
     if args.command == "restore":
         from pgdr.restore import run_restore
 
@@ -98,6 +117,12 @@ def run(args) -> object:
                            socket_dir=args.socket_dir, run_as=args.run_as,
                            verify_checksums=args.verify_checksums)
     raise UsageError(f"unknown command {args.command}")
+
+
+def _lsn_tli(manifest):
+    from pgdr.lsn import parse_lsn
+
+    return parse_lsn(manifest.start_lsn), manifest.timeline
 
 
 def _human(result) -> str:

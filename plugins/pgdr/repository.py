@@ -55,7 +55,16 @@ class Repository:
         return f"{self.cluster}/lock.json"
 
     # cluster identity
-    def check_identity(self, system_identifier: str, pg_version: int) -> None:
+    def identity(self) -> dict | None:
+        """What cluster.json says this repository belongs to, or None before the first write."""
+        try:
+            return json.loads(self.storage.get_bytes(self.cluster_key))
+        except ObjectNotFound:
+            return None
+        except ValueError as e:
+            raise IntegrityError(f"{self.cluster_key} is unreadable: {e}") from None
+
+    def check_identity(self, system_identifier: str, pg_version: int | None) -> None:
         """Record which cluster this repository belongs to; refuse any other."""
         record = json.dumps({"cluster": self.cluster, "system_identifier": system_identifier,
                              "pg_version": pg_version}).encode()
@@ -63,10 +72,7 @@ class Repository:
             log.info("repository %s now belongs to cluster %s (system identifier %s)",
                      self.storage.describe(), self.cluster, system_identifier)
             return
-        try:
-            known = json.loads(self.storage.get_bytes(self.cluster_key))
-        except ValueError as e:
-            raise IntegrityError(f"{self.cluster_key} is unreadable: {e}") from None
+        known = self.identity() or {}
         if known.get("system_identifier") != system_identifier:
             raise RepositoryError(
                 f"repository {self.storage.describe()} holds cluster '{self.cluster}' with system identifier "

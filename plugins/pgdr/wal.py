@@ -1,0 +1,365 @@
+"""The WAL archive: every completed segment, timeline history files, and the
+newest partial segment, each stored once, compressed, with its SHA-256.
+
+    <cluster>/wal/<TLI>/<SEGMENT>.<sha256>.<ext>     a completed 16 MiB segment
+    <cluster>/wal/<TLI>/<SEGMENT>.partial.<ext>      the segment being written (streaming), replaced as it grows
+    <cluster>/wal/<TLI>/<SEGMENT>.partial.json       how far that partial is known good (LSN, time)
+    <cluster>/wal/history/<TLI>.history.<sha256>     timeline history
+
+The SHA-256 (of the uncompressed content) is part of the object's name, so a
+fetch verifies what it got without reading anything else, and a second push of
+the same segment can tell "same content" (fine) from "different content"
+(refused, loudly) with one listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgdr.compression import SUFFIX, compress_stream, decompress_stream
+from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, RepositoryError, UsageError
+from pgdr.lsn import format_lsn, parse_lsn
+from pgdr.repository import Repository
+from pgdr.results import JsonResult, iso, utcnow
+from pgdr.storage import Storage
+from pgdr.storage.file import fsync_dir
+
+log = logging.getLogger(__name__)
+
+SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
+SEG_SIZE = 16 * 1024 * 1024
+XLOG_PAGE_MAGIC_OFFSET = 0
+SYSID_OFFSET = 24  # XLogLongPageHeaderData.xlp_sysid
+SEG_SIZE_OFFSET = 32
+
+
+class WalNotFound(PgdrError):
+    """Asked-for WAL is not in the archive (recovery treats this as 'end of WAL')."""
+
+    kind = "wal_not_found"
+
+
+def check_wal_name(name: str) -> str:
+    if not (SEGMENT.match(name) or HISTORY.match(name)):
+        raise UsageError(f"{name!r} is not a WAL segment (24 hex digits) or timeline history file name")
+    return name
+
+
+def segment_name(tli: int, segno: int, seg_size: int = SEG_SIZE) -> str:
+    per_log = 0x100000000 // seg_size
+    return f"{tli:08X}{segno // per_log:08X}{segno % per_log:08X}"
+
+
+def parse_segment(name: str, seg_size: int = SEG_SIZE) -> tuple[int, int]:
+    """(timeline, segment number) of a segment file name."""
+    per_log = 0x100000000 // seg_size
+    return int(name[:8], 16), int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+
+def segment_of(lsn: int, seg_size: int = SEG_SIZE) -> int:
+    return lsn // seg_size
+
+
+def segment_header(data: bytes) -> tuple[str, int]:
+    """(system identifier, segment size) from a segment's first (long) page header."""
+    if len(data) < 40:
+        raise IntegrityError("WAL segment is too short to hold a page header")
+    sysid, seg_size = struct.unpack_from("<QI", data, SYSID_OFFSET)
+    return str(sysid), seg_size
+
+
+@dataclass
+class WalPushResult(JsonResult):
+    cluster: str
+    name: str
+    status: str  # archived | already_archived
+    size: int
+    stored_size: int
+    sha256: str
+    key: str
+
+
+@dataclass
+class WalFetchResult(JsonResult):
+    cluster: str
+    name: str
+    source: str  # segment | partial | history
+    key: str
+    size: int
+    destination: str
+
+
+@dataclass
+class WalRange(JsonResult):
+    timeline: int
+    first: str
+    last: str
+    start_lsn: str
+    end_lsn: str
+    segments: int
+
+
+@dataclass
+class WalGap(JsonResult):
+    timeline: int
+    after: str | None
+    missing_from: str
+    missing_to: str
+    reason: str
+
+
+@dataclass
+class WalCheckReport(JsonResult):
+    cluster: str
+    ok: bool
+    ranges: list[WalRange] = field(default_factory=list)
+    gaps: list[WalGap] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)
+    newest_lsn: str | None = None
+    partial: dict | None = None
+
+
+class WalArchive:
+    def __init__(self, storage: Storage, cluster: str, compression: str = "zstd", level: int = 3):
+        self.storage = storage
+        self.cluster = cluster
+        self.compression = compression
+        self.level = level
+        self.repo = Repository(storage, cluster)
+        self.prefix = f"{cluster}/wal/"
+
+    # keys
+    def _dir(self, name: str) -> str:
+        return f"{self.prefix}history/" if HISTORY.match(name) else f"{self.prefix}{name[:8]}/"
+
+    def _suffix(self, compression: str | None = None) -> str:
+        return SUFFIX[compression or self.compression]
+
+    def find(self, name: str) -> list[str]:
+        """Keys of the archived copies of a completed segment or history file (normally one)."""
+        d = self._dir(name)
+        out = []
+        for obj in self.storage.list(d + name + "."):
+            rest = obj.key[len(d) + len(name) + 1:]
+            if rest.startswith("partial"):
+                continue
+            out.append(obj.key)
+        return out
+
+    @staticmethod
+    def _parse_key(key: str) -> tuple[str, str, str]:
+        """(name, sha256, compression) from an archive key."""
+        base = key.rsplit("/", 1)[-1]
+        width = 16 if base[8:17] == ".history" else 24
+        name, rest = base[:width], base[width + 1:]
+        sha, _, ext = rest.partition(".")
+        comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(ext, "none")
+        return name, sha, comp
+
+    # push
+    def push(self, path: str | os.PathLike, name: str | None = None, system_identifier: str | None = None) \
+            -> WalPushResult:
+        path = Path(path)
+        name = check_wal_name(name or path.name)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+        if SEGMENT.match(name):
+            sysid, seg_size = segment_header(data)
+            if len(data) != seg_size:
+                raise IntegrityError(f"{path} is {len(data)} bytes; its header says segments are {seg_size}")
+            self._check_identity(sysid)
+        return self._push_bytes(name, data)
+
+    def _check_identity(self, sysid: str) -> None:
+        known = self.repo.identity()
+        if known is None:
+            self.repo.check_identity(sysid, None)
+        elif known.get("system_identifier") != sysid:
+            raise RepositoryError(
+                f"WAL from system identifier {sysid} refused: repository cluster '{self.cluster}' is "
+                f"{known.get('system_identifier')}")
+
+    def _push_bytes(self, name: str, data: bytes) -> WalPushResult:
+        sha = hashlib.sha256(data).hexdigest()
+        existing = self.find(name)
+        for key in existing:
+            if self._parse_key(key)[1] == sha:
+                log.info("%s is already archived with the same content; nothing to do", name)
+                return WalPushResult(self.cluster, name, "already_archived", len(data), -1, sha, key)
+        if existing:
+            raise IntegrityError(
+                f"{name} is already archived with DIFFERENT content ({existing[0]}); refusing to overwrite. "
+                "Two servers may be archiving into one repository, or a restored cluster is pushing "
+                "into the original's archive")
+        key = f"{self._dir(name)}{name}.{sha}{self._suffix()}"
+        stored = self.storage.put_stream(key, compress_stream([data], self.compression, self.level))
+        log.info("archived %s (%.1f MB -> %.1f MB)", name, len(data) / 1e6, stored / 1e6)
+        return WalPushResult(self.cluster, name, "archived", len(data), stored, sha, key)
+
+    def push_partial(self, path: str | os.PathLike, safe_lsn: int) -> str:
+        """Store the segment being streamed, known good up to ``safe_lsn``."""
+        path = Path(path)
+        name = path.name.removesuffix(".partial")
+        check_wal_name(name)
+        data = path.read_bytes()
+        key = f"{self._dir(name)}{name}.partial{self._suffix()}"
+        self.storage.put_stream(key, compress_stream([data], self.compression, self.level))
+        self.storage.put_bytes(f"{self._dir(name)}{name}.partial.json", json.dumps({
+            "name": name, "safe_lsn": format_lsn(safe_lsn), "sha256": hashlib.sha256(data).hexdigest(),
+            "uploaded_at": iso(utcnow())}).encode())
+        return key
+
+    def remove_partial(self, name: str) -> None:
+        for suffix in (".partial" + self._suffix(), ".partial.json"):
+            self.storage.delete(f"{self._dir(name)}{name}{suffix}")
+
+    # fetch
+    def read(self, name: str, allow_partial: bool = True) -> tuple[bytes, str, str]:
+        """(content, source, key) of a segment or history file; verified."""
+        check_wal_name(name)
+        keys = self.find(name)
+        if keys:
+            key = keys[0]
+            _, sha, comp = self._parse_key(key)
+            data = b"".join(decompress_stream(self.storage.get_stream(key), comp, name=key))
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
+            if SEGMENT.match(name):
+                self._check_segment(name, data, key)
+            return data, "history" if HISTORY.match(name) else "segment", key
+        if allow_partial and SEGMENT.match(name):
+            meta_key = f"{self._dir(name)}{name}.partial.json"
+            try:
+                meta = json.loads(self.storage.get_bytes(meta_key))
+            except ObjectNotFound:
+                meta = None
+            if meta:
+                key = f"{self._dir(name)}{name}.partial{self._suffix()}"
+                for comp in ("zstd", "lz4", "gzip", "none"):
+                    k = f"{self._dir(name)}{name}.partial{SUFFIX[comp]}"
+                    try:
+                        data = b"".join(decompress_stream(self.storage.get_stream(k), comp, name=k))
+                        key = k
+                        break
+                    except ObjectNotFound:
+                        continue
+                else:
+                    raise WalNotFound(f"{name}: partial metadata without data")
+                if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                    raise IntegrityError(f"{key}: partial segment does not match its recorded SHA-256")
+                return data, "partial", key
+        raise WalNotFound(f"{name} is not in the archive of cluster '{self.cluster}'")
+
+    def _check_segment(self, name: str, data: bytes, key: str) -> None:
+        _, seg_size = segment_header(data)
+        if len(data) != seg_size:
+            raise IntegrityError(f"{key}: {len(data)} bytes, but its header says {seg_size}")
+        # The first page names its own position: a segment stored under the wrong name is caught here.
+        tli, pageaddr = struct.unpack_from("<IQ", data, 4)
+        want_tli, segno = parse_segment(name, seg_size)
+        if pageaddr != segno * seg_size or tli != want_tli:
+            raise IntegrityError(f"{key}: holds WAL for timeline {tli} at {format_lsn(pageaddr)}, "
+                                 f"not {name}")
+
+    def fetch(self, name: str, dest: str | os.PathLike) -> WalFetchResult:
+        data, source, key = self.read(name)
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.pgdr-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        log.info("restored %s from %s (%s)", name, key, source)
+        return WalFetchResult(self.cluster, name, source, key, len(data), str(dest))
+
+    # inventory
+    def segments(self) -> dict[int, list[tuple[int, str]]]:
+        """{timeline: sorted [(segment number, name)]} of completed segments."""
+        out: dict[int, list[tuple[int, str]]] = {}
+        for obj in self.storage.list(self.prefix):
+            base = obj.key.rsplit("/", 1)[-1]
+            name = base[:24]
+            if ".partial" in base or not SEGMENT.match(name) or obj.key.startswith(self.prefix + "history/"):
+                continue
+            tli, segno = parse_segment(name)
+            out.setdefault(tli, []).append((segno, name))
+        return {t: sorted(set(v)) for t, v in sorted(out.items())}
+
+    def partials(self) -> list[dict]:
+        out = []
+        for obj in self.storage.list(self.prefix):
+            if obj.key.endswith(".partial.json"):
+                try:
+                    out.append(json.loads(self.storage.get_bytes(obj.key)))
+                except (ValueError, ObjectNotFound):
+                    continue
+        return out
+
+    def history_files(self) -> list[str]:
+        return sorted({o.key.rsplit("/", 1)[-1][:16] for o in self.storage.list(self.prefix + "history/")})
+
+    def newest_lsn(self) -> int | None:
+        """The newest LSN safely in the archive: end of the newest segment, or a newer partial's safe LSN."""
+        best = None
+        for tli, segs in self.segments().items():
+            end = (segs[-1][0] + 1) * SEG_SIZE
+            best = end if best is None else max(best, end)
+        for p in self.partials():
+            lsn = parse_lsn(p["safe_lsn"])
+            best = lsn if best is None else max(best, lsn)
+        return best
+
+    def check(self, from_lsn: int | None = None, from_tli: int | None = None) -> WalCheckReport:
+        """Archived ranges per timeline, and every gap from ``from_lsn`` (oldest backup start) on."""
+        segs = self.segments()
+        ranges, gaps = [], []
+        for tli, items in segs.items():
+            run_start = prev = None
+            for segno, name in items:
+                if prev is not None and segno != prev[0] + 1:
+                    ranges.append(_range(tli, run_start, prev))
+                    gaps.append(WalGap(tli, prev[1], segment_name(tli, prev[0] + 1), segment_name(tli, segno - 1),
+                                       "segments missing between two archived ones"))
+                    run_start = (segno, name)
+                if run_start is None:
+                    run_start = (segno, name)
+                prev = (segno, name)
+            if prev is not None:
+                ranges.append(_range(tli, run_start, prev))
+        if from_lsn is not None:
+            tli = from_tli or 1
+            first_needed = segment_of(from_lsn)
+            have = [s for s, _ in segs.get(tli, [])]
+            if have and min(have) > first_needed:
+                gaps.insert(0, WalGap(tli, None, segment_name(tli, first_needed), segment_name(tli, min(have) - 1),
+                                      "the oldest backup needs WAL that is not archived"))
+        newest = self.newest_lsn()
+        partial = max(self.partials(), key=lambda p: parse_lsn(p["safe_lsn"]), default=None)
+        return WalCheckReport(cluster=self.cluster, ok=not gaps, ranges=ranges, gaps=gaps,
+                              history=self.history_files(), newest_lsn=format_lsn(newest) if newest else None,
+                              partial=partial)
+
+    def missing_between(self, tli: int, start_lsn: int, end_lsn: int) -> list[str]:
+        """Segment names on ``tli`` needed to replay from start_lsn to end_lsn that are not archived."""
+        have = {s for s, _ in self.segments().get(tli, [])}
+        partial_segs = {parse_segment(p["name"])[1] for p in self.partials() if p["name"][:8] == f"{tli:08X}"}
+        return [segment_name(tli, s) for s in range(segment_of(start_lsn), segment_of(max(end_lsn - 1, start_lsn)) + 1)
+                if s not in have and s not in partial_segs]
+
+
+def _range(tli, first, last) -> WalRange:
+    return WalRange(tli, first[1], last[1], format_lsn(first[0] * SEG_SIZE), format_lsn((last[0] + 1) * SEG_SIZE),
+                    last[0] - first[0] + 1)

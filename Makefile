@@ -1,6 +1,9 @@
 # pgdr: `make demo` shows it working, `make test` proves it.
 SHELL := /bin/bash
 VENV ?= .venv
+# The system Python where there is one: the postgres user runs pgdr from this
+# venv (archive_command, restore_command), and a Python under /root is out of its reach.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
@@ -8,7 +11,7 @@ UV_VERSION := 0.13.9
 .PHONY: venv test demo lock bench clean
 
 $(PY):
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 
 $(VENV)/.installed: $(PY) requirements.lock pyproject.toml
 	$(PY) -m pip install -q uv==$(UV_VERSION) || true
@@ -23,7 +26,7 @@ $(VENV)/.installed: $(PY) requirements.lock pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	bash scripts/ensure-postgres.sh
+	bash scripts/prepare-test-host.sh
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
 
 demo: venv
@@ -35,7 +38,7 @@ bench: venv
 lock: $(PY)
 	$(UV) pip install -q --python $(PY) -r requirements.txt
 	{ echo "# Generated from requirements.txt with 'uv pip freeze' (make lock). Every package the tests run with."; \
-	  $(UV) pip freeze --python $(PY) | grep -v -e '^-e' -e '^pgdr' -e '^uv=='; } > requirements.lock
+	  $(UV) pip freeze --python $(PY) | grep -v -e '^-e' -e '^pgdr' -e '^uv==' -e '^pip==' -e '^setuptools=='; } > requirements.lock
 
 clean:
 	rm -rf $(VENV) .demo

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from pgdr import __version__
@@ -50,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--start", action="store_true", help="start the restored server (archiving off)")
     r.add_argument("--port", type=int, help="port for the started server")
     r.add_argument("--socket-dir", help="unix socket directory for the started server")
+    t = r.add_mutually_exclusive_group()
+    t.add_argument("--target-time", metavar="ISO8601", help="recover up to this time (with a zone: …+00:00)")
+    t.add_argument("--target-lsn", metavar="LSN", help="recover up to this WAL position (like 0/3000060)")
+    t.add_argument("--target-xid", metavar="XID", help="recover up to this transaction id")
+    t.add_argument("--target-name", metavar="NAME", help="recover up to this named restore point")
+    t.add_argument("--target", choices=["immediate", "latest"],
+                   help="immediate: just consistent (end of the backup); latest: all archived WAL")
+    r.add_argument("--target-action", choices=["promote", "pause", "shutdown"], default="promote",
+                   help="what the server does at the target (default promote)")
+    r.add_argument("--target-timeline", help="'latest' (default), 'current' or a timeline number")
+    r.add_argument("--target-exclusive", action="store_true", help="stop just before the target, not after it")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (backup, WAL range) and write nothing")
+    r.add_argument("--timeout", type=float, default=3600, help="seconds to wait for recovery (default 3600)")
     r.add_argument("--verify-checksums", action="store_true",
                    help="also have pg_verifybackup re-read every restored file and check its checksum")
     r.add_argument("--run-as", help="system user to own the data directory and run the server "
@@ -60,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
+    ws = cmd("wal-stream", "stream WAL into the repository (pg_receivewal on a replication slot)")
+    ws.add_argument("--spool", required=True, help="local directory for the segment being received")
+    ws.add_argument("--duration", type=float, help="stop after this many seconds (default: until interrupted)")
+    ws.add_argument("--partial-interval", type=float, default=5.0,
+                    help="seconds between uploads of the segment being written (default 5)")
     return p
 
 
@@ -103,6 +122,16 @@ def run(args) -> object:
             return archive.push(args.path)
         if args.command == "wal-fetch":
             return archive.fetch(args.name, args.dest)
+        if args.command == "wal-stream":
+            import signal
+            import threading
+
+            from pgdr.walstream import WalStreamer
+
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *a: stop.set())
+            signal.signal(signal.SIGINT, lambda *a: stop.set())
+            return WalStreamer(cluster, conn, storage, args.spool, args.partial_interval).run(args.duration, stop)
         backups = repo.backups()
         report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)))
         if not report.ok:
@@ -115,8 +144,26 @@ def run(args) -> object:
             raise UsageError(f"--port {args.port} is not a TCP port")
         return run_restore(cluster, storage, args.backup, args.pgdata, start=args.start, port=args.port,
                            socket_dir=args.socket_dir, run_as=args.run_as,
-                           verify_checksums=args.verify_checksums)
+                           verify_checksums=args.verify_checksums, recovery_target=_target(args),
+                           config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
+                           dry_run=args.dry_run, timeout=args.timeout)
     raise UsageError(f"unknown command {args.command}")
+
+
+def _target(args):
+    from pgdr.recovery import RecoveryTarget
+
+    for kind in ("time", "lsn", "xid", "name"):
+        value = getattr(args, f"target_{kind}")
+        if value:
+            break
+    else:
+        kind, value = args.target, None
+    if kind is None:
+        if args.target_exclusive or args.target_timeline or args.target_action != "promote":
+            raise UsageError("--target-action, --target-timeline and --target-exclusive need a target")
+        return None
+    return RecoveryTarget(kind, value, args.target_action, args.target_timeline, args.target_exclusive)
 
 
 def _lsn_tli(manifest):

@@ -22,11 +22,14 @@ from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
 from pgdr.lock import pid_alive
 from pgdr.manifest import BackupManifest
 from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
+from pgdr.recovery import (RecoveryPlan, RecoveryTarget, plan_recovery, query_replay_position, restore_command,
+                           wait_for_recovery, write_recovery_settings)
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
 from pgdr.storage import Storage
 from pgdr.streams import Digest, Prefetch
 from pgdr.tarstream import TarExtractor
+from pgdr.wal import WalArchive
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class RestoreResult(JsonResult):
     owner: str
     started: bool
     port: int | None
+    recovery: dict | None = None  # target restores: the plan and what recovery reached
 
 
 def check_target(pgdata: Path) -> None:
@@ -86,13 +90,25 @@ def _empty(pgdata: Path, created: bool) -> None:
 
 def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: str | os.PathLike, *,
                 start: bool = False, port: int | None = None, socket_dir: str | None = None,
-                run_as: str | None = None, verify_checksums: bool = False) -> RestoreResult:
+                run_as: str | None = None, verify_checksums: bool = False,
+                recovery_target: RecoveryTarget | None = None, config_path: str | None = None,
+                dry_run: bool = False, timeout: float = 3600) -> RestoreResult | RecoveryPlan:
     t0 = time.monotonic()
     target = Path(pgdata).absolute()
     owner = run_as or cluster.run_as
     repo = Repository(storage, cluster.name)
-    manifest = repo.resolve(label)
+    plan = None
+    if recovery_target is not None or dry_run:
+        archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
+        manifest, plan = plan_recovery(repo.backups(), archive, recovery_target, label)
+    else:
+        manifest = repo.resolve(label)
     check_target(target)
+    if dry_run:
+        log.info("dry run: would restore backup %s into %s%s", manifest.label, target,
+                 f", then replay WAL {plan.wal_from} .. {plan.wal_to or 'newest archived'}"
+                 if recovery_target else "")
+        return plan
     if start and port is None:
         raise RestoreRefused("--start needs --port: pick a free port for the restored server")
     verify_bins = find_bin_dir(manifest.pg_major, cluster.pg_bin_dir, tool="pg_verifybackup")
@@ -113,15 +129,30 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
             _chown_tree(target, *uid_gid)
         os.chmod(target, 0o700)
         verify = _pg_verifybackup(verify_bins, target, manifest.pg_major, verify_checksums)
+        if recovery_target is not None:
+            write_recovery_settings(target, recovery_target, restore_command(config_path, cluster.name), uid_gid)
     except BaseException:
         log.error("restore into %s failed; emptying it again", target)
         _empty(target, created)
         raise
     started = False
+    recovery = {"plan": plan.to_dict(), "state": "configured: start the server to recover"} if plan else None
     if start:
-        _start(reachable_by(server_bins, owner if uid_gid else None), target, port, socket_dir,
-               owner if uid_gid else None)
+        user = owner if uid_gid else None
+        bins = reachable_by(server_bins, user)
+        _start(bins, target, port, socket_dir, user, wait=recovery_target is None)
         started = True
+        if recovery_target is not None:
+            outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
+                                        _running_check(target), timeout)
+            if outcome.state in ("promoted", "paused"):
+                pos = query_replay_position(bins.tool("psql"), user, port, socket_dir)
+                if pos:
+                    outcome.reached_lsn = outcome.reached_lsn or pos[0]
+                    outcome.reached_time = outcome.reached_time or pos[1]
+            recovery = {"plan": plan.to_dict(), **outcome.to_dict()}
+            log.info("recovery %s at LSN %s (last transaction %s)", outcome.state, outcome.reached_lsn,
+                     outcome.reached_time)
     duration = max(time.monotonic() - t0, 1e-6)
     result = RestoreResult(
         cluster=cluster.name, label=manifest.label, pgdata=str(target), repository=storage.describe(),
@@ -130,6 +161,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
         parts_verified=len(manifest.files), pg_verifybackup=verify,
         duration_seconds=round(duration, 3), throughput_mb_s=round(manifest.size / duration / 1e6, 1),
         owner=owner if uid_gid else str(os.geteuid()), started=started, port=port if start else None,
+        recovery=recovery,
     )
     log.info("restore of %s into %s done: %d parts verified, pg_verifybackup %s, %.1f s%s",
              manifest.label, target, result.parts_verified, verify, result.duration_seconds,
@@ -198,18 +230,39 @@ def _pg_verifybackup(bins, target: Path, pg_major: int, checksums: bool) -> str:
     return f"ok ({what})"
 
 
-def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None) -> None:
+def _running_check(target: Path):
+    """A callable telling whether the server in ``target`` is still running."""
+    state = {"pid": None, "since": time.monotonic()}
+
+    def running() -> bool:
+        pid_file = target / "postmaster.pid"
+        if state["pid"] is None:
+            try:
+                state["pid"] = int(pid_file.read_text().split("\n", 1)[0])
+            except (OSError, ValueError):
+                log_file = target / "pgdr-restore-start.log"
+                if log_file.exists() and "database system is shut down" in log_file.read_text(errors="replace"):
+                    return False
+                return time.monotonic() - state["since"] < 30  # still starting
+        return pid_alive(state["pid"])
+
+    return running
+
+
+def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True) -> None:
     if not (target / "postgresql.conf").exists():
         # Debian keeps postgresql.conf in /etc; give the restored cluster a minimal one.
         (target / "postgresql.conf").write_text("# written by pgdr restore: the backup held no postgresql.conf\n")
         if user:
             os.chown(target / "postgresql.conf", *user_ids(user))
-    opts = f"-p {port} -c archive_mode=off"
+    # Archiving off: a test restore must never push a new timeline into the repository.
+    # Logging to our file: recovery progress is read from it.
+    opts = f"-p {port} -c archive_mode=off -c logging_collector=off -c log_destination=stderr"
     if socket_dir:
         opts += f" -k {socket_dir}"
     log_file = target / "pgdr-restore-start.log"
-    cmd = as_user([bins.tool("pg_ctl"), "-D", str(target), "-w", "-t", "300", "-l", str(log_file), "-o", opts,
-                   "start"], user)
+    cmd = as_user([bins.tool("pg_ctl"), "-D", str(target), "-w" if wait else "-W", "-t", "300", "-l", str(log_file),
+                   "-o", opts, "start"], user)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else proc.stderr

@@ -35,7 +35,8 @@ from pgdr.storage.file import fsync_dir
 log = logging.getLogger(__name__)
 
 SEGMENT = re.compile(r"^[0-9A-F]{24}$")
-HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
+HISTORY = re.compile(r"^[0-9A-F]{8}\.history$|^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")  # timeline / backup history
+ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<ext>[a-z0-9]+))?$")
 SEG_SIZE = 16 * 1024 * 1024
 XLOG_PAGE_MAGIC_OFFSET = 0
 SYSID_OFFSET = 24  # XLogLongPageHeaderData.xlp_sysid
@@ -50,7 +51,8 @@ class WalNotFound(PgdrError):
 
 def check_wal_name(name: str) -> str:
     if not (SEGMENT.match(name) or HISTORY.match(name)):
-        raise UsageError(f"{name!r} is not a WAL segment (24 hex digits) or timeline history file name")
+        raise UsageError(f"{name!r} is not a WAL segment (24 hex digits), timeline history or backup history "
+                         "file name")
     return name
 
 
@@ -149,21 +151,19 @@ class WalArchive:
         d = self._dir(name)
         out = []
         for obj in self.storage.list(d + name + "."):
-            rest = obj.key[len(d) + len(name) + 1:]
-            if rest.startswith("partial"):
-                continue
-            out.append(obj.key)
+            m = ARCHIVED.match(obj.key.rsplit("/", 1)[-1])
+            if m and m.group("name") == name:
+                out.append(obj.key)
         return out
 
     @staticmethod
     def _parse_key(key: str) -> tuple[str, str, str]:
         """(name, sha256, compression) from an archive key."""
-        base = key.rsplit("/", 1)[-1]
-        width = 16 if base[8:17] == ".history" else 24
-        name, rest = base[:width], base[width + 1:]
-        sha, _, ext = rest.partition(".")
-        comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(ext, "none")
-        return name, sha, comp
+        m = ARCHIVED.match(key.rsplit("/", 1)[-1])
+        if not m:
+            raise IntegrityError(f"{key} is not an archived WAL object name")
+        comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(m.group("ext") or "", "none")
+        return m.group("name"), m.group("sha"), comp
 
     # push
     def push(self, path: str | os.PathLike, name: str | None = None, system_identifier: str | None = None) \
@@ -309,7 +309,8 @@ class WalArchive:
         return out
 
     def history_files(self) -> list[str]:
-        return sorted({o.key.rsplit("/", 1)[-1][:16] for o in self.storage.list(self.prefix + "history/")})
+        names = {self._parse_key(o.key)[0] for o in self.storage.list(self.prefix + "history/")}
+        return sorted(n for n in names if n.endswith(".history"))
 
     def newest_lsn(self) -> int | None:
         """The newest LSN safely in the archive: end of the newest segment, or a newer partial's safe LSN."""

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the machine has what the tests start for real: PostgreSQL 15 from
 # Debian's packages (the tests start their own clusters; the system one is
-# never touched) and a 'postgres' system user for initdb/postgres, which
-# refuse to run as root.
+# never touched), a 'postgres' system user for initdb/postgres, which refuse
+# to run as root, and a checkout that user can reach: the servers run pgdr
+# itself as archive_command and restore_command.
 set -euo pipefail
 if [ ! -x /usr/lib/postgresql/15/bin/postgres ] || [ ! -x /usr/lib/postgresql/15/bin/pg_basebackup ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -24,4 +25,10 @@ if ! id postgres >/dev/null 2>&1; then
     echo "no 'postgres' system user; tests run servers as the current user" >&2
   fi
 fi
-command -v tar >/dev/null || { echo "GNU tar is required" >&2; exit 1; }
+if [ "$(id -u)" = 0 ]; then
+  d=$(pwd -P)
+  while [ "$d" != / ]; do
+    [ "$(stat -c %A "$d" | cut -c10)" = x ] || { echo "letting other users traverse $d" >&2; chmod o+x "$d"; }
+    d=$(dirname "$d")
+  done
+fi

@@ -1,0 +1,209 @@
+"""Continuous WAL capture by streaming: pg_receivewal on a replication slot,
+every completed segment archived, and the segment being written uploaded every
+few seconds, so the data at risk is seconds, not a 16 MiB segment.
+
+Stop and start it at will: the slot keeps the server's WAL in between, and
+pg_receivewal resumes from the spool directory or, if that is gone, from the
+slot. Segments seen twice are archived once (same content: nothing to do).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgdr.config import ClusterConfig
+from pgdr.errors import PgdrError, PostgresError
+from pgdr.lsn import format_lsn, parse_lsn
+from pgdr.pgbin import find_bin_dir
+from pgdr.postgres import ConnInfo, connect, server_info
+from pgdr.results import JsonResult, iso, utcnow
+from pgdr.storage import Storage
+from pgdr.wal import HISTORY, SEGMENT, WalArchive
+
+log = logging.getLogger(__name__)
+
+
+def slot_name(cluster: str) -> str:
+    return f"pgdr_{cluster}"
+
+
+@dataclass
+class SlotInfo(JsonResult):
+    name: str
+    exists: bool
+    wal_status: str | None = None
+    restart_lsn: str | None = None
+    retained_bytes: int | None = None
+
+
+@dataclass
+class StreamResult(JsonResult):
+    cluster: str
+    slot: str
+    started_at: str
+    stopped_at: str
+    stopped_because: str
+    segments_archived: int
+    segments_already_archived: int
+    partial_uploads: int
+    server_lsn: str
+    archived_lsn: str | None
+    lag_bytes: int | None
+    slot_retained_bytes: int | None
+
+
+def slot_info(conn: ConnInfo, slot: str) -> SlotInfo:
+    with connect(conn) as c:
+        row = c.execute(
+            "select wal_status, restart_lsn::text, pg_current_wal_lsn() - restart_lsn "
+            "from pg_replication_slots where slot_name = %s", (slot,)).fetchone()
+    if row is None:
+        return SlotInfo(slot, False)
+    return SlotInfo(slot, True, row[0], row[1], int(row[2]) if row[2] is not None else None)
+
+
+def _die_with_parent():
+    """Run in the child: if pgdr is killed, pg_receivewal goes too (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class WalStreamer:
+    def __init__(self, cluster: ClusterConfig, conn: ConnInfo, storage: Storage, spool: Path,
+                 partial_interval: float = 5.0):
+        self.cluster = cluster
+        self.conn = conn
+        self.spool = Path(spool)
+        self.partial_interval = partial_interval
+        self.archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
+        self.slot = slot_name(cluster.name)
+        self.archived = self.already = self.partials = 0
+        self._last_partial: tuple | None = None
+        self._uploaded_partial: str | None = None
+
+    def ensure_slot(self, bins) -> SlotInfo:
+        info = slot_info(self.conn, self.slot)
+        if info.exists and info.wal_status == "lost":
+            raise PgdrError(
+                f"replication slot {self.slot} was invalidated (max_slot_wal_keep_size): WAL is missing from the "
+                "archive since it fell behind; take a new full backup, then drop and recreate the slot "
+                f"(select pg_drop_replication_slot('{self.slot}'))")
+        if not info.exists:
+            cmd = [bins.tool("pg_receivewal"), "--create-slot", "--if-not-exists", "-S", self.slot, "-w"]
+            if self.conn.dsn:
+                cmd += ["-d", self.conn.dsn]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.conn.process_env())
+            if proc.returncode != 0:
+                raise PostgresError(f"cannot create replication slot {self.slot}: {proc.stderr.strip()}")
+            log.info("created physical replication slot %s", self.slot)
+            info = slot_info(self.conn, self.slot)
+        return info
+
+    def sweep(self) -> None:
+        """Archive every completed file in the spool, then forget it locally."""
+        for path in sorted(self.spool.iterdir()):
+            if not (SEGMENT.match(path.name) or HISTORY.match(path.name)):
+                continue
+            result = self.archive.push(path)
+            if result.status == "archived":
+                self.archived += 1
+            else:
+                self.already += 1
+            if SEGMENT.match(path.name):
+                self.archive.remove_partial(path.name)
+            path.unlink()
+
+    def upload_partial(self, force: bool = False) -> None:
+        partial = sorted(self.spool.glob("*.partial"))
+        if not partial:
+            return
+        path = partial[-1]
+        stat = path.stat()
+        state = (path.name, stat.st_size, stat.st_mtime_ns)
+        if state == self._last_partial and not force:
+            return
+        # What the server knows pg_receivewal has flushed, read BEFORE the file: the
+        # copy we upload holds at least this much.
+        info = slot_info(self.conn, self.slot)
+        safe = parse_lsn(info.restart_lsn) if info.restart_lsn else 0
+        self.archive.push_partial(path, safe)
+        self._last_partial = state
+        self.partials += 1
+
+    def run(self, duration: float | None = None, stop: threading.Event | None = None) -> StreamResult:
+        info = server_info(self.conn)
+        bins = find_bin_dir(info.major, self.cluster.pg_bin_dir, tool="pg_receivewal")
+        self.archive._check_identity(info.system_identifier)
+        self.ensure_slot(bins)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        started = utcnow()
+        self.sweep()  # whatever an earlier run left behind
+        cmd = [bins.tool("pg_receivewal"), "-D", str(self.spool), "-S", self.slot, "--synchronous", "-n", "-w"]
+        if self.conn.dsn:
+            cmd += ["-d", self.conn.dsn]
+        log.info("streaming WAL of cluster %s from %s on slot %s into %s (spool %s)%s", self.cluster.name,
+                 self.conn.describe(), self.slot, self.archive.storage.describe(), self.spool,
+                 f" for {duration:.0f} s" if duration else "")
+        stop = stop or threading.Event()
+        deadline = time.monotonic() + duration if duration else None
+        because = "duration reached"
+        with tempfile.TemporaryFile() as errfile:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=self.conn.process_env(),
+                                    preexec_fn=_die_with_parent)
+            try:
+                next_partial = 0.0
+                while True:
+                    if stop.is_set():
+                        because = "stopped"
+                        break
+                    if deadline and time.monotonic() >= deadline:
+                        break
+                    if proc.poll() is not None:
+                        because = f"pg_receivewal exited with code {proc.returncode}"
+                        break
+                    self.sweep()
+                    if time.monotonic() >= next_partial:
+                        self.upload_partial()
+                        next_partial = time.monotonic() + self.partial_interval
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)  # pg_receivewal flushes and exits
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            self.sweep()
+            self.upload_partial(force=True)
+            errfile.seek(0)
+            stderr = errfile.read().decode(errors="replace").strip()
+        if because.startswith("pg_receivewal exited"):
+            raise PostgresError(f"{because}: {stderr[-1000:] or '(no output)'}")
+        return self.report(started, because)
+
+    def report(self, started, because: str) -> StreamResult:
+        with connect(self.conn) as c:
+            server_lsn = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        archived = self.archive.newest_lsn()
+        slot = slot_info(self.conn, self.slot)
+        lag = max(parse_lsn(server_lsn) - archived, 0) if archived is not None else None
+        result = StreamResult(
+            cluster=self.cluster.name, slot=self.slot, started_at=iso(started), stopped_at=iso(utcnow()),
+            stopped_because=because, segments_archived=self.archived, segments_already_archived=self.already,
+            partial_uploads=self.partials, server_lsn=server_lsn,
+            archived_lsn=format_lsn(archived) if archived is not None else None, lag_bytes=lag,
+            slot_retained_bytes=slot.retained_bytes)
+        log.info("WAL streaming of %s stopped (%s): %d segments archived, %d partial uploads, lag %s bytes",
+                 self.cluster.name, because, self.archived, self.partials, lag)
+        return result

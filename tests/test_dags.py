@@ -71,7 +71,7 @@ def test_dag_integrity(monkeypatch, tmp_path):
     monkeypatch.setenv("PGDR_CONFIG", str(config))
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert {"pgdr_app_backup", "pgdr_billing_backup"} <= set(bag.dag_ids)
+    assert {"pgdr_app_backup", "pgdr_billing_backup", "pgdr_app_wal", "pgdr_billing_wal"} <= set(bag.dag_ids)
     for dag_id, dag in bag.dags.items():
         assert "pgdr" in dag.tags and dag.doc_md, dag_id
         assert dag.max_active_runs == 1 and dag.catchup is False
@@ -187,3 +187,80 @@ def test_airflow_dags_test_command_backs_up_pg15(airflow_db, pg15, tmp_path, wor
         assert table_hashes(restored) == before
     finally:
         restored.destroy()
+
+
+def test_wal_dag_streams_then_checks_lag(airflow_db, monkeypatch, workdir, tmp_path):
+    from conftest import _bins
+    from pgdr.sandbox import SandboxCluster, free_port
+
+    pg = SandboxCluster(_bins(15), workdir / "waldag" / "data", free_port()).init().start()
+    try:
+        connections(monkeypatch, pg)
+        config = write_config(tmp_path / "pgdr.yaml", {"app": {
+            "conn_id": "pgdr_app", "repository": f"file://{tmp_path}/repo",
+            "wal": {"spool_dir": str(tmp_path / "spool"), "window_minutes": 5, "partial_interval_seconds": 1,
+                    "rpo_seconds": 30}}})
+        mod = load_dag_module(monkeypatch, config, "pgdr_wal")
+        dag = mod.pgdr_app_wal
+        assert dag.max_active_runs == 1 and dag.timetable.expression == "*/5 * * * *"
+        pg.psql("create table t as select generate_series(1, 1000) g")
+        run = dag.test(run_conf={"duration_seconds": 3})
+        assert run.state == "success"
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert states["stream"] == "success" and states["lag"] == "success"
+        assert states["trigger_full_backup"] == "skipped" and states["archive_gap"] == "skipped"
+        code, lag, _ = pgdr("--json", "wal-lag", "--cluster", "app",
+                            config=write_config(tmp_path / "cli.yaml", {"app": {
+                                "dsn": pg.dsn, "repository": f"file://{tmp_path}/repo",
+                                "wal": {"rpo_seconds": 30}}}))
+        assert code == 0 and lag["lag_bytes"] == 0 and lag["slot"]["exists"] is True
+
+        # Capture stops; the server keeps writing: the lag check fails once past the RPO.
+        pg.psql("insert into t select generate_series(1, 100000)")
+        pg.psql("select pg_switch_wal()")
+        import time
+
+        time.sleep(2)
+        code, lag, _ = pgdr("--json", "wal-lag", "--cluster", "app",
+                            config=write_config(tmp_path / "cli1.yaml", {"app": {
+                                "dsn": pg.dsn, "repository": f"file://{tmp_path}/repo",
+                                "wal": {"rpo_seconds": 1}}}))
+        assert code == 1 and lag["lag_bytes"] > 0 and "past the RPO target of 1 s" in lag["problems"][0]
+    finally:
+        pg.destroy()
+
+
+def test_invalidated_slot_triggers_a_full_backup_and_alerts(airflow_db, monkeypatch, workdir, tmp_path):
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    from conftest import _bins
+    from pgdr.sandbox import SandboxCluster, free_port
+
+    pg = SandboxCluster(_bins(18), workdir / "slotdag" / "data", free_port())
+    pg.init(extra_conf="max_slot_wal_keep_size = 1MB\nmax_wal_size = 32MB\nmin_wal_size = 32MB\n").start()
+    try:
+        connections(monkeypatch, pg)
+        pg.psql("select pg_create_physical_replication_slot('pgdr_app', true)")
+        for _ in range(4):  # more WAL than the slot may keep, and checkpoints to remove it
+            pg.psql("create table if not exists filler (x text); insert into filler select repeat('x', 1000) "
+                    "from generate_series(1, 5000); select pg_switch_wal(); checkpoint;")
+        assert pg.psql("select wal_status from pg_replication_slots where slot_name = 'pgdr_app'") == "lost"
+        config = write_config(tmp_path / "pgdr.yaml", {"app": {
+            "conn_id": "pgdr_app", "repository": f"file://{tmp_path}/repo",
+            "wal": {"spool_dir": str(tmp_path / "spool")}}})
+        load_dag_module(monkeypatch, config, "pgdr_backup")  # the DAG to be triggered exists
+        dag = load_dag_module(monkeypatch, config, "pgdr_wal").pgdr_app_wal
+        for t in dag.tasks:
+            t.retries = 0  # the alert now, not after the retry delays
+        run = dag.test(run_conf={"duration_seconds": 2})
+        assert run.state == "failed"
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert states["stream"] == "skipped" and states["trigger_full_backup"] == "success"
+        assert states["archive_gap"] == "failed"
+        assert pg.psql("select count(*) from pg_replication_slots where slot_name = 'pgdr_app'") == "0"
+        with create_session() as session:
+            triggered = session.query(DagRun).filter(DagRun.dag_id == "pgdr_app_backup").all()
+        assert any(r.run_id.startswith("pgdr_gap__") for r in triggered)
+    finally:
+        pg.destroy()

@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
+    cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
     ws = cmd("wal-stream", "stream WAL into the repository (pg_receivewal on a replication slot)")
     ws.add_argument("--spool", required=True, help="local directory for the segment being received")
     ws.add_argument("--duration", type=float, help="stop after this many seconds (default: until interrupted)")
@@ -122,6 +123,12 @@ def run(args) -> object:
             return archive.push(args.path)
         if args.command == "wal-fetch":
             return archive.fetch(args.name, args.dest)
+        if args.command == "wal-lag":
+            from pgdr.walstream import measure_lag
+
+            report = measure_lag(cluster, conn, storage)
+            args._exit = 0 if report.ok else 1
+            return report
         if args.command == "wal-stream":
             import signal
             import threading

@@ -55,6 +55,19 @@ class AlertConfig:
 
 
 @dataclass(frozen=True)
+class WalConfig:
+    mode: str = "stream"  # stream: pg_receivewal from the Airflow worker; push: archive_command on the server
+    spool_dir: str = "/var/tmp/pgdr-spool"
+    window_minutes: int = 10
+    partial_interval_seconds: int = 5
+    rpo_seconds: int = 60
+    slot_retained_alert_mb: int = 4096
+
+    def spool(self, cluster: str) -> str:
+        return f"{self.spool_dir.rstrip('/')}/{cluster}"
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     repository: RepositoryConfig
@@ -68,6 +81,7 @@ class ClusterConfig:
     checkpoint: str = "fast"
     run_as: str = "postgres"
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    wal: WalConfig = field(default_factory=WalConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +142,9 @@ class _Reader:
 
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
-                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts"}
+                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal"}
+WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
+            "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb"}
 ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
 
@@ -167,6 +183,8 @@ def parse_config(raw, path: str | os.PathLike = "<config>") -> Config:
         body = r.mapping(body, key, CLUSTER_KEYS)
         merged = {**defaults, **body}
         merged["alerts"] = {**alerts, **(defaults.get("alerts") or {}), **(body.get("alerts") or {})}
+        merged["wal"] = {**(r.mapping(defaults.get("wal"), "defaults.wal", WAL_KEYS)),
+                         **(r.mapping(body.get("wal"), f"{key}.wal", WAL_KEYS))}
         clusters[name] = _cluster(r, name, merged, key)
     return Config(path=str(path), clusters=clusters)
 
@@ -196,6 +214,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     if severity not in ("critical", "error", "warning", "info"):
         r.fail(f"{key}.alerts.severity", "must be critical, error, warning or info")
     return ClusterConfig(
+        wal=_wal(r, m.get("wal") or {}, f"{key}.wal"),
         name=name,
         repository=_repository(r, m.get("repository"), f"{key}.repository"),
         conn_id=r.string(m, "conn_id", key),
@@ -212,6 +231,24 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
             pagerduty_conn_id=r.string(alerts_m, "pagerduty_conn_id", f"{key}.alerts"),
             severity=severity,
         ),
+    )
+
+
+def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
+    mode = r.string(m, "mode", key, "stream")
+    if mode not in ("stream", "push"):
+        r.fail(f"{key}.mode", "must be 'stream' (pg_receivewal from Airflow) or 'push' (archive_command)")
+    spool = r.string(m, "spool_dir", key, "/var/tmp/pgdr-spool")
+    if not spool.startswith("/"):
+        r.fail(f"{key}.spool_dir", "must be an absolute path")
+    window = r.integer(m, "window_minutes", key, 10, 1, 60)
+    if 60 % window:
+        r.fail(f"{key}.window_minutes", "must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60)")
+    return WalConfig(
+        mode=mode, spool_dir=spool, window_minutes=window,
+        partial_interval_seconds=r.integer(m, "partial_interval_seconds", key, 5, 1, 600),
+        rpo_seconds=r.integer(m, "rpo_seconds", key, 60, 1, 86400),
+        slot_retained_alert_mb=r.integer(m, "slot_retained_alert_mb", key, 4096, 16, 10_000_000),
     )
 
 

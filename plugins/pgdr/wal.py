@@ -220,6 +220,21 @@ class WalArchive:
             "uploaded_at": iso(utcnow())}).encode())
         return key
 
+    @property
+    def status_key(self) -> str:
+        return f"{self.prefix}status.json"
+
+    def note_progress(self, lsn: int) -> None:
+        """Record how far the archive reaches and when: what lag in seconds is measured against."""
+        self.storage.put_bytes(self.status_key, json.dumps(
+            {"archived_lsn": format_lsn(lsn), "updated_at": iso(utcnow())}).encode())
+
+    def progress(self) -> dict | None:
+        try:
+            return json.loads(self.storage.get_bytes(self.status_key))
+        except (ObjectNotFound, ValueError):
+            return None
+
     def remove_partial(self, name: str) -> None:
         for suffix in (".partial" + self._suffix(), ".partial.json"):
             self.storage.delete(f"{self._dir(name)}{name}{suffix}")

@@ -26,7 +26,7 @@ from pgdr.pgbin import find_bin_dir
 from pgdr.postgres import ConnInfo, connect, server_info
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.storage import Storage
-from pgdr.wal import HISTORY, SEGMENT, WalArchive
+from pgdr.wal import HISTORY, SEG_SIZE, SEGMENT, WalArchive, parse_segment
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class WalStreamer:
 
     def sweep(self) -> None:
         """Archive every completed file in the spool, then forget it locally."""
+        newest = None
         for path in sorted(self.spool.iterdir()):
             if not (SEGMENT.match(path.name) or HISTORY.match(path.name)):
                 continue
@@ -121,7 +122,11 @@ class WalStreamer:
                 self.already += 1
             if SEGMENT.match(path.name):
                 self.archive.remove_partial(path.name)
+                tli, segno = parse_segment(path.name)
+                newest = max(newest or 0, (segno + 1) * SEG_SIZE)
             path.unlink()
+        if newest is not None:
+            self.archive.note_progress(max(newest, self.archive.newest_lsn() or 0))
 
     def upload_partial(self, force: bool = False) -> None:
         partial = sorted(self.spool.glob("*.partial"))
@@ -137,6 +142,7 @@ class WalStreamer:
         info = slot_info(self.conn, self.slot)
         safe = parse_lsn(info.restart_lsn) if info.restart_lsn else 0
         self.archive.push_partial(path, safe)
+        self.archive.note_progress(max(safe, self.archive.newest_lsn() or 0))
         self._last_partial = state
         self.partials += 1
 
@@ -207,3 +213,67 @@ class WalStreamer:
         log.info("WAL streaming of %s stopped (%s): %d segments archived, %d partial uploads, lag %s bytes",
                  self.cluster.name, because, self.archived, self.partials, lag)
         return result
+
+
+@dataclass
+class WalLagReport(JsonResult):
+    cluster: str
+    ok: bool
+    server_lsn: str
+    archived_lsn: str | None
+    lag_bytes: int | None
+    lag_seconds: float | None
+    rpo_seconds: int
+    archive_updated_at: str | None
+    slot: dict | None
+    problems: list
+
+
+def measure_lag(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> WalLagReport:
+    """Primary's current LSN against the newest LSN safely in the repository, and the slot's health."""
+    from pgdr.results import parse_iso
+
+    archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
+    with connect(conn) as c:
+        server_lsn = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+    archived = archive.newest_lsn()
+    progress = archive.progress() or {}
+    lag_bytes = max(parse_lsn(server_lsn) - archived, 0) if archived is not None else None
+    lag_seconds = None
+    if lag_bytes == 0:
+        lag_seconds = 0.0
+    elif progress.get("updated_at"):
+        lag_seconds = round((utcnow() - parse_iso(progress["updated_at"])).total_seconds(), 1)
+    problems = []
+    if archived is None:
+        problems.append("nothing is archived yet: is WAL capture running?")
+    elif lag_seconds is None or lag_seconds > cluster.wal.rpo_seconds:
+        problems.append(f"WAL capture is behind by {lag_bytes} bytes"
+                        + (f" and {lag_seconds:.0f} s" if lag_seconds is not None else "")
+                        + f", past the RPO target of {cluster.wal.rpo_seconds} s")
+    slot = None
+    if cluster.wal.mode == "stream":
+        info = slot_info(conn, slot_name(cluster.name))
+        slot = info.to_dict()
+        if info.exists and info.wal_status == "lost":
+            problems.append(f"replication slot {info.name} was invalidated: the archive has a gap; "
+                            "take a new full backup")
+        elif info.retained_bytes and info.retained_bytes > cluster.wal.slot_retained_alert_mb * 1024 * 1024:
+            problems.append(f"replication slot {info.name} holds {info.retained_bytes / 2**20:.0f} MB of WAL on "
+                            f"the server (alert at {cluster.wal.slot_retained_alert_mb} MB): the disk may fill; "
+                            "is WAL capture running? (max_slot_wal_keep_size caps it)")
+    return WalLagReport(cluster=cluster.name, ok=not problems, server_lsn=server_lsn,
+                        archived_lsn=format_lsn(archived) if archived is not None else None, lag_bytes=lag_bytes,
+                        lag_seconds=lag_seconds, rpo_seconds=cluster.wal.rpo_seconds,
+                        archive_updated_at=progress.get("updated_at"), slot=slot, problems=problems)
+
+
+def reset_invalidated_slot(conn: ConnInfo, cluster: str) -> SlotInfo:
+    """Drop a slot PostgreSQL invalidated, so streaming can start again (after a gap)."""
+    info = slot_info(conn, slot_name(cluster))
+    if info.exists and info.wal_status == "lost":
+        with connect(conn) as c:
+            c.execute("select pg_drop_replication_slot(%s)", (info.name,))
+        log.error("replication slot %s was invalidated and has been dropped: WAL between the last archived "
+                  "segment and now is lost; a new full backup is needed", info.name)
+    return info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseBranchOperator, BaseOperator
 
 from pgdr.errors import PgdrError
 from pgdr.labels import make_label
@@ -64,3 +64,82 @@ class PgdrBackupOperator(PgdrOperator):
         if result.status == "already_exists":
             self.log.info("backup %s was already committed by an earlier try of this run; kept it", label)
         return result.to_dict()
+
+
+class PgdrSlotCheckOperator(BaseBranchOperator):
+    """Returns the task to run next: ``stream``, or ``trigger_full_backup`` when the slot was invalidated.
+
+    An invalidated slot means WAL was removed before it was archived: the
+    archive has a gap. The slot is dropped (streaming starts afresh) and a new
+    full backup is the only way to restore past the gap.
+    """
+
+    def __init__(self, *, cluster: str, config_path: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.cluster = cluster
+        self.config_path = config_path
+
+    def choose_branch(self, context):
+        from pgdr.walstream import reset_invalidated_slot
+
+        info = reset_invalidated_slot(PgdrHook(self.cluster, self.config_path).conn_info(), self.cluster)
+        if info.exists and info.wal_status == "lost":
+            self.log.error("slot %s was invalidated: the WAL archive of '%s' has a gap; triggering a full backup",
+                           info.name, self.cluster)
+            return "trigger_full_backup"
+        self.log.info("slot %s: %s", info.name, info.wal_status if info.exists else "not created yet")
+        return "stream"
+
+
+class PgdrWalStreamOperator(PgdrOperator):
+    """Streams WAL for one window, then hands over to the next run (the slot keeps WAL in between)."""
+
+    template_fields = ("duration_seconds",)
+
+    def __init__(self, *, duration_seconds=None, **kwargs):
+        super().__init__(**kwargs)
+        self.duration_seconds = duration_seconds
+        self._stop = None
+
+    def execute(self, context):
+        import threading
+
+        from pgdr.walstream import WalStreamer
+
+        cluster = self.hook.cluster
+        duration = float(self.duration_seconds) if self.duration_seconds not in (None, "", "None") \
+            else max(cluster.wal.window_minutes * 60 - 45, 30)
+        self._stop = threading.Event()
+        streamer = WalStreamer(cluster, self.hook.conn_info(), self.hook.storage(), cluster.wal.spool(cluster.name),
+                               cluster.wal.partial_interval_seconds)
+        result = streamer.run(duration, self._stop)
+        self.log.info("streamed for %.0f s: %d segments archived, %d partial uploads, lag %s bytes",
+                      duration, result.segments_archived, result.partial_uploads, result.lag_bytes)
+        return result.to_dict()
+
+    def on_kill(self):
+        if self._stop is not None:
+            self._stop.set()
+
+
+class PgdrWalLagOperator(PgdrOperator):
+    """Fails (so the alerts fire) when WAL capture is behind the RPO target or the slot is unhealthy."""
+
+    def execute(self, context):
+        from pgdr.walstream import measure_lag
+
+        report = measure_lag(self.hook.cluster, self.hook.conn_info(), self.hook.storage())
+        self.log.info("server at %s, archive at %s: lag %s bytes, %s s (RPO %s s)", report.server_lsn,
+                      report.archived_lsn, report.lag_bytes, report.lag_seconds, report.rpo_seconds)
+        if not report.ok:
+            raise PgdrError(f"cluster '{self.cluster}': " + "; ".join(report.problems))
+        return report.to_dict()
+
+
+class PgdrArchiveGapOperator(PgdrOperator):
+    """Always fails, naming the gap: the alert that follows an invalidated slot."""
+
+    def execute(self, context):
+        raise PgdrError(f"cluster '{self.cluster}': the replication slot was invalidated, so the WAL archive has a "
+                        "gap; point-in-time restore across it is impossible. A full backup was triggered; until it "
+                        "completes, restores can only reach the last archived WAL.")

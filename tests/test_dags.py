@@ -264,3 +264,71 @@ def test_invalidated_slot_triggers_a_full_backup_and_alerts(airflow_db, monkeypa
         assert any(r.run_id.startswith("pgdr_gap__") for r in triggered)
     finally:
         pg.destroy()
+
+
+def test_restore_dag_dry_run_real_refused_and_replaced(airflow_db, monkeypatch, pg15, tmp_path, workdir):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from pgdr.audit import read_audit
+    from pgdr.config import RepositoryConfig
+    from pgdr.sandbox import SandboxCluster, free_port
+    from pgdr.storage import open_storage
+
+    connections(monkeypatch, pg15)
+    repo = f"file://{workdir}/restoredag-repo"
+    config = write_config(workdir / "restoredag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
+    cli = write_config(workdir / "restoredag-cli.yaml", {"app": {"dsn": pg15.dsn, "repository": repo}})
+    code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=cli)
+    assert code == 0, err
+    before = table_hashes(pg15)
+    dag = load_dag_module(monkeypatch, config, "pgdr_restore").pgdr_app_restore
+    for t in dag.tasks:
+        t.retries = 0
+    storage = open_storage(RepositoryConfig(url=repo))
+    dest = workdir / "restoredag-target"
+
+    # A malformed LSN never reaches a task.
+    with pytest.raises(ParamValidationError):
+        dag.test(run_conf={"target": "lsn", "target_lsn": "not-an-lsn"})
+
+    # The default is a dry run: a plan, nothing written.
+    run = dag.test(run_conf={"pgdata": str(dest)})
+    assert run.state == "success" and not dest.exists()
+    (audit,) = read_audit(storage, "app", "restore")
+    assert audit["outcome"] == "dry_run" and audit["result"]["plan"]["backup"] == backup["label"]
+    assert audit["params"]["dry_run"] is True and audit["triggered_by"]
+
+    # A real restore, started, holding exactly the backed-up data.
+    port = free_port()
+    run = dag.test(run_conf={"pgdata": str(dest), "port": port, "dry_run": False})
+    assert run.state == "success"
+    restored = SandboxCluster(pg15.bins, dest, port)
+    try:
+        assert table_hashes(restored) == before
+        restored.psql("create table marker_from_first_restore (x int)")
+
+        # Same destination again, without confirmation: refused, untouched, audited.
+        run = dag.test(run_conf={"pgdata": str(dest), "port": port, "dry_run": False, "replace": True,
+                                 "confirm_cluster": "wrong"})
+        assert run.state == "failed"
+        assert restored.psql("select count(*) from marker_from_first_restore") == "0"
+        assert read_audit(storage, "app", "restore")[-1]["outcome"] == "failed"
+
+        # Confirmed: the running cluster is stopped and kept in a safety backup, then replaced.
+        run = dag.test(run_conf={"pgdata": str(dest), "port": port, "dry_run": False, "replace": True,
+                                 "confirm_cluster": "app"})
+        assert run.state == "success"
+        last = read_audit(storage, "app", "restore")[-1]
+        safety = last["result"]["safety_backup"]
+        assert last["outcome"] == "restored" and safety["stopped_server"] is True
+        assert storage.exists(safety["key"]) and safety["key"].startswith("app/safety/")
+        assert table_hashes(restored) == before  # the marker table is gone: a fresh restore
+        import subprocess
+
+        from pgdr.compression import decompress_stream
+
+        listing = subprocess.run(["tar", "-t", "-f", "-"], input=b"".join(
+            decompress_stream(storage.get_stream(safety["key"]), "zstd")), capture_output=True).stdout.decode()
+        assert "./PG_VERSION" in listing and "./backup_label.old" in listing
+    finally:
+        restored.destroy()

@@ -143,3 +143,92 @@ class PgdrArchiveGapOperator(PgdrOperator):
         raise PgdrError(f"cluster '{self.cluster}': the replication slot was invalidated, so the WAL archive has a "
                         "gap; point-in-time restore across it is impossible. A full backup was triggered; until it "
                         "completes, restores can only reach the last archived WAL.")
+
+
+def recovery_target_from_params(params: dict):
+    """The form's target fields as a RecoveryTarget (None: restore to the end of the backup)."""
+    from pgdr.errors import UsageError
+    from pgdr.recovery import RecoveryTarget
+
+    kind = params.get("target") or "end_of_backup"
+    if kind == "end_of_backup":
+        return None
+    value = None
+    if kind in ("time", "lsn", "xid", "name"):
+        value = params.get(f"target_{kind}")
+        if value in (None, ""):
+            raise UsageError(f"target '{kind}' needs the target_{kind} field filled in")
+        value = str(value)
+    return RecoveryTarget(kind, value, params.get("target_action") or "promote", None,
+                          bool(params.get("target_exclusive")))
+
+
+class PgdrRestoreOperator(PgdrOperator):
+    """A restore from the Params form: a plan on dry runs; otherwise guarded, audited, real.
+
+    A destination that holds data or a running server is refused unless the
+    form says ``replace`` and repeats the cluster name; then a safety backup of
+    what is there goes into the repository first.
+    """
+
+    def execute(self, context):
+        from pathlib import Path
+
+        from pgdr.audit import write_audit
+        from pgdr.errors import RestoreRefused
+        from pgdr.restore import check_target, run_restore
+
+        params = dict(context["params"])
+        cluster = self.hook.cluster
+        storage = self.hook.storage()
+        dag_run = context["dag_run"]
+        who = getattr(dag_run, "triggering_user_name", None) or str(getattr(dag_run, "run_type", "unknown"))
+        record = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id, "triggered_by": who, "params": params}
+        pgdata = Path(params["pgdata"])
+        try:
+            target = recovery_target_from_params(params)
+            confirmed = bool(params.get("replace")) and params.get("confirm_cluster") == cluster.name
+            try:
+                check_target(pgdata)
+                refused = None
+            except RestoreRefused as e:
+                refused = e
+            if params.get("dry_run"):
+                from pgdr.recovery import plan_recovery
+                from pgdr.repository import Repository
+                from pgdr.wal import WalArchive
+
+                repo = Repository(storage, cluster.name)
+                manifest, plan = plan_recovery(repo.backups(), WalArchive(storage, cluster.name), target,
+                                               params["backup"])
+                destination = ("empty or new" if refused is None else
+                               "holds data: would be replaced after a safety backup" if confirmed else
+                               f"would be refused: {refused}")
+                self.log.info("DRY RUN — nothing written. Plan: restore backup %s (%.1f MB stored, %.1f MB on disk) "
+                              "into %s (%s), then replay WAL from %s to %s", plan.backup, manifest.stored_size / 1e6,
+                              manifest.size / 1e6, pgdata, destination, plan.wal_from,
+                              plan.wal_to or "the newest archived")
+                result = {"dry_run": True, "plan": plan.to_dict(), "destination": str(pgdata),
+                          "destination_state": destination, "stored_bytes": manifest.stored_size,
+                          "restored_bytes": manifest.size}
+                write_audit(storage, cluster.name, "restore", {**record, "outcome": "dry_run", "result": result})
+                return result
+            safety = None
+            if refused is not None:
+                if not confirmed:
+                    raise RestoreRefused(f"{refused} To replace it, set 'replace' and type the cluster name "
+                                         f"'{cluster.name}' in 'confirm_cluster'.") from None
+                from pgdr.safety import take_safety_backup
+
+                safety = take_safety_backup(storage, cluster.name, pgdata, cluster.run_as, cluster.pg_bin_dir,
+                                            cluster.compression, cluster.compression_level)
+                self.log.warning("destination replaced; its previous contents are in %s", safety.key)
+            result = run_restore(cluster, storage, params["backup"], pgdata, start=bool(params.get("start")),
+                                 port=params.get("port"), recovery_target=target,
+                                 config_path=self.hook.config_path or None).to_dict()
+            result["safety_backup"] = safety.to_dict() if safety else None
+        except Exception as e:
+            write_audit(storage, cluster.name, "restore", {**record, "outcome": "failed", "error": str(e)})
+            raise
+        write_audit(storage, cluster.name, "restore", {**record, "outcome": "restored", "result": result})
+        return result

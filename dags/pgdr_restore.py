@@ -1,0 +1,76 @@
+"""
+### pgdr: restore (manual)
+
+Trigger with **Trigger DAG w/ config**: the form is validated before any task
+runs (a malformed label, time or LSN never reaches one).
+
+- **backup** — `latest` or a label (`20261125-020000F`).
+- **target** — `end_of_backup` (default), `latest` (all archived WAL),
+  `immediate`, or `time` / `lsn` / `xid` / `name` with the matching field filled in.
+- **pgdata**, **port** — where the restored cluster goes on the worker, and its port.
+- **dry_run** — on by default: prints the plan (which backup, which WAL range,
+  how many bytes, where) and writes nothing.
+- **replace** + **confirm_cluster** — a destination holding data or a running
+  server is refused unless both are set; its contents then go into a safety
+  backup in the repository first, named in the result.
+
+Every run, dry or real, refused or done, leaves an audit record in the
+repository (`<cluster>/reports/restore/`): who, which parameters, the result.
+The same restore works without Airflow: `pgdr restore --cluster <name> …`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param
+
+from pgdr.config import load_config
+from pgdr_airflow.notifiers import failure_notifiers
+from pgdr_airflow.operators import PgdrRestoreOperator
+
+ISO_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)$"
+
+for cluster in load_config().clusters.values():
+    dag_id = f"pgdr_{cluster.name}_restore"
+    with DAG(
+        dag_id=dag_id,
+        description=f"Restore PostgreSQL cluster '{cluster.name}' (manual; dry run by default)",
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz=cluster.timezone),
+        catchup=False,
+        max_active_runs=1,
+        tags=["pgdr", "restore", cluster.name],
+        doc_md=__doc__,
+        params={
+            "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}F)$",
+                            description="'latest' or a backup label like 20261125-020000F"),
+            "target": Param("end_of_backup", type="string",
+                            enum=["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"],
+                            description="How far to recover"),
+            "target_time": Param(None, type=["null", "string"], pattern=ISO_TIME, format="date-time",
+                                 description="For target=time: ISO 8601 with a zone, e.g. 2026-11-25T14:03:00+00:00"),
+            "target_lsn": Param(None, type=["null", "string"], pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$",
+                                description="For target=lsn: e.g. 0/3000060"),
+            "target_xid": Param(None, type=["null", "integer"], minimum=3, description="For target=xid"),
+            "target_name": Param(None, type=["null", "string"], minLength=1, maxLength=63,
+                                 description="For target=name: a restore point made with pg_create_restore_point()"),
+            "target_action": Param("promote", type="string", enum=["promote", "pause", "shutdown"]),
+            "target_exclusive": Param(False, type="boolean", description="Stop just before the target"),
+            "pgdata": Param(f"/var/lib/postgresql/pgdr-restore-{cluster.name}", type="string", pattern=r"^/.+",
+                            description="Destination data directory on the worker (absolute)"),
+            "port": Param(5499, type="integer", minimum=1024, maximum=65535),
+            "start": Param(True, type="boolean", description="Start the restored server (archiving off)"),
+            "dry_run": Param(True, type="boolean", description="Only print the plan"),
+            "replace": Param(False, type="boolean", description="Allow replacing a non-empty destination"),
+            "confirm_cluster": Param("", type="string", description=f"Type '{cluster.name}' to confirm a replace"),
+        },
+        default_args={
+            "retries": 2,
+            "retry_delay": timedelta(minutes=1),
+            "on_failure_callback": failure_notifiers(cluster, dag_id),
+        },
+    ) as dag:
+        PgdrRestoreOperator(task_id="restore", cluster=cluster.name, execution_timeout=timedelta(hours=12))
+    globals()[dag_id] = dag

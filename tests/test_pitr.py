@@ -153,3 +153,38 @@ def test_dry_run_prints_the_plan(history, workdir):
                          "--dry-run", config=config)
     assert code == 0 and plan["backup"] == marks["backup"]["label"] and plan["wal_from"] == marks["backup"]["stop_lsn"]
     assert not dest.exists()
+
+
+def test_restore_follows_a_later_timeline_after_a_promoted_restore(history, workdir):
+    """Restore to step 1 and promote (timeline 2); that server archives into the same repository and
+    takes new writes; a later restore to 'latest' follows timeline 2, not the original timeline 1."""
+    pg, config, marks = history
+    out, tl2 = restore(config, workdir, "--target-name", "after_step1", "--keep-archiving")
+    try:
+        assert out["recovery"]["timeline"] == 2  # archiving with the source's archive_command (pgdr wal-push)
+        tl2.psql("insert into steps select g, 9 from generate_series(900, 904) g", dbname="app")
+        expected = rows(tl2)
+        tl2.psql("select pg_switch_wal()")
+        for _ in range(300):
+            if tl2.psql("select last_archived_wal like '00000002%' from pg_stat_archiver") == "t" and \
+                    tl2.psql("select last_archived_wal >= pg_walfile_name(pg_current_wal_lsn() - 1) "
+                             "from pg_stat_archiver") == "t":
+                break
+            time.sleep(0.1)
+        assert tl2.psql("select failed_count from pg_stat_archiver") == "0"
+    finally:
+        tl2.destroy()
+    code, check, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
+    assert "00000002.history" in check["history"]
+
+    out, latest = restore(config, workdir, "--target", "latest")
+    try:
+        assert out["recovery"]["plan"]["timeline"] == 2
+        assert rows(latest) == expected  # step 1 and the timeline-2 rows; not steps 2 and 3
+    finally:
+        latest.destroy()
+    out, original = restore(config, workdir, "--target", "latest", "--target-timeline", "1")
+    try:
+        assert rows(original) == marks["expected"]["step3"]
+    finally:
+        original.destroy()

@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     r = cmd("restore", "restore a backup into an empty data directory")
     r.add_argument("--backup", default="latest", help="label or 'latest' (default)")
     r.add_argument("--pgdata", required=True, help="target data directory: new or empty")
-    r.add_argument("--start", action="store_true", help="start the restored server (archiving off)")
+    r.add_argument("--start", action="store_true", help="start the restored server (archiving off unless "
+                                                        "--keep-archiving)")
     r.add_argument("--port", type=int, help="port for the started server")
     r.add_argument("--socket-dir", help="unix socket directory for the started server")
     t = r.add_mutually_exclusive_group()
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the server does at the target (default promote)")
     r.add_argument("--target-timeline", help="'latest' (default), 'current' or a timeline number")
     r.add_argument("--target-exclusive", action="store_true", help="stop just before the target, not after it")
+    r.add_argument("--keep-archiving", action="store_true",
+                   help="start with the backup's own archive settings: for a restore that becomes the new "
+                        "primary and archives its new timeline into the repository (default: archiving off)")
     r.add_argument("--dry-run", action="store_true", help="print the plan (backup, WAL range) and write nothing")
     r.add_argument("--timeout", type=float, default=3600, help="seconds to wait for recovery (default 3600)")
     r.add_argument("--verify-checksums", action="store_true",
@@ -153,7 +157,7 @@ def run(args) -> object:
                            socket_dir=args.socket_dir, run_as=args.run_as,
                            verify_checksums=args.verify_checksums, recovery_target=_target(args),
                            config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
-                           dry_run=args.dry_run, timeout=args.timeout)
+                           dry_run=args.dry_run, timeout=args.timeout, keep_archiving=args.keep_archiving)
     raise UsageError(f"unknown command {args.command}")
 
 
@@ -182,7 +186,10 @@ def _lsn_tli(manifest):
 def _human(result) -> str:
     from pgdr.catalog import CatalogReport
     from pgdr.check import CheckReport
+    from pgdr.wal import WalFetchResult, WalPushResult
 
+    if isinstance(result, (WalFetchResult, WalPushResult)):
+        return ""  # archive_command / restore_command: the log line on stderr says it all
     if isinstance(result, CheckReport):
         lines = [f"cluster {result.cluster}: {'ready' if result.ok else 'NOT READY'}"]
         for c in result.checks:
@@ -219,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; nothing half-written is visible in the repository")
         return 1
-    print(result.to_json() if as_json else _human(result))
+    text = result.to_json() if as_json else _human(result)
+    if text:
+        print(text)
     return args._exit
 
 

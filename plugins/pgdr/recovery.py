@@ -152,10 +152,24 @@ def plan_recovery(backups: list[BackupManifest], archive: WalArchive, target: Re
         chosen = chosen or backups[-1]
 
     stop = parse_lsn(chosen.stop_lsn)
+    to_tli = chosen.timeline
+    if target is not None and target.kind != "immediate":
+        wanted = target.timeline or "latest"
+        to_tli = archive.newest_timeline() if wanted == "latest" else \
+            chosen.timeline if wanted == "current" else int(wanted)
+        to_tli = max(to_tli, chosen.timeline)
+        if to_tli != chosen.timeline:
+            try:
+                archive.timeline_history(to_tli)
+                if chosen.timeline not in dict(archive.timeline_history(to_tli)):
+                    to_tli = chosen.timeline  # a sibling timeline: PostgreSQL will stay on the backup's
+            except PgdrError as e:
+                raise RestoreRefused(f"target timeline {to_tli}: {e}") from None
+        archived = archive.newest_lsn_on(to_tli) if to_tli != chosen.timeline else archived
     end = parse_lsn(target.value) if target and target.kind == "lsn" else archived
     wal_to = None
     if target is not None and target.kind != "immediate" and end is not None and end > stop:
-        missing = archive.missing_between(chosen.timeline, stop, end)
+        missing = archive.missing_on_path(chosen.timeline, to_tli, stop, end)
         if missing:
             raise RestoreRefused(
                 f"the WAL archive has a gap after backup {chosen.label}: {missing[0]}"
@@ -165,7 +179,7 @@ def plan_recovery(backups: list[BackupManifest], archive: WalArchive, target: Re
         wal_to = format_lsn(end)
     return chosen, RecoveryPlan(
         backup=chosen.label, backup_stop_lsn=chosen.stop_lsn, backup_stop_time=chosen.stop_time,
-        timeline=chosen.timeline, wal_from=chosen.stop_lsn, wal_to=wal_to,
+        timeline=to_tli, wal_from=chosen.stop_lsn, wal_to=wal_to,
         archived_lsn=format_lsn(archived) if archived is not None else None, reachable=reachable,
         target=target.to_dict() if target else None)
 

@@ -92,7 +92,8 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
                 start: bool = False, port: int | None = None, socket_dir: str | None = None,
                 run_as: str | None = None, verify_checksums: bool = False,
                 recovery_target: RecoveryTarget | None = None, config_path: str | None = None,
-                dry_run: bool = False, timeout: float = 3600) -> RestoreResult | RecoveryPlan:
+                dry_run: bool = False, timeout: float = 3600,
+                keep_archiving: bool = False) -> RestoreResult | RecoveryPlan:
     t0 = time.monotonic()
     target = Path(pgdata).absolute()
     owner = run_as or cluster.run_as
@@ -140,7 +141,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     if start:
         user = owner if uid_gid else None
         bins = reachable_by(server_bins, user)
-        _start(bins, target, port, socket_dir, user, wait=recovery_target is None)
+        _start(bins, target, port, socket_dir, user, wait=recovery_target is None, keep_archiving=keep_archiving)
         started = True
         if recovery_target is not None:
             outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
@@ -249,15 +250,18 @@ def _running_check(target: Path):
     return running
 
 
-def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True) -> None:
+def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True,
+           keep_archiving: bool = False) -> None:
     if not (target / "postgresql.conf").exists():
         # Debian keeps postgresql.conf in /etc; give the restored cluster a minimal one.
         (target / "postgresql.conf").write_text("# written by pgdr restore: the backup held no postgresql.conf\n")
         if user:
             os.chown(target / "postgresql.conf", *user_ids(user))
-    # Archiving off: a test restore must never push a new timeline into the repository.
-    # Logging to our file: recovery progress is read from it.
-    opts = f"-p {port} -c archive_mode=off -c logging_collector=off -c log_destination=stderr"
+    # Archiving off unless asked: a test restore must never push a new timeline into the
+    # repository. Logging to our file: recovery progress is read from it.
+    opts = f"-p {port} -c logging_collector=off -c log_destination=stderr"
+    if not keep_archiving:
+        opts += " -c archive_mode=off"
     if socket_dir:
         opts += f" -k {socket_dir}"
     log_file = target / "pgdr-restore-start.log"

@@ -78,8 +78,11 @@ class SandboxCluster:
         return self
 
     def start(self) -> "SandboxCluster":
+        if not self.socket_dir.exists():
+            self.socket_dir.mkdir()
+            self._own(self.socket_dir)
         self._run([self.bins.tool("pg_ctl"), "-D", str(self.datadir), "-w", "-t", "120",
-                   "-l", str(self.datadir / "server.log"), "start"])
+                   "-o", f"-p {self.port} -k {self.socket_dir}", "-l", str(self.datadir / "server.log"), "start"])
         return self
 
     def stop(self, mode: str = "fast") -> None:

@@ -35,6 +35,7 @@ from pgdr.storage.file import fsync_dir
 log = logging.getLogger(__name__)
 
 SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+PROMOTED_PARTIAL = re.compile(r"^[0-9A-F]{24}\.partial$")  # the old timeline's last segment, after a promotion
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$|^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")  # timeline / backup history
 ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<ext>[a-z0-9]+))?$")
 SEG_SIZE = 16 * 1024 * 1024
@@ -50,9 +51,9 @@ class WalNotFound(PgdrError):
 
 
 def check_wal_name(name: str) -> str:
-    if not (SEGMENT.match(name) or HISTORY.match(name)):
-        raise UsageError(f"{name!r} is not a WAL segment (24 hex digits), timeline history or backup history "
-                         "file name")
+    if not (SEGMENT.match(name) or HISTORY.match(name) or PROMOTED_PARTIAL.match(name)):
+        raise UsageError(f"{name!r} is not a WAL segment (24 hex digits), .partial segment, timeline history or "
+                         "backup history file name")
     return name
 
 
@@ -281,9 +282,10 @@ class WalArchive:
         if len(data) != seg_size:
             raise IntegrityError(f"{key}: {len(data)} bytes, but its header says {seg_size}")
         # The first page names its own position: a segment stored under the wrong name is caught here.
+        # (Its timeline may be an ancestor's: a new timeline's first segment starts as a copy.)
         tli, pageaddr = struct.unpack_from("<IQ", data, 4)
         want_tli, segno = parse_segment(name, seg_size)
-        if pageaddr != segno * seg_size or tli != want_tli:
+        if pageaddr != segno * seg_size or tli > want_tli:
             raise IntegrityError(f"{key}: holds WAL for timeline {tli} at {format_lsn(pageaddr)}, "
                                  f"not {name}")
 
@@ -367,6 +369,56 @@ class WalArchive:
         return WalCheckReport(cluster=self.cluster, ok=not gaps, ranges=ranges, gaps=gaps,
                               history=self.history_files(), newest_lsn=format_lsn(newest) if newest else None,
                               partial=partial)
+
+    def timeline_history(self, tli: int) -> list[tuple[int, int]]:
+        """[(timeline, switch LSN), …] of ``tli``'s ancestors, oldest first (empty for timeline 1)."""
+        if tli <= 1:
+            return []
+        try:
+            text, _, _ = self.read(f"{tli:08X}.history", allow_partial=False)
+        except WalNotFound:
+            raise WalNotFound(f"timeline {tli} has no history file in the archive") from None
+        out = []
+        for line in text.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].isdigit():
+                out.append((int(parts[0]), parse_lsn(parts[1])))
+        return out
+
+    def newest_timeline(self) -> int:
+        tlis = list(self.segments()) + [int(h[:8], 16) for h in self.history_files()]
+        return max(tlis, default=1)
+
+    def missing_on_path(self, from_tli: int, to_tli: int, start_lsn: int, end_lsn: int) -> list[str]:
+        """Segments needed to replay from start_lsn on from_tli, across switches, to end_lsn on to_tli."""
+        if to_tli == from_tli:
+            return self.missing_between(from_tli, start_lsn, end_lsn)
+        history = self.timeline_history(to_tli)
+        switches = {t: lsn for t, lsn in history}
+        if from_tli not in switches:
+            raise WalNotFound(f"timeline {to_tli} does not descend from timeline {from_tli}")
+        missing, lsn = [], start_lsn
+        path = [t for t, _ in history if t >= from_tli] + [to_tli]
+        for t in path:
+            stop = switches.get(t, end_lsn)
+            if stop > lsn:
+                # The segment holding a switch point is read from the newer timeline.
+                last = stop if t == to_tli else segment_of(stop) * SEG_SIZE
+                if last > lsn:
+                    missing += self.missing_between(t, lsn, last)
+                lsn = stop
+            if lsn >= end_lsn:
+                break
+        return missing
+
+    def newest_lsn_on(self, tli: int) -> int | None:
+        segs = self.segments().get(tli)
+        best = (segs[-1][0] + 1) * SEG_SIZE if segs else None
+        for p in self.partials():
+            if p["name"][:8] == f"{tli:08X}":
+                lsn = parse_lsn(p["safe_lsn"])
+                best = lsn if best is None else max(best, lsn)
+        return best
 
     def missing_between(self, tli: int, start_lsn: int, end_lsn: int) -> list[str]:
         """Segment names on ``tli`` needed to replay from start_lsn to end_lsn that are not archived."""

@@ -124,3 +124,48 @@ def backup_segment(backup) -> str:
     from pgdr.wal import segment_name, segment_of
 
     return segment_name(backup["timeline"], segment_of(parse_lsn(backup["stop_lsn"])))
+
+
+def test_backup_taking_its_wal_from_the_archive(streamed, workdir):
+    pg, config, spool = streamed
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))
+    cfg["clusters"]["app"]["backup_wal"] = "archive"
+    config = write_config(config.with_name(config.stem + "-archive.yaml"), cfg["clusters"])
+    pg.psql("create table kept (id int)")
+    pg.psql("insert into kept select generate_series(1, 500)")
+
+    # The slot exists (capture ran once), but nothing captures WAL now: the backup waits, not restorable.
+    first = start_streamer(config, spool, "--duration", "1")
+    assert first.wait(60) == 0
+    code, out, err = pgdr("--json", "backup", "--cluster", "app", "--label", "20261125-120000F",
+                          "--wal-timeout", "3", config=config)
+    assert code == 1 and "did not reach the archive" in out["message"]
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=config)
+    assert [b["status"] for b in listing["backups"]] == ["waiting_for_wal"]
+    code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--backup", "20261125-120000F",
+                        "--pgdata", workdir / "never", config=config)
+    assert code == 1 and "waiting_for_wal" in out["message"]
+
+    # WAL capture resumes from the slot; the retry of the same run finds its backup and completes it.
+    streamer = start_streamer(config, spool)
+    try:
+        time.sleep(1.5)
+        code, backup, err = pgdr("--json", "backup", "--cluster", "app", "--label", "20261125-120000F", config=config)
+        assert code == 0 and backup["status"] == "ok", err
+    finally:
+        streamer.send_signal(signal.SIGTERM)
+        streamer.communicate(timeout=60)
+    code, info, _ = pgdr("--json", "info", "--cluster", "app", "--backup", "20261125-120000F", config=config)
+    assert info["wal_included"] is False and info["status"] == "ok"
+    before = pg.table_hashes(["postgres"])
+    dest = workdir / f"archive-wal-restore-{pg.port}"
+    port = free_port()
+    code, res, err = pgdr("--json", "restore", "--cluster", "app", "--backup", "20261125-120000F", "--pgdata", dest,
+                          "--start", "--port", port, "--socket-dir", socket_dir(workdir), config=config)
+    assert code == 0, err
+    restored = SandboxCluster(pg.bins, dest, port)
+    try:
+        assert res["recovery"]["state"] == "promoted" and "WAL comes from the archive" in res["pg_verifybackup"]
+        assert restored.table_hashes(["postgres"]) == before
+    finally:
+        restored.destroy()

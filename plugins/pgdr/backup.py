@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 
 from pgdr.compression import SUFFIX, compress_stream
@@ -67,7 +68,8 @@ class BackupResult(JsonResult):
 
 
 def basebackup_command(bins, conn: ConnInfo, cluster: ClusterConfig, label: str) -> list[str]:
-    cmd = [bins.tool("pg_basebackup"), "-D", "-", "-F", "t", "-X", "fetch", "-c", cluster.checkpoint,
+    wal = "fetch" if cluster.backup_wal == "embed" else "none"
+    cmd = [bins.tool("pg_basebackup"), "-D", "-", "-F", "t", "-X", wal, "-c", cluster.checkpoint,
            "--manifest-checksums=CRC32C", "-l", f"pgdr {cluster.name} {label}", "-w"]
     if conn.dsn:
         cmd += ["-d", conn.dsn]
@@ -75,7 +77,7 @@ def basebackup_command(bins, conn: ConnInfo, cluster: ClusterConfig, label: str)
 
 
 def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None = None,
-               part_size: int = PART_SIZE) -> BackupResult:
+               part_size: int = PART_SIZE, wal_timeout: float = 600) -> BackupResult:
     info = server_info(conn)
     if info.wal_level == "minimal":
         raise PostgresError("wal_level is 'minimal'; physical backups need 'replica' or 'logical' (restart required)")
@@ -90,8 +92,15 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
 
     with ClusterLock(storage, repo.lock_key, f"backup {label}") as lock:
         if storage.exists(repo.key(label, MANIFEST)):
+            existing = repo.manifest(label)
+            if existing.status == "waiting_for_wal":
+                log.info("backup %s was taken earlier and waits for its WAL; waiting again", label)
+                _wait_for_archived_wal(cluster, storage, existing, wal_timeout)
+                existing.status = "ok"
+                repo.commit(existing)
+                return BackupResult.from_manifest(existing, storage.describe(), "ok")
             log.info("backup %s of cluster %s already exists and is committed; nothing to do", label, cluster.name)
-            return BackupResult.from_manifest(repo.manifest(label), storage.describe(), "already_exists")
+            return BackupResult.from_manifest(existing, storage.describe(), "already_exists")
         leftovers = repo.remove_unfinished(label)
         if leftovers:
             log.info("removed %d objects of an earlier unfinished attempt at backup %s", leftovers, label)
@@ -109,12 +118,36 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
             repo.remove_unfinished(label)
             raise LockedError(f"lost {repo.lock_key} to another process during backup {label}; "
                               "not committing it (its objects were removed)")
+        if not manifest.wal_included:
+            manifest.status = "waiting_for_wal"
+            repo.commit(manifest)  # visible as waiting, never offered for restore
+            _wait_for_archived_wal(cluster, storage, manifest, wal_timeout)
+            manifest.status = "ok"
         repo.commit(manifest)
     result = BackupResult.from_manifest(manifest, storage.describe(), "ok")
     log.info("backup %s of cluster %s committed: %.1f MB read, %.1f MB stored (%s), %.1f s, %.1f MB/s",
              label, cluster.name, result.size / 1e6, result.stored_size / 1e6, cluster.compression,
              result.duration_seconds, result.throughput_mb_s)
     return result
+
+
+def _wait_for_archived_wal(cluster, storage, manifest: BackupManifest, timeout: float) -> None:
+    """A backup without embedded WAL is complete only once its WAL, start to stop, is archived."""
+    from pgdr.wal import WalArchive
+
+    archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
+    start, stop = parse_lsn(manifest.start_lsn), parse_lsn(manifest.stop_lsn)
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = archive.missing_between(manifest.timeline, start, stop)
+        if not missing:
+            log.info("WAL %s..%s of backup %s is archived", manifest.start_lsn, manifest.stop_lsn, manifest.label)
+            return
+        if time.monotonic() > deadline:
+            raise PgdrError(f"backup {manifest.label} stays incomplete: WAL {missing[0]}"
+                            f"{' … ' + missing[-1] if len(missing) > 1 else ''} did not reach the archive within "
+                            f"{timeout:.0f} s (is WAL capture running?)")
+        time.sleep(1)
 
 
 def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -> BackupManifest:
@@ -184,5 +217,5 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
         compression=cluster.compression, compression_level=cluster.compression_level,
         files=files, pg_file_count=watcher.members,
         size=sum(f.size for f in files), stored_size=sum(f.stored_size for f in files),
-        wal_included=True, databases=list(info.databases),
+        wal_included=cluster.backup_wal == "embed", databases=list(info.databases),
     )

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     b = cmd("backup", "take a full physical backup into the repository")
     b.add_argument("--label", help="backup label (default: now, like 20261125-020000F); reusing a committed label "
                                    "does nothing, reusing an unfinished one replaces it")
+    b.add_argument("--wal-timeout", type=float, default=600,
+                   help="with backup_wal: archive, how long to wait for the backup's WAL to be archived (default 600)")
     cmd("list", "list the backups in the repository")
     i = cmd("info", "show one backup's manifest")
     i.add_argument("--backup", required=True, help="label or 'latest'")
@@ -109,7 +111,7 @@ def run(args) -> object:
     if args.command == "backup":
         from pgdr.backup import run_backup
 
-        return run_backup(cluster, conn, storage, label=args.label)
+        return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout)
     from pgdr.repository import Repository
 
     repo = Repository(storage, cluster.name)

@@ -80,6 +80,7 @@ class ClusterConfig:
     pg_bin_dir: str | None = None
     checkpoint: str = "fast"
     run_as: str = "postgres"
+    backup_wal: str = "embed"  # embed: WAL inside the backup; archive: taken from the WAL archive
     alerts: AlertConfig = field(default_factory=AlertConfig)
     wal: WalConfig = field(default_factory=WalConfig)
 
@@ -142,7 +143,7 @@ class _Reader:
 
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
-                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal"}
+                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb"}
@@ -209,6 +210,9 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     checkpoint = r.string(m, "checkpoint", key, "fast")
     if checkpoint not in ("fast", "spread"):
         r.fail(f"{key}.checkpoint", "must be 'fast' or 'spread'")
+    backup_wal = r.string(m, "backup_wal", key, "embed")
+    if backup_wal not in ("embed", "archive"):
+        r.fail(f"{key}.backup_wal", "must be 'embed' (WAL inside each backup) or 'archive' (from the WAL archive)")
     alerts_m = r.mapping(m.get("alerts"), f"{key}.alerts", ALERT_KEYS)
     severity = r.string(alerts_m, "severity", f"{key}.alerts", "critical")
     if severity not in ("critical", "error", "warning", "info"):
@@ -226,6 +230,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         pg_bin_dir=r.string(m, "pg_bin_dir", key),
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
+        backup_wal=backup_wal,
         alerts=AlertConfig(
             slack_conn_id=r.string(alerts_m, "slack_conn_id", f"{key}.alerts"),
             pagerduty_conn_id=r.string(alerts_m, "pagerduty_conn_id", f"{key}.alerts"),

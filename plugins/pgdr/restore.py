@@ -99,6 +99,9 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     owner = run_as or cluster.run_as
     repo = Repository(storage, cluster.name)
     plan = None
+    if recovery_target is None and label_needs_archive(repo, label):
+        # WAL was not embedded: even "the end of the backup" is reached by replaying archived WAL.
+        recovery_target = RecoveryTarget("immediate", action="promote")
     if recovery_target is not None or dry_run:
         archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
         manifest, plan = plan_recovery(repo.backups(), archive, recovery_target, label)
@@ -129,7 +132,8 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
         if uid_gid:
             _chown_tree(target, *uid_gid)
         os.chmod(target, 0o700)
-        verify = _pg_verifybackup(verify_bins, target, manifest.pg_major, verify_checksums)
+        verify = _pg_verifybackup(verify_bins, target, manifest.pg_major, verify_checksums,
+                                  parse_wal=manifest.wal_included)
         if recovery_target is not None:
             write_recovery_settings(target, recovery_target, restore_command(config_path, cluster.name), uid_gid)
     except BaseException:
@@ -170,6 +174,13 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     return result
 
 
+def label_needs_archive(repo: Repository, label: str) -> bool:
+    try:
+        return not repo.resolve(label).wal_included
+    except PgdrError:
+        return False
+
+
 def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
     """Three stages in step: read and hash | decompress | write files."""
     extractor = TarExtractor(target)
@@ -208,7 +219,7 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
             os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
-def _pg_verifybackup(bins, target: Path, pg_major: int, checksums: bool) -> str:
+def _pg_verifybackup(bins, target: Path, pg_major: int, checksums: bool, parse_wal: bool = True) -> str:
     """PostgreSQL's own check of the restored directory against its backup_manifest.
 
     By default every file must exist with its manifest size and the WAL must
@@ -219,7 +230,7 @@ def _pg_verifybackup(bins, target: Path, pg_major: int, checksums: bool) -> str:
     if not (target / "backup_manifest").exists():
         return "skipped: no backup_manifest in the backup"
     same_version = bins.major == pg_major
-    cmd = [bins.tool("pg_verifybackup"), "-q"] + ([] if same_version else ["--no-parse-wal"])
+    cmd = [bins.tool("pg_verifybackup"), "-q"] + ([] if same_version and parse_wal else ["--no-parse-wal"])
     cmd += [] if checksums else ["--skip-checksums"]
     cmd.append(str(target))
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -227,7 +238,10 @@ def _pg_verifybackup(bins, target: Path, pg_major: int, checksums: bool) -> str:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise IntegrityError("pg_verifybackup rejected the restored data directory: " + "; ".join(detail[:10]))
     what = "files, sizes, checksums" if checksums else "files, sizes"
-    what += ", WAL" if same_version else f"; WAL not parsed by PostgreSQL {bins.major} tools"
+    if not parse_wal:
+        what += "; WAL comes from the archive at recovery"
+    else:
+        what += ", WAL" if same_version else f"; WAL not parsed by PostgreSQL {bins.major} tools"
     return f"ok ({what})"
 
 

@@ -3,6 +3,7 @@ started again, and a restore to the newest point gets every committed row."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -15,6 +16,9 @@ import pytest
 from helpers import pgdr, write_config
 from pgdr.sandbox import SandboxCluster, free_port
 from test_backup_restore import socket_dir, storage_of
+
+
+_n = itertools.count()
 
 
 def start_streamer(config, spool, *extra):
@@ -44,11 +48,11 @@ def all_rows(c):
 def streamed(request, workdir):
     from conftest import _bins
 
-    major = request.param
-    pg = SandboxCluster(_bins(major), workdir / f"stream{major}" / "data", free_port()).init().start()
-    config = write_config(workdir / f"stream{major}.yaml", {"app": {
-        "dsn": pg.dsn, "repository": f"file://{workdir}/stream{major}-repo"}})
-    yield pg, config, workdir / f"stream{major}-spool"
+    name = f"stream{request.param}-{next(_n)}"
+    pg = SandboxCluster(_bins(request.param), workdir / name / "data", free_port()).init().start()
+    config = write_config(workdir / f"{name}.yaml", {"app": {
+        "dsn": pg.dsn, "repository": f"file://{workdir}/{name}-repo"}})
+    yield pg, config, workdir / f"{name}-spool"
     pg.destroy()
 
 

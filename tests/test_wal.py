@@ -92,3 +92,38 @@ def test_wal_check_reports_ranges_and_gaps(pg15, tmp_path):
     assert code == 0 and report["ok"] is True and report["gaps"] == []
     assert report["newest_lsn"] and len(report["ranges"]) == 1
     shutil.rmtree(tmp_path / "r")
+
+
+def test_fetch_prefetches_the_next_segments_in_parallel(pg15, tmp_path):
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
+    segs = completed_segments(pg15, 4)
+    for seg in segs:
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG",
+                        "--prefetch", "3", config=config)
+    assert code == 0 and out["source"] == "segment"
+    spool = pg_wal / ".pgdr-prefetch"
+    import time
+
+    def ready():
+        return sorted(p.name[:24] for p in spool.glob("0*") if len(p.name) == 24 + 1 + 64)
+
+    for _ in range(200):
+        if len(ready()) == 3:
+            break
+        time.sleep(0.1)
+    assert ready() == [s.name for s in segs[1:]]
+    # The next fetch is served from the spool, verified, and leaves it.
+    code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", segs[1].name, pg_wal / "RECOVERYXLOG",
+                        "--prefetch", "0", config=config)
+    assert code == 0 and out["key"].startswith(".pgdr-prefetch/")
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == segs[1].read_bytes()
+    # A prefetched copy that went bad on disk is discarded, and the archive is asked instead.
+    bad = next(spool.glob(segs[2].name + ".*"))
+    bad.write_bytes(b"garbage")
+    code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", segs[2].name, pg_wal / "RECOVERYXLOG",
+                        "--prefetch", "0", config=config)
+    assert code == 0 and not out["key"].startswith(".pgdr-prefetch/")
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == segs[2].read_bytes()

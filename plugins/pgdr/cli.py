@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
+    wf.add_argument("--prefetch", type=int, default=4, metavar="N",
+                    help="download the next N segments in the background meanwhile (default 4; 0: off)")
+    pf = cmd("wal-prefetch", argparse.SUPPRESS)  # internal: started by wal-fetch
+    pf.add_argument("after")
+    pf.add_argument("directory")
+    pf.add_argument("--count", type=int, default=4)
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
     cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
     ws = cmd("wal-stream", "stream WAL into the repository (pg_receivewal on a replication slot)")
@@ -128,7 +134,22 @@ def run(args) -> object:
         if args.command == "wal-push":
             return archive.push(args.path)
         if args.command == "wal-fetch":
-            return archive.fetch(args.name, args.dest)
+            from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
+
+            if SEGMENT.match(args.name) and take_prefetched(args.name, args.dest):
+                result = archive.result_for(args.name, args.dest)
+            else:
+                result = archive.fetch(args.name, args.dest)
+            if args.prefetch > 0 and SEGMENT.match(args.name) and result.source == "segment":
+                _spawn_prefetch(args, prefetch_dir(args.dest))
+            return result
+        if args.command == "wal-prefetch":
+            from pathlib import Path
+
+            from pgdr.wal import prefetch
+
+            names = prefetch(archive, args.after, args.count, Path(args.directory))
+            return _Done({"prefetched": names})
         if args.command == "wal-lag":
             from pgdr.walstream import measure_lag
 
@@ -161,6 +182,32 @@ def run(args) -> object:
                            config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
                            dry_run=args.dry_run, timeout=args.timeout, keep_archiving=args.keep_archiving)
     raise UsageError(f"unknown command {args.command}")
+
+
+class _Done:
+    def __init__(self, data):
+        self.data = data
+
+    def to_json(self):
+        return json.dumps(self.data)
+
+    def to_dict(self):
+        return self.data
+
+
+def _spawn_prefetch(args, directory) -> None:
+    """Start a detached `pgdr wal-prefetch` for the segments after this one; never fails the fetch."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "pgdr", "-q"]
+    if getattr(args, "config", None):
+        cmd += ["--config", os.path.abspath(args.config)]
+    cmd += ["wal-prefetch", "--cluster", args.cluster, args.name, str(directory), "--count", str(args.prefetch)]
+    try:
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    except OSError as e:
+        log.warning("could not start WAL prefetch: %s", e)
 
 
 def _target(args):

@@ -29,7 +29,7 @@ from pgdr.results import JsonResult
 from pgdr.storage import Storage
 from pgdr.streams import Digest, Prefetch
 from pgdr.tarstream import TarExtractor
-from pgdr.wal import WalArchive
+from pgdr.wal import PREFETCH_DIR, WalArchive
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
                     outcome.reached_lsn = outcome.reached_lsn or pos[0]
                     outcome.reached_time = outcome.reached_time or pos[1]
             recovery = {"plan": plan.to_dict(), **outcome.to_dict()}
+            shutil.rmtree(target / "pg_wal" / PREFETCH_DIR, ignore_errors=True)
             log.info("recovery %s at LSN %s (last transaction %s)", outcome.state, outcome.reached_lsn,
                      outcome.reached_time)
     duration = max(time.monotonic() - t0, 1e-6)

@@ -302,6 +302,10 @@ class WalArchive:
         log.info("restored %s from %s (%s)", name, key, source)
         return WalFetchResult(self.cluster, name, source, key, len(data), str(dest))
 
+    def result_for(self, name: str, dest) -> WalFetchResult:
+        return WalFetchResult(self.cluster, name, "segment", f"{PREFETCH_DIR}/{name}", Path(dest).stat().st_size,
+                              str(dest))
+
     # inventory
     def segments(self) -> dict[int, list[tuple[int, str]]]:
         """{timeline: sorted [(segment number, name)]} of completed segments."""
@@ -431,3 +435,63 @@ class WalArchive:
 def _range(tli, first, last) -> WalRange:
     return WalRange(tli, first[1], last[1], format_lsn(first[0] * SEG_SIZE), format_lsn((last[0] + 1) * SEG_SIZE),
                     last[0] - first[0] + 1)
+
+
+PREFETCH_DIR = ".pgdr-prefetch"
+
+
+def prefetch_dir(dest: str | os.PathLike) -> Path:
+    """Where prefetched segments wait: beside the file PostgreSQL asked for (inside pg_wal)."""
+    return Path(dest).absolute().parent / PREFETCH_DIR
+
+
+def take_prefetched(name: str, dest: str | os.PathLike) -> bool:
+    """Move an already prefetched, verified copy of ``name`` into place; False when there is none."""
+    d = prefetch_dir(dest)
+    for path in d.glob(f"{name}.*") if d.is_dir() else []:
+        sha = path.name[len(name) + 1:]
+        if len(sha) != 64:
+            continue
+        data = path.read_bytes()
+        path.unlink()
+        if hashlib.sha256(data).hexdigest() != sha:
+            log.warning("discarding prefetched %s: its content changed on disk", name)
+            continue
+        tmp = Path(dest).with_name(f".{Path(dest).name}.pgdr-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+        log.info("restored %s from the prefetch spool", name)
+        return True
+    return False
+
+
+def prefetch(archive: "WalArchive", after: str, count: int, directory: Path) -> list[str]:
+    """Download the ``count`` segments after ``after`` (same timeline) into ``directory``, in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory.mkdir(exist_ok=True)
+    tli, segno = parse_segment(after)
+    names = [segment_name(tli, segno + i) for i in range(1, count + 1)]
+
+    def one(name: str) -> str | None:
+        if any(directory.glob(f"{name}.*")):
+            return None
+        try:
+            fd = os.open(directory / f"{name}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return None  # another prefetcher has it
+        os.close(fd)
+        try:
+            data, source, _ = archive.read(name, allow_partial=False)
+            sha = hashlib.sha256(data).hexdigest()
+            tmp = directory / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, directory / f"{name}.{sha}")
+            return name
+        except PgdrError:
+            return None  # not archived (yet): the normal fetch will say so
+        finally:
+            (directory / f"{name}.lock").unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return [n for n in pool.map(one, names) if n]

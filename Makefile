@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 
-.PHONY: venv test demo lock bench clean
+.PHONY: venv test demo lock bench bench-wal clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -34,6 +34,9 @@ demo: venv
 
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-wal: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) bench/wal_bench.py $(BENCH_ARGS)
 
 lock: $(PY)
 	$(UV) pip install -q --python $(PY) -r requirements.txt

@@ -122,6 +122,18 @@ def test_restore_reaches_exactly_the_target(history, workdir, target, step, stat
         restored.destroy()
 
 
+def test_shutdown_action_leaves_the_server_stopped_at_the_target(history, workdir):
+    pg, config, marks = history
+    dest = workdir / f"pitr-shutdown-{next(_n)}"
+    code, out, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", free_port(),
+                          "--socket-dir", socket_dir(workdir), "--target-name", "after_step1",
+                          "--target-action", "shutdown", config=config)
+    assert code == 0, err
+    assert out["recovery"]["state"] == "shut down" and "after_step1" in out["recovery"]["stopped_at"]
+    assert not (dest / "postmaster.pid").exists()
+    shutil.rmtree(dest)
+
+
 def test_immediate_target_is_the_backup_itself(history, workdir):
     pg, config, marks = history
     out, restored = restore(config, workdir, "--target", "immediate")

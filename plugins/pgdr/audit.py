@@ -14,11 +14,13 @@ from pgdr.storage import Storage
 
 def write_audit(storage: Storage, cluster: str, kind: str, record: dict) -> str:
     now = utcnow()
-    key = f"{cluster}/reports/{kind}/{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}.json"
+    key = f"{cluster}/reports/{kind}/{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}.json"
     storage.put_bytes(key, json.dumps({"kind": kind, "cluster": cluster, "recorded_at": iso(now), **record},
                                       indent=2, default=str).encode())
     return key
 
 
 def read_audit(storage: Storage, cluster: str, kind: str) -> list[dict]:
-    return [json.loads(storage.get_bytes(o.key)) for o in storage.list(f"{cluster}/reports/{kind}/")]
+    """Oldest first."""
+    records = [json.loads(storage.get_bytes(o.key)) for o in storage.list(f"{cluster}/reports/{kind}/")]
+    return sorted(records, key=lambda r: r["recorded_at"])

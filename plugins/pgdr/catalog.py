@@ -22,6 +22,7 @@ class BackupSummary(JsonResult):
     size: int | None = None
     stored_size: int | None = None
     detail: str | None = None
+    verification: dict | None = None  # the last `pgdr verify` result: verified_at, ok, failures
 
 
 @dataclass
@@ -42,5 +43,15 @@ def list_backups(repo: Repository) -> CatalogReport:
         out.append(BackupSummary(
             label=m.label, status=m.status, type=m.type, pg_version=m.pg_version_text, timeline=m.timeline,
             start_lsn=m.start_lsn, stop_lsn=m.stop_lsn, start_time=m.start_time, stop_time=m.stop_time,
-            size=m.size, stored_size=m.stored_size))
+            size=m.size, stored_size=m.stored_size, verification=_verification(repo, m.label)))
     return CatalogReport(cluster=repo.cluster, repository=repo.storage.describe(), backups=out)
+
+
+def _verification(repo: Repository, label: str) -> dict | None:
+    from pgdr.verify import last_verification
+
+    v = last_verification(repo, label)
+    if v is None:
+        return None
+    return {"ok": v["ok"], "verified_at": v["verified_at"], "tool_version": v["tool_version"],
+            "failures": v["failures"]}

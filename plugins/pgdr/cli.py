@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="also have pg_verifybackup re-read every restored file and check its checksum")
     r.add_argument("--run-as", help="system user to own the data directory and run the server "
                                     "(default: the cluster's run_as, 'postgres')")
+    v = cmd("verify", "verify stored backups (checksums, decompression, pg_verifybackup) and the WAL archive")
+    v.add_argument("--backup", default="latest", help="label, 'latest' (default) or 'all'")
+    v.add_argument("--no-pg-verify", action="store_true", help="skip pg_verifybackup on a scratch copy")
+    v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
@@ -126,7 +130,20 @@ def run(args) -> object:
 
         return list_backups(repo)
     if args.command == "info":
-        return repo.resolve(args.backup)
+        from pgdr.verify import last_verification
+
+        m = repo.resolve(args.backup)
+        return _Done({**m.to_dict(), "verification": last_verification(repo, m.label)})
+    if args.command == "verify":
+        from pgdr.verify import run_verify
+
+        if args.backup not in ("latest", "all"):
+            from pgdr.labels import check_label
+
+            check_label(args.backup)
+        report = run_verify(cluster, storage, args.backup, pg_verify=not args.no_pg_verify, wal=not args.no_wal)
+        args._exit = 0 if report.ok else 1
+        return report
     if args.command.startswith("wal-"):
         from pgdr.wal import WalArchive
 

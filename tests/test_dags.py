@@ -71,7 +71,7 @@ def test_dag_integrity(monkeypatch, tmp_path):
     monkeypatch.setenv("PGDR_CONFIG", str(config))
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert {"pgdr_app_backup", "pgdr_billing_backup", "pgdr_app_wal", "pgdr_billing_wal"} <= set(bag.dag_ids)
+    assert {"pgdr_app_backup", "pgdr_billing_backup", "pgdr_app_wal", "pgdr_app_restore", "pgdr_app_verify"} <= set(bag.dag_ids)
     for dag_id, dag in bag.dags.items():
         assert "pgdr" in dag.tags and dag.doc_md, dag_id
         assert dag.max_active_runs == 1 and dag.catchup is False
@@ -332,3 +332,30 @@ def test_restore_dag_dry_run_real_refused_and_replaced(airflow_db, monkeypatch, 
         assert "./PG_VERSION" in listing and "./backup_label.old" in listing
     finally:
         restored.destroy()
+
+
+def test_verify_dag_passes_then_names_the_damage(airflow_db, monkeypatch, pg18, workdir):
+    from pgdr.config import RepositoryConfig
+    from pgdr.storage import open_storage
+
+    connections(monkeypatch, pg18)
+    repo = f"file://{workdir}/verifydag-repo"
+    config = write_config(workdir / "verifydag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
+    cli = write_config(workdir / "verifydag-cli.yaml", {"app": {"dsn": pg18.dsn, "repository": repo}})
+    code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=cli)
+    assert code == 0, err
+    dag = load_dag_module(monkeypatch, config, "pgdr_verify").pgdr_app_verify
+    for t in dag.tasks:
+        t.retries = 0
+    assert "pgdr_app_backups" in str(dag.timetable.asset_condition)
+    run = dag.test(run_conf={"scope": "all"})
+    assert run.state == "success"
+    storage = open_storage(RepositoryConfig(url=repo))
+    key = f"app/backup/{backup['label']}/base.tar.00000.zst"
+    data = bytearray(storage.get_bytes(key))
+    data[1000] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+    run = dag.test(run_conf={"scope": "all"})
+    assert run.state == "failed"
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
+    assert listing["backups"][0]["verification"]["failures"][0]["object"] == key

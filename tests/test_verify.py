@@ -81,3 +81,17 @@ def test_swapped_wal_segments(verified_repo):
     storage.put_bytes(b, da)
     found = failures_of(config)
     assert {(a.rsplit("/", 1)[-1][:24], "segment"), (b.rsplit("/", 1)[-1][:24], "segment")} <= set(found)
+
+
+def test_new_reads_only_what_arrived_since(verified_repo, pg15):
+    config, backup, storage = verified_repo
+    code, report, _ = pgdr("--json", "verify", "--cluster", "app", "--backup", "new", config=config)
+    assert code == 0 and report["backups"] == [] and report["bytes_read"] == 0  # nothing new: nothing read
+    assert report["wal"]["segments_checked"] == 0
+    code, second, err = pgdr("--json", "backup", "--cluster", "app", config=config)
+    assert code == 0, err
+    code, report, _ = pgdr("--json", "verify", "--cluster", "app", "--backup", "new", "--no-pg-verify", "--no-wal",
+                           config=config)
+    assert code == 0 and [b["label"] for b in report["backups"]] == [second["label"]]
+    stored = sum(o.size for o in storage.list(f"app/backup/{second['label']}/") if ".tar." in o.key)
+    assert report["bytes_read"] == stored

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-as", help="system user to own the data directory and run the server "
                                     "(default: the cluster's run_as, 'postgres')")
     v = cmd("verify", "verify stored backups (checksums, decompression, pg_verifybackup) and the WAL archive")
-    v.add_argument("--backup", default="latest", help="label, 'latest' (default) or 'all'")
+    v.add_argument("--backup", default="latest",
+                   help="label, 'latest' (default), 'all' (a full sweep) or 'new' (only what was never verified, "
+                        "and only WAL newer than the last clean check)")
     v.add_argument("--no-pg-verify", action="store_true", help="skip pg_verifybackup on a scratch copy")
     v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
@@ -137,7 +139,7 @@ def run(args) -> object:
     if args.command == "verify":
         from pgdr.verify import run_verify
 
-        if args.backup not in ("latest", "all"):
+        if args.backup not in ("latest", "all", "new"):
             from pgdr.labels import check_label
 
             check_label(args.backup)

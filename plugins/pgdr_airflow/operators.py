@@ -232,3 +232,32 @@ class PgdrRestoreOperator(PgdrOperator):
             raise
         write_audit(storage, cluster.name, "restore", {**record, "outcome": "restored", "result": result})
         return result
+
+
+class PgdrVerifyOperator(PgdrOperator):
+    """Verifies what a new backup brought (asset-triggered runs) or everything (the weekly sweep).
+
+    Fails, naming each damaged object and check, so the alerts fire.
+    """
+
+    template_fields = ("scope",)
+
+    def __init__(self, *, scope: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.scope = scope
+
+    def execute(self, context):
+        from pgdr.verify import run_verify
+
+        scope = self.scope or ("new" if "asset" in str(context["dag_run"].run_type).lower() else "all")
+        report = run_verify(self.hook.cluster, self.hook.storage(), scope)
+        for b in report.backups:
+            self.log.info("backup %s: %s (%.1f MB read, pg_verifybackup %s)", b["label"],
+                          "verified" if b["ok"] else "FAILED", b["bytes_read"] / 1e6, b["pg_verifybackup"])
+        self.log.info("verified %s: %.1f MB read in all", scope, report.bytes_read / 1e6)
+        if not report.ok:
+            problems = [f"{f['object']}: {f['check']} ({f['detail']})"
+                        for b in report.backups for f in b["failures"]]
+            problems += [f"{f['object']}: {f['check']}" for f in (report.wal or {}).get("failures", [])]
+            raise PgdrError(f"cluster '{self.cluster}': verification failed: " + "; ".join(problems[:10]))
+        return report.to_dict()

@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
                         "and only WAL newer than the last clean check)")
     v.add_argument("--no-pg-verify", action="store_true", help="skip pg_verifybackup on a scratch copy")
     v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
+    e = cmd("expire", "delete what the retention policy no longer needs (oldest first; fails closed)")
+    e.add_argument("--dry-run", action="store_true", help="print the plan and its reasons; delete nothing")
+    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now")
+    k = cmd("keep", "pin a backup (and the WAL it needs) against retention: a legal hold")
+    k.add_argument("--backup", required=True, help="label or 'latest'")
+    k.add_argument("--until", metavar="DATE", help="pin until this date/time (ISO 8601); default: indefinitely")
+    u = cmd("unkeep", "remove a backup's pin")
+    u.add_argument("--backup", required=True, help="label or 'latest'")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
@@ -136,6 +144,23 @@ def run(args) -> object:
 
         m = repo.resolve(args.backup)
         return _Done({**m.to_dict(), "verification": last_verification(repo, m.label)})
+    if args.command in ("expire", "keep", "unkeep"):
+        from datetime import datetime, timezone
+
+        from pgdr import retention
+        from pgdr.recovery import parse_time
+
+        now = datetime.now(timezone.utc)
+        if args.command == "expire":
+            if args.now:
+                now = parse_time(args.now)
+            policy = retention.RetentionPolicy(cluster.retention_window_days, cluster.retention_min_full)
+            return _Done(retention.run_expire(cluster, storage, policy, now, args.dry_run))
+        if args.command == "keep":
+            until = parse_time(args.until if "T" in (args.until or "T") else args.until + "T00:00:00+00:00") \
+                if args.until else None
+            return _Done(retention.set_keep(repo, args.backup, until, now))
+        return _Done(retention.clear_keep(repo, args.backup))
     if args.command == "verify":
         from pgdr.verify import run_verify
 

@@ -81,6 +81,8 @@ class ClusterConfig:
     checkpoint: str = "fast"
     run_as: str = "postgres"
     backup_wal: str = "embed"  # embed: WAL inside the backup; archive: taken from the WAL archive
+    retention_window_days: int = 30  # any point in this many days stays restorable
+    retention_min_full: int = 2  # never fewer full backups than this
     alerts: AlertConfig = field(default_factory=AlertConfig)
     wal: WalConfig = field(default_factory=WalConfig)
 
@@ -143,7 +145,8 @@ class _Reader:
 
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
-                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal"}
+                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal",
+                "retention_window_days", "retention_min_full"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb"}
@@ -231,6 +234,8 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
         backup_wal=backup_wal,
+        retention_window_days=r.integer(m, "retention_window_days", key, 30, 1, 36500),
+        retention_min_full=r.integer(m, "retention_min_full", key, 2, 1, 1000),
         alerts=AlertConfig(
             slack_conn_id=r.string(alerts_m, "slack_conn_id", f"{key}.alerts"),
             pagerduty_conn_id=r.string(alerts_m, "pagerduty_conn_id", f"{key}.alerts"),

@@ -1,0 +1,175 @@
+"""Retention: which backups and WAL the policy keeps, and deleting the rest.
+
+The plan is a pure function of the catalog, the policy and the time, and
+explains each decision. Deletion fails closed: one unreadable manifest stops
+it before anything is deleted. It never deletes the newest verified backup, a
+pinned backup, or WAL a kept backup needs; it deletes oldest first and writes
+an audit record of what it deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError
+from pgdr.lsn import parse_lsn
+from pgdr.results import JsonResult, iso, parse_iso
+
+log = logging.getLogger(__name__)
+UNFINISHED_GRACE = timedelta(days=1)
+KEEP = "keep.json"
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    window_days: int = 30
+    min_full: int = 2
+
+
+@dataclass(frozen=True)
+class CatalogItem:
+    """What the planner needs to know of one backup directory."""
+
+    label: str
+    status: str  # ok | waiting_for_wal | unfinished | unreadable
+    stop_time: datetime | None = None
+    start_lsn: str | None = None
+    pinned_until: datetime | None = None  # datetime.max: pinned with no end
+    verified_ok: bool = False
+
+
+@dataclass
+class Decision(JsonResult):
+    label: str
+    action: str  # keep | expire
+    reason: str
+
+
+@dataclass
+class RetentionPlan(JsonResult):
+    now: str
+    window_start: str
+    decisions: list = field(default_factory=list)
+    keep_wal_from_lsn: str | None = None
+
+    def expired(self) -> list[str]:
+        return [d["label"] for d in self.decisions if d["action"] == "expire"]
+
+
+def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datetime) -> RetentionPlan:
+    bad = [i.label for i in items if i.status == "unreadable"]
+    if bad:
+        raise IntegrityError(f"retention stopped before deleting anything: unreadable backup(s) {', '.join(bad)}")
+    window_start = now - timedelta(days=policy.window_days)
+    done = sorted((i for i in items if i.status == "ok"), key=lambda i: i.label)
+    reasons: dict[str, str] = {}
+    for i in done:
+        if i.stop_time >= window_start:
+            reasons[i.label] = "kept: inside the recovery window"
+    base = [i for i in done if i.stop_time < window_start]
+    if base:
+        reasons.setdefault(base[-1].label, "kept: base backup for the start of the recovery window")
+    for i in done[-policy.min_full:] if policy.min_full else []:
+        reasons.setdefault(i.label, f"kept: among the newest {policy.min_full} full backups")
+    verified = [i for i in done if i.verified_ok]
+    if verified:
+        reasons.setdefault(verified[-1].label, "kept: the newest backup that passed verification")
+    for i in done:
+        if i.pinned_until and i.pinned_until > now:
+            until = "indefinitely" if i.pinned_until == datetime.max.replace(tzinfo=now.tzinfo) \
+                else f"until {iso(i.pinned_until)}"
+            reasons.setdefault(i.label, f"kept: pinned {until}")
+    decisions = []
+    for i in sorted(items, key=lambda i: i.label):
+        if i.status == "ok":
+            if i.label in reasons:
+                decisions.append(Decision(i.label, "keep", reasons[i.label]))
+            else:
+                decisions.append(Decision(i.label, "expire", "expired: older than the recovery window's base "
+                                                             "backup and beyond the minimum count"))
+        elif i.status == "unfinished" and i.stop_time is not None and i.stop_time < now - UNFINISHED_GRACE:
+            decisions.append(Decision(i.label, "expire", "expired: unfinished leftover of a failed backup, "
+                                                         "past the grace period"))
+        else:
+            decisions.append(Decision(i.label, "keep", f"kept: {i.status} (not a retention candidate yet)"))
+    kept = [i for i in done if reasons.get(i.label)]
+    wal_from = min((i.start_lsn for i in kept), key=parse_lsn) if kept else None
+    return RetentionPlan(now=iso(now), window_start=iso(window_start), decisions=[d.to_dict() for d in decisions],
+                         keep_wal_from_lsn=wal_from)
+
+
+def catalog_items(repo) -> list[CatalogItem]:
+    from pgdr.labels import label_time
+    from pgdr.verify import last_verification
+
+    out = []
+    for e in repo.catalog():
+        if e.manifest is None:
+            status = "unfinished" if e.error and e.error.startswith("unfinished") else "unreadable"
+            out.append(CatalogItem(e.label, status, stop_time=label_time(e.label) if status == "unfinished" else None))
+            continue
+        m = e.manifest
+        pin = pinned_until(repo, m.label)
+        v = last_verification(repo, m.label)
+        out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"])))
+    return out
+
+
+def pinned_until(repo, label: str) -> datetime | None:
+    try:
+        data = json.loads(repo.storage.get_bytes(repo.key(label, KEEP)))
+    except ObjectNotFound:
+        return None
+    except ValueError as e:
+        raise IntegrityError(f"{repo.key(label, KEEP)} is unreadable: {e}") from None
+    return parse_iso(data["until"]) if data.get("until") else datetime.max.replace(tzinfo=parse_iso(data["at"]).tzinfo)
+
+
+def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run: bool) -> dict:
+    from pgdr.audit import write_audit
+    from pgdr.repository import Repository
+    from pgdr.wal import SEG_SIZE, WalArchive
+
+    repo = Repository(storage, cluster.name)
+    plan = plan_retention(catalog_items(repo), policy, now)
+    deleted_objects, wal_deleted = 0, []
+    if not dry_run:
+        for label in plan.expired():  # oldest first: labels sort by time
+            for obj in storage.list(repo.backup_prefix(label)):
+                if obj.key.endswith("/manifest.json"):
+                    continue
+                storage.delete(obj.key)
+                deleted_objects += 1
+            storage.delete(repo.key(label, "manifest.json"))  # last: the backup stops existing in one step
+            log.info("expired backup %s", label)
+        if plan.keep_wal_from_lsn:
+            archive = WalArchive(storage, cluster.name)
+            first_needed = parse_lsn(plan.keep_wal_from_lsn) // SEG_SIZE
+            for tli, segs in archive.segments().items():
+                for segno, name in segs:
+                    if segno < first_needed:
+                        for key in archive.find(name):
+                            storage.delete(key)
+                        wal_deleted.append(name)
+        write_audit(storage, cluster.name, "retention", {"plan": plan.to_dict(), "deleted_backups": plan.expired(),
+                                                        "deleted_wal_segments": wal_deleted})
+    return {"cluster": cluster.name, "dry_run": dry_run, "plan": plan.to_dict(), "deleted_backups":
+            [] if dry_run else plan.expired(), "deleted_objects": deleted_objects, "deleted_wal_segments": wal_deleted}
+
+
+def set_keep(repo, label: str, until: datetime | None, now: datetime) -> dict:
+    m = repo.resolve(label)
+    record = {"label": m.label, "at": iso(now), "until": iso(until) if until else None}
+    repo.storage.put_bytes(repo.key(m.label, KEEP), json.dumps(record).encode())
+    return record
+
+
+def clear_keep(repo, label: str) -> dict:
+    m = repo.resolve(label)
+    if not repo.storage.exists(repo.key(m.label, KEEP)):
+        raise PgdrError(f"backup {m.label} is not pinned")
+    repo.storage.delete(repo.key(m.label, KEEP))
+    return {"label": m.label, "pinned": False}

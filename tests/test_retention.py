@@ -1,0 +1,119 @@
+"""Retention: the pure planner over a synthetic 90-day catalog, and real expiry."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from pgdr.errors import IntegrityError
+from pgdr.retention import CatalogItem, RetentionPolicy, plan_retention
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+def daily(days=90, **overrides):
+    items = []
+    for d in range(days, 0, -1):
+        t = NOW - timedelta(days=d)
+        label = t.strftime("%Y%m%d-%H%M%SF")
+        items.append(CatalogItem(label, "ok", t + timedelta(minutes=5), f"0/{days + 1 - d:X}000000",
+                                 **overrides.get(label, {})))
+    return items
+
+
+def decisions(plan):
+    return {d["label"]: (d["action"], d["reason"]) for d in plan.decisions}
+
+
+def test_window_and_its_base_are_kept_everything_older_expires():
+    plan = plan_retention(daily(), RetentionPolicy(window_days=30, min_full=2), NOW)
+    d = decisions(plan)
+    kept = sorted(k for k, (a, _) in d.items() if a == "keep")
+    assert len(kept) == 31  # 30 days in the window + the base backup just before it
+    base = (NOW - timedelta(days=31)).strftime("%Y%m%d-%H%M%SF")
+    assert d[base] == ("keep", "kept: base backup for the start of the recovery window")
+    assert all(a == "expire" for k, (a, _) in d.items() if k < base)
+    assert plan.keep_wal_from_lsn == "0/3C000000"  # the base backup's (day 31's) start: WAL before it may go
+
+
+def test_minimum_count_pins_and_newest_verified_survive():
+    items = [CatalogItem("20260101-000000F", "ok", datetime(2026, 1, 1, 0, 5, tzinfo=timezone.utc), "0/1000000",
+                         pinned_until=datetime(2027, 1, 1, tzinfo=timezone.utc)),
+             CatalogItem("20260201-000000F", "ok", datetime(2026, 2, 1, 0, 5, tzinfo=timezone.utc), "0/2000000",
+                         verified_ok=True),
+             CatalogItem("20260301-000000F", "ok", datetime(2026, 3, 1, 0, 5, tzinfo=timezone.utc), "0/3000000"),
+             CatalogItem("20260401-000000F", "ok", datetime(2026, 4, 1, 0, 5, tzinfo=timezone.utc), "0/4000000"),
+             CatalogItem("20260501-000000F", "ok", datetime(2026, 5, 1, 0, 5, tzinfo=timezone.utc), "0/5000000")]
+    d = decisions(plan_retention(items, RetentionPolicy(window_days=30, min_full=2), NOW))
+    assert d["20260101-000000F"][1].startswith("kept: pinned until 2027-01-01")
+    assert d["20260201-000000F"][1] == "kept: the newest backup that passed verification"
+    assert d["20260301-000000F"][0] == "expire"
+    assert d["20260401-000000F"][1] == "kept: among the newest 2 full backups"
+    assert d["20260501-000000F"][1] == "kept: base backup for the start of the recovery window"
+
+
+def test_an_unreadable_manifest_stops_everything():
+    items = daily(40) + [CatalogItem("20260101-000000F", "unreadable")]
+    with pytest.raises(IntegrityError, match="before deleting anything: unreadable backup"):
+        plan_retention(items, RetentionPolicy(), NOW)
+
+
+def test_unfinished_leftovers_expire_after_the_grace_period():
+    items = [CatalogItem("20261120-000000F", "unfinished", datetime(2026, 11, 20, tzinfo=timezone.utc)),
+             CatalogItem("20261125-113000F", "unfinished", datetime(2026, 11, 25, 11, 30, tzinfo=timezone.utc))]
+    d = decisions(plan_retention(items, RetentionPolicy(), NOW))
+    assert d["20261120-000000F"][0] == "expire" and d["20261125-113000F"][0] == "keep"
+
+
+def test_expire_real_backups_keeps_pins_fails_closed_and_restores_still_work(pg15, workdir):
+    from datetime import datetime as dt
+
+    from helpers import pgdr, repo_snapshot, table_hashes, write_config
+    from test_backup_restore import restore_and_start, storage_of
+
+    repo = f"file://{workdir}/retention-repo"
+    config = write_config(workdir / "retention.yaml", {"app": {"dsn": pg15.dsn, "repository": repo,
+                                                               "retention_window_days": 30, "retention_min_full": 1}})
+    labels = []
+    for label in ("20261101-000000F", "20261102-000000F", "20261103-000000F"):
+        code, out, err = pgdr("--json", "backup", "--cluster", "app", "--label", label, config=config)
+        assert code == 0, err
+        labels.append(label)
+    code, pin, _ = pgdr("--json", "keep", "--cluster", "app", "--backup", labels[0], "--until", "2099-01-01",
+                        config=config)
+    assert code == 0 and pin["until"].startswith("2099-01-01")
+    later = (dt.now(timezone.utc) + timedelta(days=60)).isoformat()
+    storage = storage_of(config)
+
+    # Dry run: reasons, nothing deleted.
+    before = repo_snapshot(storage)
+    code, out, _ = pgdr("--json", "expire", "--cluster", "app", "--dry-run", "--now", later, config=config)
+    d = {x["label"]: x for x in out["plan"]["decisions"]}
+    assert code == 0 and d[labels[1]]["action"] == "expire" and d[labels[0]]["reason"].startswith("kept: pinned")
+    assert d[labels[2]]["action"] == "keep" and repo_snapshot(storage) == before
+
+    # One unreadable manifest: nothing at all is deleted.
+    key = f"app/backup/{labels[2]}/manifest.json"
+    good = storage.get_bytes(key)
+    storage.put_bytes(key, b"{not json")
+    code, out, _ = pgdr("--json", "expire", "--cluster", "app", "--now", later, config=config)
+    assert code == 1 and "before deleting anything" in out["message"]
+    storage.put_bytes(key, good)
+    assert repo_snapshot(storage) == before
+
+    code, out, _ = pgdr("--json", "expire", "--cluster", "app", "--now", later, config=config)
+    assert code == 0 and out["deleted_backups"] == [labels[1]]
+    assert storage.list(f"app/backup/{labels[1]}/") == []
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=config)
+    assert [b["label"] for b in listing["backups"]] == [labels[0], labels[2]]
+    # The oldest surviving (pinned) backup still restores.
+    expected = table_hashes(pg15)
+    restored, _ = restore_and_start(config, workdir, pg15, labels[0])
+    try:
+        assert table_hashes(restored) == expected
+    finally:
+        restored.destroy()
+    assert pgdr("--json", "unkeep", "--cluster", "app", "--backup", labels[0], config=config)[0] == 0
+    code, out, _ = pgdr("--json", "expire", "--cluster", "app", "--dry-run", "--now", later, config=config)
+    assert {x["label"]: x["action"] for x in out["plan"]["decisions"]}[labels[0]] == "expire"

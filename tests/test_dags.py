@@ -71,7 +71,8 @@ def test_dag_integrity(monkeypatch, tmp_path):
     monkeypatch.setenv("PGDR_CONFIG", str(config))
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert {"pgdr_app_backup", "pgdr_billing_backup", "pgdr_app_wal", "pgdr_app_restore", "pgdr_app_verify"} <= set(bag.dag_ids)
+    assert {"pgdr_app_backup", "pgdr_billing_backup", "pgdr_app_wal", "pgdr_app_restore", "pgdr_app_verify",
+            "pgdr_app_retention"} <= set(bag.dag_ids)
     for dag_id, dag in bag.dags.items():
         assert "pgdr" in dag.tags and dag.doc_md, dag_id
         assert dag.max_active_runs == 1 and dag.catchup is False
@@ -359,3 +360,30 @@ def test_verify_dag_passes_then_names_the_damage(airflow_db, monkeypatch, pg18, 
     assert run.state == "failed"
     code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
     assert listing["backups"][0]["verification"]["failures"][0]["object"] == key
+
+
+def test_retention_dag_is_a_dry_run_by_hand(airflow_db, monkeypatch, pg15, workdir):
+    connections(monkeypatch, pg15)
+    repo = f"file://{workdir}/retentiondag-repo"
+    config = write_config(workdir / "retentiondag.yaml", {"app": {
+        "conn_id": "pgdr_app", "repository": repo, "retention_min_full": 1, "retention_window_days": 1}})
+    cli = write_config(workdir / "retentiondag-cli.yaml", {"app": {"dsn": pg15.dsn, "repository": repo}})
+    for label in ("20261001-000000F", "20261002-000000F"):
+        assert pgdr("--json", "backup", "--cluster", "app", "--label", label, config=cli)[0] == 0
+    dag = load_dag_module(monkeypatch, config, "pgdr_retention").pgdr_app_retention
+    assert dag.get_task("expire").retries >= 2
+    run = dag.test()
+    assert run.state == "success"
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
+    assert len(listing["backups"]) == 2  # by hand: nothing deleted
+    # (Both backups ended minutes ago, inside even a 1-day window: a real run keeps them too.)
+    run = dag.test(run_conf={"dry_run": False})
+    assert run.state == "success"
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
+    assert len(listing["backups"]) == 2
+    from pgdr.audit import read_audit
+    from pgdr.config import RepositoryConfig
+    from pgdr.storage import open_storage
+
+    (audit,) = read_audit(open_storage(RepositoryConfig(url=repo)), "app", "retention")
+    assert audit["deleted_backups"] == []

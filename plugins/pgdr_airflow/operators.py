@@ -261,3 +261,34 @@ class PgdrVerifyOperator(PgdrOperator):
             problems += [f"{f['object']}: {f['check']}" for f in (report.wal or {}).get("failures", [])]
             raise PgdrError(f"cluster '{self.cluster}': verification failed: " + "; ".join(problems[:10]))
         return report.to_dict()
+
+
+class PgdrExpireOperator(PgdrOperator):
+    """Applies the retention policy. Manual runs are dry runs unless the form says otherwise."""
+
+    template_fields = ("dry_run",)
+
+    def __init__(self, *, dry_run=None, **kwargs):
+        super().__init__(**kwargs)
+        self.dry_run = dry_run
+
+    def execute(self, context):
+        from datetime import datetime, timezone
+
+        from pgdr.retention import RetentionPolicy, run_expire
+
+        dry = self.dry_run
+        if dry in (None, "", "None"):
+            dry = "manual" in str(context["dag_run"].run_type).lower()
+        elif isinstance(dry, str):
+            dry = dry.lower() == "true"
+        cluster = self.hook.cluster
+        result = run_expire(cluster, self.hook.storage(),
+                            RetentionPolicy(cluster.retention_window_days, cluster.retention_min_full),
+                            datetime.now(timezone.utc), dry)
+        for d in result["plan"]["decisions"]:
+            self.log.info("%s %s: %s", "would expire" if dry and d["action"] == "expire" else d["action"],
+                          d["label"], d["reason"])
+        self.log.info("%s: %d backups expired, %d WAL segments deleted", "DRY RUN" if dry else "retention",
+                      len(result["deleted_backups"]), len(result["deleted_wal_segments"]))
+        return result

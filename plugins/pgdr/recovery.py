@@ -165,7 +165,7 @@ def plan_recovery(backups: list[BackupManifest], archive: WalArchive, target: Re
                     to_tli = chosen.timeline  # a sibling timeline: PostgreSQL will stay on the backup's
             except PgdrError as e:
                 raise RestoreRefused(f"target timeline {to_tli}: {e}") from None
-        archived = archive.newest_lsn_on(to_tli) if to_tli != chosen.timeline else archived
+        archived = archive.newest_lsn(to_tli) if to_tli != chosen.timeline else archived
     end = parse_lsn(target.value) if target and target.kind == "lsn" else archived
     wal_to = None
     if target is not None and target.kind != "immediate" and end is not None and end > stop:

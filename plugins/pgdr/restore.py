@@ -98,15 +98,15 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     target = Path(pgdata).absolute()
     owner = run_as or cluster.run_as
     repo = Repository(storage, cluster.name)
-    plan = None
-    if recovery_target is None and label_needs_archive(repo, label):
-        # WAL was not embedded: even "the end of the backup" is reached by replaying archived WAL.
-        recovery_target = RecoveryTarget("immediate", action="promote")
+    plan = manifest = None
+    if recovery_target is None and not dry_run:
+        manifest = repo.resolve(label)
+        if not manifest.wal_included:
+            # WAL was not embedded: even "the end of the backup" is reached by replaying archived WAL.
+            recovery_target = RecoveryTarget("immediate", action="promote")
     if recovery_target is not None or dry_run:
         archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
         manifest, plan = plan_recovery(repo.backups(), archive, recovery_target, label)
-    else:
-        manifest = repo.resolve(label)
     check_target(target)
     if dry_run:
         log.info("dry run: would restore backup %s into %s%s", manifest.label, target,
@@ -173,13 +173,6 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
              manifest.label, target, result.parts_verified, verify, result.duration_seconds,
              f", server started on port {port}" if started else "")
     return result
-
-
-def label_needs_archive(repo: Repository, label: str) -> bool:
-    try:
-        return not repo.resolve(label).wal_included
-    except PgdrError:
-        return False
 
 
 def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:

@@ -333,16 +333,14 @@ class WalArchive:
         names = {self._parse_key(o.key)[0] for o in self.storage.list(self.prefix + "history/")}
         return sorted(n for n in names if n.endswith(".history"))
 
-    def newest_lsn(self) -> int | None:
-        """The newest LSN safely in the archive: end of the newest segment, or a newer partial's safe LSN."""
-        best = None
-        for tli, segs in self.segments().items():
-            end = (segs[-1][0] + 1) * SEG_SIZE
-            best = end if best is None else max(best, end)
-        for p in self.partials():
-            lsn = parse_lsn(p["safe_lsn"])
-            best = lsn if best is None else max(best, lsn)
-        return best
+    def newest_lsn(self, tli: int | None = None) -> int | None:
+        """The newest LSN safely in the archive (on ``tli`` when given): the end of the newest
+        segment, or a newer partial's safe LSN."""
+        ends = [(segs[-1][0] + 1) * SEG_SIZE for t, segs in self.segments().items()
+                if segs and (tli is None or t == tli)]
+        ends += [parse_lsn(p["safe_lsn"]) for p in self.partials()
+                 if tli is None or p["name"][:8] == f"{tli:08X}"]
+        return max(ends, default=None)
 
     def check(self, from_lsn: int | None = None, from_tli: int | None = None) -> WalCheckReport:
         """Archived ranges per timeline, and every gap from ``from_lsn`` (oldest backup start) on."""
@@ -414,15 +412,6 @@ class WalArchive:
             if lsn >= end_lsn:
                 break
         return missing
-
-    def newest_lsn_on(self, tli: int) -> int | None:
-        segs = self.segments().get(tli)
-        best = (segs[-1][0] + 1) * SEG_SIZE if segs else None
-        for p in self.partials():
-            if p["name"][:8] == f"{tli:08X}":
-                lsn = parse_lsn(p["safe_lsn"])
-                best = lsn if best is None else max(best, lsn)
-        return best
 
     def missing_between(self, tli: int, start_lsn: int, end_lsn: int) -> list[str]:
         """Segment names on ``tli`` needed to replay from start_lsn to end_lsn that are not archived."""

@@ -89,6 +89,7 @@ class WalStreamer:
         self.slot = slot_name(cluster.name)
         self.archived = self.already = self.partials = 0
         self._last_partial: tuple | None = None
+        self._progress: int | None = None  # newest LSN known to be in the archive
         self._uploaded_partial: str | None = None
 
     def ensure_slot(self, bins) -> SlotInfo:
@@ -126,7 +127,12 @@ class WalStreamer:
                 newest = max(newest or 0, (segno + 1) * SEG_SIZE)
             path.unlink()
         if newest is not None:
-            self.archive.note_progress(max(newest, self.archive.newest_lsn() or 0))
+            self._note_progress(newest)
+
+    def _note_progress(self, lsn: int) -> None:
+        """Record the archive's reach; it never moves backwards (a partial may trail a finished segment)."""
+        self._progress = max(lsn, self._progress or 0)
+        self.archive.note_progress(self._progress)
 
     def upload_partial(self, force: bool = False) -> None:
         partial = sorted(self.spool.glob("*.partial"))
@@ -142,7 +148,7 @@ class WalStreamer:
         info = slot_info(self.conn, self.slot)
         safe = parse_lsn(info.restart_lsn) if info.restart_lsn else 0
         self.archive.push_partial(path, safe)
-        self.archive.note_progress(max(safe, self.archive.newest_lsn() or 0))
+        self._note_progress(safe)
         self._last_partial = state
         self.partials += 1
 
@@ -151,6 +157,7 @@ class WalStreamer:
         bins = find_bin_dir(info.major, self.cluster.pg_bin_dir, tool="pg_receivewal")
         self.archive._check_identity(info.system_identifier)
         self.ensure_slot(bins)
+        self._progress = self.archive.newest_lsn()  # one listing here, none per upload
         self.spool.mkdir(parents=True, exist_ok=True)
         started = utcnow()
         self.sweep()  # whatever an earlier run left behind

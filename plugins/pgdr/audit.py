@@ -16,7 +16,7 @@ def write_audit(storage: Storage, cluster: str, kind: str, record: dict) -> str:
     now = utcnow()
     key = f"{cluster}/reports/{kind}/{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}.json"
     storage.put_bytes(key, json.dumps({"kind": kind, "cluster": cluster, "recorded_at": iso(now), **record},
-                                      indent=2, default=str).encode())
+                                      indent=2, default=str).encode(), lock=True)
     return key
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pgdr.compression import SUFFIX, compress_stream
 from pgdr.config import ClusterConfig
+from pgdr.crypto import CIPHER, seal
 from pgdr.errors import LockedError, PgdrError, PostgresError
 from pgdr.labels import check_label, make_label
 from pgdr.lock import ClusterLock
@@ -151,6 +152,9 @@ def _wait_for_archived_wal(cluster, storage, manifest: BackupManifest, timeout: 
 
 
 def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -> BackupManifest:
+    # One random data key for the whole backup, wrapped by the keyring's newest master key;
+    # asked for before pg_basebackup starts, so a missing key fails fast.
+    data_key = storage.keyring.new_data_key() if storage.encrypt else None
     cmd = basebackup_command(bins, conn, cluster, label)
     suffix = SUFFIX[cluster.compression]
     start = utcnow()
@@ -178,10 +182,12 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
                         state["raw"] += len(data)
                         yield data
 
-                name = f"base.tar.{len(files):05d}{suffix}"
+                name = f"base.tar.{len(files):05d}{suffix}{'.enc' if data_key else ''}"
                 key = repo.key(label, name)
-                storage.put_stream(key, stored.tap(compress_stream(raw_chunks(), cluster.compression,
-                                                                   cluster.compression_level)))
+                body = compress_stream(raw_chunks(), cluster.compression, cluster.compression_level)
+                if data_key:
+                    body = seal(body, data_key)
+                storage.put_stream(key, stored.tap(body), lock=True)
                 eof = state["eof"]
                 if state["raw"] == 0 and files:
                     storage.delete(key)  # the stream ended exactly on a part boundary
@@ -203,7 +209,8 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
     pg_manifest = watcher.captured.get("backup_manifest")
     if not pg_manifest:
         raise PgdrError("pg_basebackup produced no backup_manifest; PostgreSQL 13 or newer is required")
-    storage.put_bytes(repo.key(label, "backup_manifest"), pg_manifest)
+    storage.put_bytes(repo.key(label, "backup_manifest.enc" if data_key else "backup_manifest"),
+                      b"".join(seal([pg_manifest], data_key)) if data_key else pg_manifest, lock=True)
     ranges = json.loads(pg_manifest)["WAL-Ranges"]
     first = min(ranges, key=lambda r: parse_lsn(r["Start-LSN"]))
     last = max(ranges, key=lambda r: parse_lsn(r["End-LSN"]))
@@ -218,4 +225,5 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
         files=files, pg_file_count=watcher.members,
         size=sum(f.size for f in files), stored_size=sum(f.stored_size for f in files),
         wal_included=cluster.backup_wal == "embed", databases=list(info.databases),
+        encryption={"cipher": CIPHER, "key_id": data_key.key_id} if data_key else None,
     )

@@ -23,6 +23,7 @@ class BackupSummary(JsonResult):
     stored_size: int | None = None
     detail: str | None = None
     verification: dict | None = None  # the last `pgdr verify` result: verified_at, ok, failures
+    key_id: str | None = None  # the master key that opens it, when encrypted
 
 
 @dataclass
@@ -43,7 +44,7 @@ def list_backups(repo: Repository) -> CatalogReport:
         out.append(BackupSummary(
             label=m.label, status=m.status, type=m.type, pg_version=m.pg_version_text, timeline=m.timeline,
             start_lsn=m.start_lsn, stop_lsn=m.stop_lsn, start_time=m.start_time, stop_time=m.stop_time,
-            size=m.size, stored_size=m.stored_size, verification=_verification(repo, m.label)))
+            size=m.size, stored_size=m.stored_size, verification=_verification(repo, m.label), key_id=m.key_id))
     return CatalogReport(cluster=repo.cluster, repository=repo.storage.describe(), backups=out)
 
 

@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from pgdr import __version__
 from pgdr.errors import PgdrError, UsageError
+from pgdr.results import JsonResult
 
 log = logging.getLogger("pgdr")
 
@@ -38,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--cluster", required=True, help="cluster name from the configuration")
         return sp
 
+    kg = sub.add_parser("keygen", parents=[common], help="print a new master key entry for the keyring",
+                        description="Print 'id:base64key', a new random 256-bit master key. Append it to the "
+                                    "keyring ($PGDR_KEYRING or the Airflow connection) to rotate: new backups use "
+                                    "the last key listed; keep old keys while backups need them.")
+    kg.add_argument("--id", required=True, help="the key's id, recorded in every object it encrypts (like 2026-11)")
     cmd("check", "check that the cluster and repository are ready for backups")
     b = cmd("backup", "take a full physical backup into the repository")
     b.add_argument("--label", help="backup label (default: now, like 20261125-020000F); reusing a committed label "
@@ -109,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class KeygenResult(JsonResult):
+    key_id: str
+    entry: str  # id:base64key, as the keyring lists it
+
+
 def _context(args):
     from pgdr.config import load_config
     from pgdr.postgres import ConnInfo
@@ -120,6 +133,10 @@ def _context(args):
 
 
 def run(args) -> object:
+    if args.command == "keygen":
+        from pgdr.crypto import generate_key
+
+        return KeygenResult(args.id, generate_key(args.id))
     cluster, conn, storage = _context(args)
     if args.command == "check":
         from pgdr.check import run_check
@@ -281,6 +298,8 @@ def _human(result) -> str:
     from pgdr.check import CheckReport
     from pgdr.wal import WalFetchResult, WalPushResult
 
+    if isinstance(result, KeygenResult):
+        return result.entry
     if isinstance(result, (WalFetchResult, WalPushResult)):
         return ""  # archive_command / restore_command: the log line on stderr says it all
     if isinstance(result, CheckReport):

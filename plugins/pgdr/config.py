@@ -33,6 +33,22 @@ def config_path(explicit: str | os.PathLike | None = None) -> Path:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """Client-side AES-256-GCM; the keyring comes from ``key_env`` or, under Airflow, ``conn_id``."""
+
+    key_env: str = "PGDR_KEYRING"
+    conn_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectLockConfig:
+    """S3 Object Lock retention pgdr puts on every backup, WAL and report object it writes."""
+
+    mode: str = "GOVERNANCE"  # or COMPLIANCE
+    days: int = 37  # at least the retention window plus a backup interval: an object's planned expiry
+
+
+@dataclass(frozen=True)
 class RepositoryConfig:
     url: str
     endpoint_url: str | None = None
@@ -41,6 +57,8 @@ class RepositoryConfig:
     sse: str | None = None
     kms_key_id: str | None = None
     part_size_mb: int = 64
+    encryption: EncryptionConfig | None = None
+    object_lock: ObjectLockConfig | None = None
 
     @property
     def kind(self) -> str:
@@ -149,7 +167,11 @@ CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_leve
                 "retention_window_days", "retention_min_full"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
-REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb"}
+REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
+             "object_lock"}
+ENCRYPTION_KEYS = {"key_env", "conn_id"}
+LOCK_KEYS = {"mode", "days"}
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
 
 
@@ -220,10 +242,11 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     severity = r.string(alerts_m, "severity", f"{key}.alerts", "critical")
     if severity not in ("critical", "error", "warning", "info"):
         r.fail(f"{key}.alerts.severity", "must be critical, error, warning or info")
+    window = r.integer(m, "retention_window_days", key, 30, 1, 36500)
     return ClusterConfig(
         wal=_wal(r, m.get("wal") or {}, f"{key}.wal"),
         name=name,
-        repository=_repository(r, m.get("repository"), f"{key}.repository"),
+        repository=_repository(r, m.get("repository"), f"{key}.repository", window),
         conn_id=r.string(m, "conn_id", key),
         dsn=dsn,
         compression=compression,
@@ -234,7 +257,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
         backup_wal=backup_wal,
-        retention_window_days=r.integer(m, "retention_window_days", key, 30, 1, 36500),
+        retention_window_days=window,
         retention_min_full=r.integer(m, "retention_min_full", key, 2, 1, 1000),
         alerts=AlertConfig(
             slack_conn_id=r.string(alerts_m, "slack_conn_id", f"{key}.alerts"),
@@ -262,7 +285,33 @@ def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
     )
 
 
-def _repository(r: _Reader, raw, key: str) -> RepositoryConfig:
+def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:
+    if raw is None or raw is False:
+        return None
+    m = r.mapping({} if raw is True else raw, key, ENCRYPTION_KEYS)
+    env = r.string(m, "key_env", key, "PGDR_KEYRING")
+    if not ENV_NAME.match(env):
+        r.fail(f"{key}.key_env", f"must name an environment variable (like PGDR_KEYRING), got {env!r}")
+    return EncryptionConfig(key_env=env, conn_id=r.string(m, "conn_id", key))
+
+
+def _object_lock(r: _Reader, raw, key: str, url: str, window_days: int) -> ObjectLockConfig | None:
+    if raw is None or raw is False:
+        return None
+    if not url.startswith("s3://"):
+        r.fail(key, "S3 Object Lock needs an s3:// repository")
+    m = r.mapping({} if raw is True else raw, key, LOCK_KEYS)
+    mode = r.string(m, "mode", key, "GOVERNANCE")
+    if mode not in ("GOVERNANCE", "COMPLIANCE"):
+        r.fail(f"{key}.mode", f"must be GOVERNANCE or COMPLIANCE, got {mode!r}")
+    days = r.integer(m, "days", key, window_days + 7, 1, 36500)
+    if days < window_days:
+        r.fail(f"{key}.days", f"{days} is shorter than retention_window_days ({window_days}): objects the window "
+               "needs would lose their lock")
+    return ObjectLockConfig(mode=mode, days=days)
+
+
+def _repository(r: _Reader, raw, key: str, window_days: int = 30) -> RepositoryConfig:
     if isinstance(raw, str):
         raw = {"url": raw}
     if raw is None:
@@ -291,4 +340,6 @@ def _repository(r: _Reader, raw, key: str) -> RepositoryConfig:
         sse=sse,
         kms_key_id=kms,
         part_size_mb=r.integer(m, "part_size_mb", key, 64, 5, 5120),
+        encryption=_encryption(r, m.get("encryption"), f"{key}.encryption"),
+        object_lock=_object_lock(r, m.get("object_lock"), f"{key}.object_lock", url, window_days),
     )

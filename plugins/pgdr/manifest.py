@@ -50,6 +50,7 @@ class BackupManifest(JsonResult):
     stored_size: int = 0
     wal_included: bool = True
     databases: list[str] = field(default_factory=list)
+    encryption: dict | None = None  # {"cipher": "aes-256-gcm", "key_id": ...} when the parts are sealed
     format_version: int = FORMAT_VERSION
     tool: str = "pgdr"
     tool_version: str = __version__
@@ -57,6 +58,10 @@ class BackupManifest(JsonResult):
     @property
     def pg_major(self) -> int:
         return self.pg_version // 10000
+
+    @property
+    def key_id(self) -> str | None:
+        return (self.encryption or {}).get("key_id")
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

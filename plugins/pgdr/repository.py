@@ -4,6 +4,7 @@
     <cluster>/lock.json                        held while a backup runs
     <cluster>/backup/<label>/base.tar.NNNNN.zst   the pg_basebackup tar stream, in parts
     <cluster>/backup/<label>/backup_manifest   PostgreSQL's own manifest, as produced
+                                               (parts and backup_manifest end in .enc when encrypted)
     <cluster>/backup/<label>/manifest.json     pgdr's manifest: written last, the commit point
     <cluster>/wal/                             archived WAL (continuous archiving)
     <cluster>/reports/                         verification and drill reports
@@ -124,7 +125,7 @@ class Repository:
         return m
 
     def commit(self, manifest: BackupManifest) -> None:
-        self.storage.put_bytes(self.key(manifest.label, MANIFEST), manifest.to_json().encode())
+        self.storage.put_bytes(self.key(manifest.label, MANIFEST), manifest.to_json().encode(), lock=True)
 
     def remove_unfinished(self, label: str) -> int:
         """Delete the objects of an unfinished backup with this label; manifest-less only."""

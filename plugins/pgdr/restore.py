@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pgdr.compression import decompress_stream
 from pgdr.config import ClusterConfig
+from pgdr.crypto import DEFAULT_ENV, check_key, unseal
 from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
 from pgdr.lock import pid_alive
 from pgdr.manifest import BackupManifest
@@ -125,6 +126,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     log.info("restoring backup %s of cluster %s (PostgreSQL %s, %.1f MB) from %s into %s",
              manifest.label, cluster.name, manifest.pg_version_text, manifest.size / 1e6,
              storage.describe(), target)
+    require_key(repo, manifest)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -145,7 +147,8 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     if start:
         user = owner if uid_gid else None
         bins = reachable_by(server_bins, user)
-        _start(bins, target, port, socket_dir, user, wait=recovery_target is None, keep_archiving=keep_archiving)
+        _start(bins, target, port, socket_dir, user, wait=recovery_target is None, keep_archiving=keep_archiving,
+               env=_server_env(cluster, storage))
         started = True
         if recovery_target is not None:
             outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
@@ -175,6 +178,19 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     return result
 
 
+def require_key(repo: Repository, manifest: BackupManifest) -> None:
+    """Before anything is written: the keyring must open this backup's data key (names the key id if not)."""
+    if not manifest.encryption or not manifest.files:
+        return
+    key = repo.key(manifest.label, manifest.files[0].name)
+    stream = repo.storage.get_stream(key, chunk_size=4096)
+    try:
+        head = next(stream, b"")
+    finally:
+        stream.close()
+    check_key(head, repo.storage.keyring, f"backup {manifest.label} ({key})")
+
+
 def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
     """Three stages in step: read and hash | decompress | write files."""
     extractor = TarExtractor(target)
@@ -183,7 +199,8 @@ def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
             key = repo.key(manifest.label, f.name)
             stored = Digest()
             fetched = Prefetch(stored.tap(repo.storage.get_stream(key)))
-            unpacked = Prefetch(decompress_stream(fetched, manifest.compression, name=key))
+            body = unseal(fetched, repo.storage.keyring, key) if manifest.encryption else fetched
+            unpacked = Prefetch(decompress_stream(body, manifest.compression, name=key))
             size = 0
             try:
                 for chunk in unpacked:
@@ -258,8 +275,17 @@ def _running_check(target: Path):
     return running
 
 
+def _server_env(cluster: ClusterConfig, storage: Storage) -> dict | None:
+    """The restored server's environment: its restore_command (pgdr wal-fetch) needs the keyring to open
+    encrypted WAL. It lives in the server's environment only, never in a file of the data directory."""
+    if not storage.keyring:
+        return None
+    enc = cluster.repository.encryption
+    return {**os.environ, (enc.key_env if enc else DEFAULT_ENV): storage.keyring.serialize()}
+
+
 def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True,
-           keep_archiving: bool = False) -> None:
+           keep_archiving: bool = False, env: dict | None = None) -> None:
     if not (target / "postgresql.conf").exists():
         # Debian keeps postgresql.conf in /etc; give the restored cluster a minimal one.
         (target / "postgresql.conf").write_text("# written by pgdr restore: the backup held no postgresql.conf\n")
@@ -275,7 +301,7 @@ def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | No
     log_file = target / "pgdr-restore-start.log"
     cmd = as_user([bins.tool("pg_ctl"), "-D", str(target), "-w" if wait else "-W", "-t", "300", "-l", str(log_file),
                    "-o", opts, "start"], user)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else proc.stderr
         raise PgdrError(f"{target} is restored and verified, but the server did not start "

@@ -135,15 +135,27 @@ def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run
 
     repo = Repository(storage, cluster.name)
     plan = plan_retention(catalog_items(repo), policy, now)
-    deleted_objects, wal_deleted = 0, []
+    deleted_objects, wal_deleted, deleted_backups, locked_backups = 0, [], [], []
+    locked_wal: list[str] = []
+    locked_wal_until = None
     if not dry_run:
         for label in plan.expired():  # oldest first: labels sort by time
-            for obj in storage.list(repo.backup_prefix(label)):
+            objs = storage.list(repo.backup_prefix(label))
+            held = _still_locked(storage, [o.key for o in objs])
+            if held:
+                # Deleting around a lock would leave a backup with holes; it goes when its last lock ends.
+                until = max(r.until for r in held.values())
+                locked_backups.append({"label": label, "locked_objects": len(held), "locked_until": iso(until)})
+                log.warning("backup %s is expired but %d of its objects are under Object Lock until %s; "
+                            "skipped (a later run deletes it)", label, len(held), iso(until))
+                continue
+            for obj in objs:
                 if obj.key.endswith("/manifest.json"):
                     continue
                 storage.delete(obj.key)
                 deleted_objects += 1
             storage.delete(repo.key(label, "manifest.json"))  # last: the backup stops existing in one step
+            deleted_backups.append(label)
             log.info("expired backup %s", label)
         if plan.keep_wal_from_lsn:
             archive = WalArchive(storage, cluster.name)
@@ -151,13 +163,42 @@ def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run
             for tli, segs in archive.segments().items():
                 for segno, name in segs:
                     if segno < first_needed:
-                        for key in archive.find(name):
+                        keys = archive.find(name)
+                        held = _still_locked(storage, keys)
+                        if held:
+                            locked_wal.append(name)
+                            until = max(r.until for r in held.values())
+                            locked_wal_until = max(locked_wal_until or until, until)
+                            continue
+                        for key in keys:
                             storage.delete(key)
                         wal_deleted.append(name)
-        write_audit(storage, cluster.name, "retention", {"plan": plan.to_dict(), "deleted_backups": plan.expired(),
-                                                        "deleted_wal_segments": wal_deleted})
-    return {"cluster": cluster.name, "dry_run": dry_run, "plan": plan.to_dict(), "deleted_backups":
-            [] if dry_run else plan.expired(), "deleted_objects": deleted_objects, "deleted_wal_segments": wal_deleted}
+        if locked_wal:
+            log.warning("%d expired WAL segments are under Object Lock (until %s at the latest); skipped",
+                        len(locked_wal), iso(locked_wal_until))
+        write_audit(storage, cluster.name, "retention", {
+            "plan": plan.to_dict(), "deleted_backups": deleted_backups, "deleted_wal_segments": wal_deleted,
+            "skipped_locked_backups": locked_backups, "skipped_locked_wal_segments": locked_wal})
+    return {"cluster": cluster.name, "dry_run": dry_run, "plan": plan.to_dict(), "deleted_backups": deleted_backups,
+            "deleted_objects": deleted_objects, "deleted_wal_segments": wal_deleted,
+            "skipped_locked_backups": locked_backups, "skipped_locked_wal_segments": locked_wal,
+            "locked_wal_until": iso(locked_wal_until) if locked_wal_until else None}
+
+
+def _still_locked(storage, keys: list[str]) -> dict:
+    """{key: Retention} of the objects whose Object Lock has not ended yet (by the wall clock:
+    the store enforces real time, whatever ``now`` the plan was made for)."""
+    if storage.object_lock is None:
+        return {}
+    from datetime import timezone
+
+    wall = datetime.now(timezone.utc)
+    out = {}
+    for key in keys:
+        r = storage.retention(key)
+        if r is not None and r.active(wall):
+            out[key] = r
+    return out
 
 
 def set_keep(repo, label: str, until: datetime | None, now: datetime) -> dict:

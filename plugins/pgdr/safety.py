@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.compression import SUFFIX, compress_stream
+from pgdr.crypto import seal
 from pgdr.errors import PgdrError
 from pgdr.lock import pid_alive
 from pgdr.pgbin import as_user, find_bin_dir
@@ -47,6 +48,7 @@ def _running_pid(pgdata: Path) -> int | None:
 def take_safety_backup(storage: Storage, cluster: str, pgdata: Path, owner: str | None,
                        pg_bin_dir: str | None = None, compression: str = "zstd", level: int = 3) -> SafetyBackup:
     pgdata = Path(pgdata)
+    data_key = storage.keyring.new_data_key() if storage.encrypt else None  # fails before anything is stopped
     stopped = False
     if _running_pid(pgdata):
         major = int((pgdata / "PG_VERSION").read_text().strip())
@@ -58,13 +60,15 @@ def take_safety_backup(storage: Storage, cluster: str, pgdata: Path, owner: str 
         if proc.returncode != 0:
             raise PgdrError(f"cannot stop the server in {pgdata}: {proc.stderr.strip()}")
         stopped = True
-    key = f"{cluster}/safety/{utcnow().strftime('%Y%m%dT%H%M%SZ')}-{pgdata.name}.tar{SUFFIX[compression]}"
+    key = (f"{cluster}/safety/{utcnow().strftime('%Y%m%dT%H%M%SZ')}-{pgdata.name}.tar{SUFFIX[compression]}"
+           f"{'.enc' if data_key else ''}")
     raw, stored = Digest(), Digest()
     with tempfile.TemporaryFile() as errfile:
         tar = subprocess.Popen(["tar", "-c", "-f", "-", "-C", str(pgdata), "."], stdout=subprocess.PIPE,
                                stderr=errfile)
         try:
-            storage.put_stream(key, stored.tap(compress_stream(raw.tap(read_pipe(tar.stdout)), compression, level)))
+            body = compress_stream(raw.tap(read_pipe(tar.stdout)), compression, level)
+            storage.put_stream(key, stored.tap(seal(body, data_key) if data_key else body), lock=True)
         finally:
             rc = tar.wait()
         if rc != 0:

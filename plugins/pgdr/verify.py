@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pgdr import __version__
 from pgdr.compression import decompress_stream
+from pgdr.crypto import KeyUnavailable, unseal
 from pgdr.errors import ObjectNotFound, PgdrError
 from pgdr.lsn import parse_lsn
 from pgdr.manifest import BackupManifest
@@ -66,9 +67,32 @@ class VerifyReport(JsonResult):
     wal: dict | None = None
 
 
+def check_lock(storage, key: str, since, failures: list) -> None:
+    """Where Object Lock is configured: the object must be retained until ``since`` + the configured days."""
+    from datetime import timedelta
+
+    lock = storage.object_lock
+    if lock is None:
+        return
+    r = storage.retention(key)
+    want = since + timedelta(days=lock.days) - timedelta(minutes=10)  # the write came a little after ``since``
+    if r is None or r.until is None:
+        failures.append(VerifyFailure(key, "object_lock", f"not locked; the config asks for {lock.mode} retention "
+                                      f"of {lock.days} days (anyone with write access can delete it)"))
+    elif r.until < want:
+        failures.append(VerifyFailure(key, "object_lock", f"retained only until {iso(r.until)}, "
+                                      f"before its planned expiry {iso(want)}"))
+    elif r.mode != lock.mode:
+        failures.append(VerifyFailure(key, "object_lock", f"lock mode {r.mode}, the config asks for {lock.mode}"))
+
+
 def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = None,
                   pg_verify: bool = True) -> BackupVerification:
+    from pgdr.results import parse_iso
+    from pgdr.restore import require_key
+
     failures: list[VerifyFailure] = []
+    require_key(repo, m)  # a missing or wrong key stops here, naming the key id
     stored = {o.key: o.size for o in repo.storage.list(repo.backup_prefix(m.label))}
     read = 0
     for f in m.files:
@@ -86,16 +110,30 @@ def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = 
                 digest.update(c)
                 read += len(c)
                 yield c
+        check_lock(repo.storage, key, parse_iso(m.start_time), failures)
+
+        def opened(chunks):
+            try:
+                yield from unseal(chunks, repo.storage.keyring, key)
+            except PgdrError as e:
+                e.check = "decrypt"
+                raise
         try:
-            for chunk in decompress_stream(tap(repo.storage.get_stream(key)), m.compression, name=key):
+            body = tap(repo.storage.get_stream(key))
+            for chunk in decompress_stream(opened(body) if m.encryption else body, m.compression, name=key):
                 size += len(chunk)
+        except KeyUnavailable:
+            raise
         except PgdrError as e:
-            failures.append(VerifyFailure(key, "decompress", str(e)))
+            failures.append(VerifyFailure(key, getattr(e, "check", "decompress"), str(e)))
             continue
         if digest.hexdigest() != f.sha256:
             failures.append(VerifyFailure(key, "sha256", f"{digest.hexdigest()} stored, the manifest says {f.sha256}"))
         elif size != f.size:
             failures.append(VerifyFailure(key, "content_size", f"decompresses to {size} bytes, not {f.size}"))
+    from pgdr.repository import MANIFEST
+
+    check_lock(repo.storage, repo.key(m.label, MANIFEST), parse_iso(m.start_time), failures)
     pg_result = "skipped"
     if pg_verify and not failures:
         pg_result = _pg_verify_scratch(repo, m, pg_bin_dir, failures)
@@ -146,11 +184,19 @@ def verify_wal(archive: WalArchive, backups: list[BackupManifest], incremental: 
             if name <= through.get(str(tli), ""):
                 continue
             try:
-                data, _, _ = archive.read(name, allow_partial=False)
+                data, _, key = archive.read(name, allow_partial=False)
                 read += len(data)
                 checked += 1
+            except KeyUnavailable:
+                raise
             except PgdrError as e:
                 failures.append(VerifyFailure(name, "segment", str(e)).to_dict())
+                continue
+            if archive.storage.object_lock is not None:
+                r = archive.storage.retention(key)
+                if r is None or r.until is None:
+                    failures.append(VerifyFailure(key, "object_lock", "not locked; the config asks for "
+                                                  f"{archive.storage.object_lock.mode} retention").to_dict())
     if backups:
         oldest = backups[0]
         tli = oldest.timeline

@@ -6,6 +6,9 @@ newest partial segment, each stored once, compressed, with its SHA-256.
     <cluster>/wal/<TLI>/<SEGMENT>.partial.json       how far that partial is known good (LSN, time)
     <cluster>/wal/history/<TLI>.history.<sha256>     timeline history
 
+In an encrypted repository each object name ends in ``.enc`` and the object is
+sealed (pgdr.crypto) with its own data key.
+
 The SHA-256 (of the uncompressed content) is part of the object's name, so a
 fetch verifies what it got without reading anything else, and a second push of
 the same segment can tell "same content" (fine) from "different content"
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgdr.compression import SUFFIX, compress_stream, decompress_stream
+from pgdr.crypto import seal, unseal
 from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, RepositoryError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
 from pgdr.repository import Repository
@@ -37,7 +41,8 @@ log = logging.getLogger(__name__)
 SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 PROMOTED_PARTIAL = re.compile(r"^[0-9A-F]{24}\.partial$")  # the old timeline's last segment, after a promotion
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$|^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")  # timeline / backup history
-ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<ext>[a-z0-9]+))?$")
+ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<ext>zst|lz4|gz))?(?P<enc>\.enc)?$")
+ENC = ".enc"
 SEG_SIZE = 16 * 1024 * 1024
 XLOG_PAGE_MAGIC_OFFSET = 0
 SYSID_OFFSET = 24  # XLogLongPageHeaderData.xlp_sysid
@@ -145,7 +150,20 @@ class WalArchive:
         return f"{self.prefix}history/" if HISTORY.match(name) else f"{self.prefix}{name[:8]}/"
 
     def _suffix(self, compression: str | None = None) -> str:
-        return SUFFIX[compression or self.compression]
+        return SUFFIX[compression or self.compression] + (ENC if self.storage.encrypt else "")
+
+    def _pack(self, data: bytes):
+        """The stored form of WAL content: compressed, then sealed with a fresh data key when encrypting."""
+        body = compress_stream([data], self.compression, self.level)
+        return seal(body, self.storage.keyring.new_data_key()) if self.storage.encrypt else body
+
+    def _unpack(self, key: str) -> bytes:
+        body = self.storage.get_stream(key)
+        if key.endswith(ENC):
+            body = unseal(body, self.storage.keyring, key)
+            key = key[: -len(ENC)]
+        comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(key.rsplit(".", 1)[-1], "none")
+        return b"".join(decompress_stream(body, comp, name=key))
 
     def find(self, name: str) -> list[str]:
         """Keys of the archived copies of a completed segment or history file (normally one)."""
@@ -204,7 +222,7 @@ class WalArchive:
                 "Two servers may be archiving into one repository, or a restored cluster is pushing "
                 "into the original's archive")
         key = f"{self._dir(name)}{name}.{sha}{self._suffix()}"
-        stored = self.storage.put_stream(key, compress_stream([data], self.compression, self.level))
+        stored = self.storage.put_stream(key, self._pack(data), lock=True)
         log.info("archived %s (%.1f MB -> %.1f MB)", name, len(data) / 1e6, stored / 1e6)
         return WalPushResult(self.cluster, name, "archived", len(data), stored, sha, key)
 
@@ -215,7 +233,7 @@ class WalArchive:
         check_wal_name(name)
         data = path.read_bytes()
         key = f"{self._dir(name)}{name}.partial{self._suffix()}"
-        self.storage.put_stream(key, compress_stream([data], self.compression, self.level))
+        self.storage.put_stream(key, self._pack(data))  # replaced as it grows: never locked
         self.storage.put_bytes(f"{self._dir(name)}{name}.partial.json", json.dumps({
             "name": name, "safe_lsn": format_lsn(safe_lsn), "sha256": hashlib.sha256(data).hexdigest(),
             "uploaded_at": iso(utcnow())}).encode())
@@ -237,7 +255,8 @@ class WalArchive:
             return None
 
     def remove_partial(self, name: str) -> None:
-        for suffix in (".partial" + self._suffix(), ".partial.json"):
+        for suffix in (".partial" + SUFFIX[self.compression], ".partial" + SUFFIX[self.compression] + ENC,
+                       ".partial.json"):
             self.storage.delete(f"{self._dir(name)}{name}{suffix}")
 
     # fetch
@@ -247,8 +266,8 @@ class WalArchive:
         keys = self.find(name)
         if keys:
             key = keys[0]
-            _, sha, comp = self._parse_key(key)
-            data = b"".join(decompress_stream(self.storage.get_stream(key), comp, name=key))
+            _, sha, _ = self._parse_key(key)
+            data = self._unpack(key)
             if hashlib.sha256(data).hexdigest() != sha:
                 raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
             if SEGMENT.match(name):
@@ -261,17 +280,13 @@ class WalArchive:
             except ObjectNotFound:
                 meta = None
             if meta:
-                key = f"{self._dir(name)}{name}.partial{self._suffix()}"
-                for comp in ("zstd", "lz4", "gzip", "none"):
-                    k = f"{self._dir(name)}{name}.partial{SUFFIX[comp]}"
-                    try:
-                        data = b"".join(decompress_stream(self.storage.get_stream(k), comp, name=k))
-                        key = k
-                        break
-                    except ObjectNotFound:
-                        continue
-                else:
+                stem = f"{self._dir(name)}{name}.partial"
+                keys = [o.key for o in self.storage.list(stem)
+                        if o.key[len(stem):] in {s + e for s in SUFFIX.values() for e in ("", ENC)}]
+                if not keys:
                     raise WalNotFound(f"{name}: partial metadata without data")
+                key = keys[0]
+                data = self._unpack(key)
                 if hashlib.sha256(data).hexdigest() != meta["sha256"]:
                     raise IntegrityError(f"{key}: partial segment does not match its recorded SHA-256")
                 return data, "partial", key

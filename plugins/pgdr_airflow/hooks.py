@@ -66,7 +66,23 @@ class PgdrHook(BaseHook):
                 from dataclasses import replace
 
                 repo = replace(repo, endpoint_url=endpoint)
-        return open_storage(repo, credentials)
+        return open_storage(repo, credentials, self.keyring())
+
+    def keyring(self):
+        """The master keys from the Airflow connection ``repository.encryption.conn_id`` (its password, or
+        ``keyring`` in its extra), else None: the environment variable applies, as for the CLI."""
+        enc = self.cluster.repository.encryption
+        if not (enc and enc.conn_id):
+            return None
+        from pgdr.crypto import Keyring
+        from pgdr.errors import ConfigError
+
+        conn = self.get_connection(enc.conn_id)
+        text = conn.password or (conn.extra_dejson or {}).get("keyring")
+        if not text:
+            raise ConfigError(f"Airflow connection {enc.conn_id!r}", "holds no keyring: put 'id:base64key[,…]' "
+                              "in its password (or 'keyring' in its extra)")
+        return Keyring.parse(text, f"Airflow connection {enc.conn_id!r}")
 
     def _aws(self, aws_conn_id: str) -> tuple[dict, str | None]:
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook

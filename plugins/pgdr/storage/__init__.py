@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from pgdr.storage.base import ObjectInfo, Storage
+from pgdr.storage.base import ObjectInfo, Retention, Storage
 
 
-def open_storage(repo, credentials: dict | None = None) -> Storage:
+def open_storage(repo, credentials: dict | None = None, keyring=None) -> Storage:
     """Build the backend a RepositoryConfig names.
 
     ``credentials`` (access key, secret, session token) come from the Airflow
     adapter; the CLI passes none and boto3 uses the standard chain.
+    ``keyring`` likewise; without one, the keyring is read from the
+    environment variable the repository's encryption config names
+    (``PGDR_KEYRING`` by default), so encrypted objects can be read even by a
+    config that no longer encrypts new ones.
     """
+    from pgdr.crypto import DEFAULT_ENV, Keyring
+
+    storage = _backend(repo, credentials)
+    enc = getattr(repo, "encryption", None)
+    storage.keyring = keyring if keyring is not None else Keyring.from_env(enc.key_env if enc else DEFAULT_ENV)
+    storage.encrypt = enc is not None
+    storage.object_lock = getattr(repo, "object_lock", None)
+    return storage
+
+
+def _backend(repo, credentials) -> Storage:
     if repo.kind == "file":
         from pgdr.storage.file import FileStorage
 
@@ -28,4 +43,4 @@ def open_storage(repo, credentials: dict | None = None) -> Storage:
     )
 
 
-__all__ = ["ObjectInfo", "Storage", "open_storage"]
+__all__ = ["ObjectInfo", "Retention", "Storage", "open_storage"]

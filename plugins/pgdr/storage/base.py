@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Iterable, Iterator
 
 CHUNK = 1024 * 1024
@@ -15,6 +16,17 @@ class ObjectInfo:
     size: int
 
 
+@dataclass(frozen=True)
+class Retention:
+    """An object's Object Lock retention, as the store reports it."""
+
+    mode: str | None
+    until: datetime | None
+
+    def active(self, now: datetime) -> bool:
+        return self.until is not None and self.until > now
+
+
 class Storage(ABC):
     """Keys are '/'-separated paths relative to the repository root.
 
@@ -23,13 +35,26 @@ class Storage(ABC):
     """
 
     url: str
+    # What this process may do with the repository's protected objects, set by open_storage:
+    keyring = None  # pgdr.crypto.Keyring: master keys to open encrypted objects (never stored)
+    encrypt = False  # seal new backup and WAL objects with keyring.current()
+    object_lock = None  # pgdr.config.ObjectLockConfig: retention put on immutable objects
 
     @abstractmethod
-    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
-        """Store the concatenated chunks under key; return the byte count."""
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, lock: bool = False) -> int:
+        """Store the concatenated chunks under key; return the byte count.
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.put_stream(key, [data])
+        ``lock``: the object is immutable repository content (a backup part,
+        a manifest, a WAL segment, a report); where Object Lock is configured
+        it is retained for ``object_lock.days`` from now.
+        """
+
+    def put_bytes(self, key: str, data: bytes, *, lock: bool = False) -> None:
+        self.put_stream(key, [data], lock=lock)
+
+    def retention(self, key: str) -> Retention | None:
+        """The object's lock, or None where the backend has no Object Lock."""
+        return None
 
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:

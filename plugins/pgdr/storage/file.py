@@ -35,7 +35,7 @@ class FileStorage(Storage):
     def _error(self, action: str, key: str, e: OSError) -> RepositoryError:
         return RepositoryError(f"cannot {action} {self.url}/{key}: {e.strerror or e}")
 
-    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, lock: bool = False) -> int:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         written = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -117,3 +118,89 @@ def test_expire_real_backups_keeps_pins_fails_closed_and_restores_still_work(pg1
     assert pgdr("--json", "unkeep", "--cluster", "app", "--backup", labels[0], config=config)[0] == 0
     code, out, _ = pgdr("--json", "expire", "--cluster", "app", "--dry-run", "--now", later, config=config)
     assert {x["label"]: x["action"] for x in out["plan"]["decisions"]}[labels[0]] == "expire"
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_after_expiry_the_oldest_point_in_the_window_still_restores(backend, workdir, request):
+    """Real backups and archived WAL; expire with the clock a day on; then a point-in-time restore to the very
+    start of the recovery window must hold exactly what had committed by then."""
+    import shutil
+    import sys
+    import time
+    from datetime import datetime as dt
+
+    from conftest import _bins
+    from helpers import pgdr, write_config
+    from pgdr.sandbox import SandboxCluster, free_port
+    from test_backup_restore import socket_dir, storage_of
+
+    tag = f"window-{backend}"
+    if backend == "file":
+        repo_dir = workdir / f"{tag}-repo"
+        (repo_dir / "app").mkdir(parents=True)
+        for d in (repo_dir, repo_dir / "app"):
+            shutil.chown(d, "postgres", "postgres")
+        repo = f"file://{repo_dir}"
+    else:
+        import boto3
+
+        server = request.getfixturevalue("s3_server")
+        bucket = f"{tag}-{os.getpid()}"
+        boto3.client("s3", endpoint_url=server, region_name="us-east-1").create_bucket(Bucket=bucket)
+        repo = {"url": f"s3://{bucket}/r", "endpoint_url": server, "region": "us-east-1"}
+    pg = SandboxCluster(_bins(15), workdir / tag / "data", free_port())
+    config = write_config(workdir / f"{tag}.yaml", {"app": {"dsn": pg.dsn, "repository": repo,
+                                                            "retention_window_days": 1, "retention_min_full": 1}})
+    config.chmod(0o644)
+    archive = f"{sys.executable} -m pgdr --config {config} -q wal-push --cluster app %p"
+    pg.init(extra_conf=f"archive_mode = on\narchive_command = '{archive}'\n").start()
+    try:
+        pg.psql("create database app")
+        pg.psql("create table t (id int primary key, step text)", dbname="app")
+
+        def step(name, ids):
+            pg.psql(f"insert into t select g, '{name}' from generate_series({ids[0]}, {ids[1]}) g", dbname="app")
+
+        def backup(label):
+            code, out, err = pgdr("--json", "backup", "--cluster", "app", "--label", label, config=config)
+            assert code == 0, err
+
+        backup("20261120-000000F")  # will fall out of the window
+        step("s0", (1, 10))
+        backup("20261121-000000F")  # the window's base
+        step("s1", (11, 20))
+        t1 = dt.fromisoformat(pg.psql("select to_char(clock_timestamp() at time zone 'utc', "
+                                      "'YYYY-MM-DD\"T\"HH24:MI:SS.US+00:00')"))
+        expected = pg.psql("select string_agg(id::text, ',' order by id) from t", dbname="app")
+        time.sleep(1.5)
+        backup("20261122-000000F")  # inside the window
+        step("s2", (21, 30))
+        pg.psql("select pg_switch_wal()")
+        want = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
+        for _ in range(300):
+            if (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") or "") >= want:
+                break
+            time.sleep(0.1)
+
+        window_start = t1 + timedelta(seconds=0.7)
+        now = window_start + timedelta(days=1)
+        code, out, err = pgdr("--json", "expire", "--cluster", "app", "--now", now.isoformat(), config=config)
+        assert code == 0, err
+        assert out["deleted_backups"] == ["20261120-000000F"] and out["deleted_wal_segments"], out
+        assert dt.fromisoformat(out["plan"]["window_start"]) == window_start
+        assert storage_of(config).list("app/backup/20261120-000000F/") == []
+
+        dest, port = workdir / f"{tag}-restore", free_port()
+        code, res, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", port,
+                              "--socket-dir", socket_dir(workdir), "--target-time", window_start.isoformat(),
+                              config=config)
+        assert code == 0, err
+        restored = SandboxCluster(pg.bins, dest, port)
+        try:
+            assert res["recovery"]["plan"]["backup"] == "20261121-000000F"
+            assert restored.psql("select string_agg(id::text, ',' order by id) from t", dbname="app") == expected
+            assert expected == ",".join(str(i) for i in range(1, 21))
+        finally:
+            restored.destroy()
+    finally:
+        pg.destroy()

@@ -387,3 +387,34 @@ def test_retention_dag_is_a_dry_run_by_hand(airflow_db, monkeypatch, pg15, workd
 
     (audit,) = read_audit(open_storage(RepositoryConfig(url=repo)), "app", "retention")
     assert audit["deleted_backups"] == []
+
+
+def test_encrypted_backup_dag_takes_its_keyring_from_an_airflow_connection(airflow_db, monkeypatch, pg15, workdir):
+    from pgdr.crypto import generate_key
+
+    connections(monkeypatch, pg15)
+    k1, k2 = generate_key("ops-2026a"), generate_key("ops-2026b")
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEYS", json.dumps({"conn_type": "generic", "password": f"{k1},{k2}"}))
+    monkeypatch.delenv("PGDR_KEYRING", raising=False)
+    repo = {"url": f"file://{workdir}/encdag-repo", "encryption": {"conn_id": "pgdr_keys"}}
+    config = write_config(workdir / "encdag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
+    before = table_hashes(pg15)
+    run = load_dag_module(monkeypatch, config).pgdr_app_backup.test()
+    assert run.state == "success"
+    verify = load_dag_module(monkeypatch, config, "pgdr_verify").pgdr_app_verify
+    for t in verify.tasks:
+        t.retries = 0
+    assert verify.test(run_conf={"scope": "all"}).state == "success"
+
+    # Airflow down: the CLI restores with the same keyring from the environment, and only with it.
+    cli = write_config(workdir / "encdag-cli.yaml", {"app": {"dsn": pg15.dsn, "repository": repo}})
+    code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
+    assert listing["backups"][0]["key_id"] == "ops-2026b"  # the newest key listed encrypts
+    code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--pgdata", workdir / "encdag-nokey", config=cli)
+    assert code == 2 and "'ops-2026b'" in out["message"]
+    monkeypatch.setenv("PGDR_KEYRING", k2)
+    restored, _ = restore_and_start(cli, workdir, pg15)
+    try:
+        assert table_hashes(restored) == before
+    finally:
+        restored.destroy()

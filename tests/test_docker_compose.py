@@ -64,7 +64,10 @@ def test_config_points_at_compose_services_and_credentials_match():
     assert (s3["login"], s3["password"]) == (services["minio"]["environment"]["MINIO_ROOT_USER"],
                                              services["minio"]["environment"]["MINIO_ROOT_PASSWORD"])
     bucket = config.repository.url[len("s3://"):].split("/")[0]
-    assert bucket in " ".join(services["minio-setup"]["command"])
+    setup = " ".join(services["minio-setup"]["command"])
+    assert bucket in setup
+    if config.repository.object_lock:  # pgdr locks objects: the bucket must be created able to hold locks
+        assert f"mc mb --with-lock local/{bucket}" in setup and "--noncurrent-expire-days" in setup
     assert "wal_level=replica" in services["source-db"]["command"]
 
 

@@ -205,3 +205,32 @@ def test_keyring_parsing_errors_are_clear():
             Keyring.parse(text, "$PGDR_KEYRING")
     assert "k1" in repr(Keyring.parse(K1, "t")) and K1.split(":")[1] not in repr(Keyring.parse(K1, "t"))
 
+
+
+def test_substitution_is_caught_swapped_wal_and_a_manifest_stripped_of_encryption(encrypted, workdir):
+    import json
+
+    pg, config, backup, _ = encrypted
+    storage = storage_of(config)
+    env = keyring_env(K1)
+    a, b = sorted(o.key for o in storage.list("app/wal/00000001/") if o.key.endswith(".enc"))[:2]
+    mkey = f"app/backup/{backup['label']}/manifest.json"
+    originals = {k: storage.get_bytes(k) for k in (a, b, mkey)}
+    try:
+        # Two valid ciphertexts under the same key, each in the other's place.
+        storage.put_bytes(a, originals[b])
+        storage.put_bytes(b, originals[a])
+        code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", a.rsplit("/", 1)[-1][:24],
+                            workdir / f"swap-{next(_n)}", "--prefetch", 0, config=config, env=env)
+        assert code == 1 and "another object put in its place" in out["message"]
+        # A manifest rewritten to say "not encrypted" is refused, not trusted.
+        m = json.loads(originals[mkey])
+        m["encryption"] = None
+        storage.put_bytes(mkey, json.dumps(m).encode())
+        dest = workdir / f"enc-stripped-{next(_n)}"
+        code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, config=config, env=env)
+        assert code == 1 and "is not encrypted, but this repository's configuration requires" in out["message"]
+        assert not dest.exists()
+    finally:
+        for key, data in originals.items():
+            storage.put_bytes(key, data)

@@ -186,7 +186,7 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
                 key = repo.key(label, name)
                 body = compress_stream(raw_chunks(), cluster.compression, cluster.compression_level)
                 if data_key:
-                    body = seal(body, data_key)
+                    body = seal(body, data_key, f"{label}/{name}")
                 storage.put_stream(key, stored.tap(body), lock=True)
                 eof = state["eof"]
                 if state["raw"] == 0 and files:
@@ -210,7 +210,8 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
     if not pg_manifest:
         raise PgdrError("pg_basebackup produced no backup_manifest; PostgreSQL 13 or newer is required")
     storage.put_bytes(repo.key(label, "backup_manifest.enc" if data_key else "backup_manifest"),
-                      b"".join(seal([pg_manifest], data_key)) if data_key else pg_manifest, lock=True)
+                      b"".join(seal([pg_manifest], data_key, f"{label}/backup_manifest.enc")) if data_key
+                      else pg_manifest, lock=True)
     ranges = json.loads(pg_manifest)["WAL-Ranges"]
     first = min(ranges, key=lambda r: parse_lsn(r["Start-LSN"]))
     last = max(ranges, key=lambda r: parse_lsn(r["End-LSN"]))

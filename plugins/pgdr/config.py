@@ -38,6 +38,7 @@ class EncryptionConfig:
 
     key_env: str = "PGDR_KEYRING"
     conn_id: str | None = None
+    accept_unencrypted: bool = False  # read backups/WAL from before encryption was on (else: refused as tampering)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
              "object_lock"}
-ENCRYPTION_KEYS = {"key_env", "conn_id"}
+ENCRYPTION_KEYS = {"key_env", "conn_id", "accept_unencrypted"}
 LOCK_KEYS = {"mode", "days"}
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
@@ -292,7 +293,10 @@ def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:
     env = r.string(m, "key_env", key, "PGDR_KEYRING")
     if not ENV_NAME.match(env):
         r.fail(f"{key}.key_env", f"must name an environment variable (like PGDR_KEYRING), got {env!r}")
-    return EncryptionConfig(key_env=env, conn_id=r.string(m, "conn_id", key))
+    accept = m.get("accept_unencrypted", False)
+    if not isinstance(accept, bool):
+        r.fail(f"{key}.accept_unencrypted", "must be true or false")
+    return EncryptionConfig(key_env=env, conn_id=r.string(m, "conn_id", key), accept_unencrypted=accept)
 
 
 def _object_lock(r: _Reader, raw, key: str, url: str, window_days: int) -> ObjectLockConfig | None:

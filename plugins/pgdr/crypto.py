@@ -12,8 +12,10 @@ object. It is wrapped (AES-256-GCM) by the master key named by the key id, and
 only the wrapped form is stored. Each object's chunks use a key derived from
 the data key and the object's random salt (HKDF-SHA256), and nonce = chunk
 index, so no (key, nonce) pair ever repeats. Each chunk's associated data
-binds the header's hash, the chunk index and the final flag: flipping, moving,
-dropping or appending a byte, a chunk or the end is detected.
+binds the header, the object's *context* (what it is: ``<label>/<part name>``
+of a backup, the WAL file name), the chunk index and the final flag: flipping,
+moving, dropping or appending a byte, a chunk or the end is detected, and so is
+an encrypted object put in another one's place.
 
 Master keys never enter the repository. They come from a *keyring*: text of
 ``id:base64key`` entries separated by commas or newlines, the last one being
@@ -172,13 +174,13 @@ def _chunk_aad(header_hash: bytes, index: int, final: bool) -> bytes:
     return header_hash + struct.pack(">QB", index, 1 if final else 0)
 
 
-def seal(chunks: Iterable[bytes], data_key: DataKey, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    """Encrypt a byte stream into one self-describing object."""
+def seal(chunks: Iterable[bytes], data_key: DataKey, context: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """Encrypt a byte stream into one self-describing object; ``context`` names what it is."""
     kid = data_key.key_id.encode()
     salt = os.urandom(16)
     header = MAGIC + bytes([VERSION, len(kid)]) + kid + data_key.wrapped + salt + struct.pack(">I", chunk_size)
     yield header
-    hh = hashlib.sha256(header).digest()
+    hh = hashlib.sha256(header + context.encode()).digest()
     aead = _aead(_object_key(data_key.key, salt))
     buf = bytearray()
     index = 0
@@ -206,7 +208,7 @@ def key_id_of(head: bytes) -> str | None:
 
 def check_key(head: bytes, keyring: Keyring | None, name: str) -> str:
     """Open the data key in an object's first bytes; raise KeyUnavailable unless this keyring can. Returns the id."""
-    for _ in unseal([head], keyring, name, header_only=True):
+    for _ in unseal([head], keyring, "", name, header_only=True):
         pass
     return key_id_of(head) or ""
 
@@ -228,7 +230,7 @@ class _Reader:
         return out
 
 
-def unseal(chunks: Iterable[bytes], keyring: Keyring | None, name: str = "object",
+def unseal(chunks: Iterable[bytes], keyring: Keyring | None, context: str, name: str = "object",
            header_only: bool = False) -> Iterator[bytes]:
     """Decrypt and authenticate an object written by :func:`seal`, chunk by chunk.
 
@@ -263,7 +265,7 @@ def unseal(chunks: Iterable[bytes], keyring: Keyring | None, name: str = "object
                              ) from None
     if header_only:
         return
-    hh = hashlib.sha256(header).digest()
+    hh = hashlib.sha256(header + context.encode()).digest()
     aead = _aead(_object_key(dek, salt))
     index = 0
     while True:
@@ -274,8 +276,8 @@ def unseal(chunks: Iterable[bytes], keyring: Keyring | None, name: str = "object
         try:
             plain = aead.decrypt(index.to_bytes(12, "big"), block, _chunk_aad(hh, index, final))
         except InvalidTag:
-            what = "truncated or tampered with" if not final else "tampered with or truncated"
-            raise IntegrityError(f"{name}: chunk {index} fails authentication (AES-256-GCM): {what}") from None
+            raise IntegrityError(f"{name}: chunk {index} fails authentication (AES-256-GCM): tampered with, "
+                                 "truncated, or another object put in its place") from None
         if plain:
             yield plain
         if final:

@@ -180,7 +180,14 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
 
 def require_key(repo: Repository, manifest: BackupManifest) -> None:
     """Before anything is written: the keyring must open this backup's data key (names the key id if not)."""
-    if not manifest.encryption or not manifest.files:
+    if not manifest.encryption:
+        if repo.storage.encrypt and not repo.storage.accept_unencrypted:
+            raise IntegrityError(
+                f"backup {manifest.label} is not encrypted, but this repository's configuration requires "
+                "encryption: refusing it (a manifest rewritten to drop encryption looks exactly like this). "
+                "For backups taken before encryption was turned on, set encryption.accept_unencrypted: true")
+        return
+    if not manifest.files:
         return
     key = repo.key(manifest.label, manifest.files[0].name)
     stream = repo.storage.get_stream(key, chunk_size=4096)
@@ -199,7 +206,8 @@ def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
             key = repo.key(manifest.label, f.name)
             stored = Digest()
             fetched = Prefetch(stored.tap(repo.storage.get_stream(key)))
-            body = unseal(fetched, repo.storage.keyring, key) if manifest.encryption else fetched
+            body = unseal(fetched, repo.storage.keyring, f"{manifest.label}/{f.name}", key) \
+                if manifest.encryption else fetched
             unpacked = Prefetch(decompress_stream(body, manifest.compression, name=key))
             size = 0
             try:

@@ -68,7 +68,7 @@ def take_safety_backup(storage: Storage, cluster: str, pgdata: Path, owner: str 
                                stderr=errfile)
         try:
             body = compress_stream(raw.tap(read_pipe(tar.stdout)), compression, level)
-            storage.put_stream(key, stored.tap(seal(body, data_key) if data_key else body), lock=True)
+            storage.put_stream(key, stored.tap(seal(body, data_key, key.rsplit("/", 1)[-1]) if data_key else body), lock=True)
         finally:
             rc = tar.wait()
         if rc != 0:

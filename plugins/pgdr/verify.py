@@ -114,7 +114,7 @@ def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = 
 
         def opened(chunks):
             try:
-                yield from unseal(chunks, repo.storage.keyring, key)
+                yield from unseal(chunks, repo.storage.keyring, f"{m.label}/{f.name}", key)
             except PgdrError as e:
                 e.check = "decrypt"
                 raise

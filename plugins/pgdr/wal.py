@@ -152,16 +152,20 @@ class WalArchive:
     def _suffix(self, compression: str | None = None) -> str:
         return SUFFIX[compression or self.compression] + (ENC if self.storage.encrypt else "")
 
-    def _pack(self, data: bytes):
+    def _pack(self, data: bytes, context: str):
         """The stored form of WAL content: compressed, then sealed with a fresh data key when encrypting."""
         body = compress_stream([data], self.compression, self.level)
-        return seal(body, self.storage.keyring.new_data_key()) if self.storage.encrypt else body
+        return seal(body, self.storage.keyring.new_data_key(), context) if self.storage.encrypt else body
 
-    def _unpack(self, key: str) -> bytes:
+    def _unpack(self, key: str, context: str) -> bytes:
         body = self.storage.get_stream(key)
         if key.endswith(ENC):
-            body = unseal(body, self.storage.keyring, key)
+            body = unseal(body, self.storage.keyring, context, key)
             key = key[: -len(ENC)]
+        elif self.storage.encrypt and not self.storage.accept_unencrypted:
+            raise IntegrityError(f"{key} is not encrypted, but this repository's configuration requires encryption: "
+                                 "refusing it (set encryption.accept_unencrypted: true for WAL archived before "
+                                 "encryption was turned on)")
         comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(key.rsplit(".", 1)[-1], "none")
         return b"".join(decompress_stream(body, comp, name=key))
 
@@ -222,7 +226,7 @@ class WalArchive:
                 "Two servers may be archiving into one repository, or a restored cluster is pushing "
                 "into the original's archive")
         key = f"{self._dir(name)}{name}.{sha}{self._suffix()}"
-        stored = self.storage.put_stream(key, self._pack(data), lock=True)
+        stored = self.storage.put_stream(key, self._pack(data, name), lock=True)
         log.info("archived %s (%.1f MB -> %.1f MB)", name, len(data) / 1e6, stored / 1e6)
         return WalPushResult(self.cluster, name, "archived", len(data), stored, sha, key)
 
@@ -233,7 +237,7 @@ class WalArchive:
         check_wal_name(name)
         data = path.read_bytes()
         key = f"{self._dir(name)}{name}.partial{self._suffix()}"
-        self.storage.put_stream(key, self._pack(data))  # replaced as it grows: never locked
+        self.storage.put_stream(key, self._pack(data, name + ".partial"))  # replaced as it grows: never locked
         self.storage.put_bytes(f"{self._dir(name)}{name}.partial.json", json.dumps({
             "name": name, "safe_lsn": format_lsn(safe_lsn), "sha256": hashlib.sha256(data).hexdigest(),
             "uploaded_at": iso(utcnow())}).encode())
@@ -267,7 +271,7 @@ class WalArchive:
         if keys:
             key = keys[0]
             _, sha, _ = self._parse_key(key)
-            data = self._unpack(key)
+            data = self._unpack(key, name)
             if hashlib.sha256(data).hexdigest() != sha:
                 raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
             if SEGMENT.match(name):
@@ -286,7 +290,7 @@ class WalArchive:
                 if not keys:
                     raise WalNotFound(f"{name}: partial metadata without data")
                 key = keys[0]
-                data = self._unpack(key)
+                data = self._unpack(key, name + ".partial")
                 if hashlib.sha256(data).hexdigest() != meta["sha256"]:
                     raise IntegrityError(f"{key}: partial segment does not match its recorded SHA-256")
                 return data, "partial", key

@@ -21,6 +21,7 @@ def open_storage(repo, credentials: dict | None = None, keyring=None) -> Storage
     enc = getattr(repo, "encryption", None)
     storage.keyring = keyring if keyring is not None else Keyring.from_env(enc.key_env if enc else DEFAULT_ENV)
     storage.encrypt = enc is not None
+    storage.accept_unencrypted = enc is None or enc.accept_unencrypted
     storage.object_lock = getattr(repo, "object_lock", None)
     return storage
 

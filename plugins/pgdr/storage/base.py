@@ -38,6 +38,7 @@ class Storage(ABC):
     # What this process may do with the repository's protected objects, set by open_storage:
     keyring = None  # pgdr.crypto.Keyring: master keys to open encrypted objects (never stored)
     encrypt = False  # seal new backup and WAL objects with keyring.current()
+    accept_unencrypted = True  # with encrypt: also read objects written before encryption was on
     object_lock = None  # pgdr.config.ObjectLockConfig: retention put on immutable objects
 
     @abstractmethod

@@ -151,6 +151,29 @@ def main() -> int:
         row("pgdr restore (SHA-256 + pg_verifybackup -s)", measure(pgdr + ["restore", "--cluster", "bench",
                                                                     "--pgdata", str(target)]))
         stored = sum(f.stat().st_size for f in (work / "repo-pgdr").rglob("*") if f.is_file())
+        shutil.rmtree(target)
+        row("pgdr verify, objects only (SHA-256 + decompress)", measure(
+            pgdr + ["verify", "--cluster", "bench", "--no-pg-verify", "--no-wal"]))
+        row("pgdr verify (objects + pg_verifybackup on a scratch copy)", measure(
+            pgdr + ["verify", "--cluster", "bench", "--no-wal"]))
+
+        # The same with client-side encryption: zstd, then AES-256-GCM in 1 MiB chunks.
+        from pgdr.crypto import generate_key
+
+        enc_env = {**os.environ, "PGDR_KEYRING": generate_key("bench")}
+        enc_config = work / "pgdr-enc.yaml"
+        enc_config.write_text(json.dumps({"clusters": {"bench": {
+            "dsn": src.dsn, "pg_bin_dir": PG15,
+            "repository": {"url": f"file://{work / 'repo-pgdr-enc'}", "encryption": True}}}}))
+        pgdr_enc = [sys.executable, "-m", "pgdr", "--config", str(enc_config), "-q", "--json"]
+        row("pgdr backup, encrypted (zstd 3 + AES-256-GCM)", measure(pgdr_enc + ["backup", "--cluster", "bench"],
+                                                                    env=enc_env))
+        target = work / "restore-pgdr-enc"
+        row("pgdr restore, encrypted", measure(pgdr_enc + ["restore", "--cluster", "bench", "--pgdata", str(target)],
+                                               env=enc_env))
+        shutil.rmtree(target)
+        row("pgdr verify, encrypted, objects only", measure(
+            pgdr_enc + ["verify", "--cluster", "bench", "--no-pg-verify", "--no-wal"], env=enc_env))
 
         if pgbackrest:
             row("pgbackrest backup (zstd 3, process-max 2)", measure(
@@ -172,6 +195,21 @@ def main() -> int:
         print(f"{'':60} {'wall s':>8} {'MB/s':>8} {'RSS MB':>8} {'tree MB':>8}")
         for name, wall, mbs, rss, tree in results:
             print(f"{name:60} {wall:8.1f} {mbs:8.1f} {rss:8.1f} {tree:8.1f}")
+        walls = {name: wall for name, wall, *_ in results}
+
+        def cost(what, plain, other):
+            a, b = walls[plain], walls[other]
+            print(f"{what:60} {b - a:+8.1f} s ({(b - a) / a * 100:+.0f}% of {plain.split(' (')[0]})")
+
+        print()
+        cost("cost of encryption on backup", "pgdr backup (zstd level 3)", "pgdr backup, encrypted (zstd 3 + AES-256-GCM)")
+        cost("cost of encryption on restore", "pgdr restore (SHA-256 + pg_verifybackup -s)", "pgdr restore, encrypted")
+        cost("cost of encryption on verify (objects only)", "pgdr verify, objects only (SHA-256 + decompress)",
+             "pgdr verify, encrypted, objects only")
+        cost("verify (objects only) next to the backup", "pgdr backup (zstd level 3)",
+             "pgdr verify, objects only (SHA-256 + decompress)")
+        cost("full verify (with pg_verifybackup) next to the backup", "pgdr backup (zstd level 3)",
+             "pgdr verify (objects + pg_verifybackup on a scratch copy)")
         return 0
     finally:
         src.stop()

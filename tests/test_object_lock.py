@@ -107,6 +107,36 @@ def test_retention_skips_and_reports_locked_objects(pg15, locked_repo):
     assert [b["label"] for b in listing["backups"]] == labels
 
 
+def test_check_reports_the_lock_and_the_key(pg15, workdir, s3_server, locked_repo):
+    s3, bucket, _, config = locked_repo
+    code, report, _ = pgdr("--json", "check", "--cluster", "app", config=config)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert code == 0 and checks["object_lock"]["ok"] and "COMPLIANCE" in checks["object_lock"]["detail"]
+    # The same config against a bucket created without Object Lock: check fails, and so does a backup.
+    plain = f"nolock-{next(_n)}-{os.getpid()}"
+    s3.create_bucket(Bucket=plain)
+    text = config.read_text().replace(bucket, plain)
+    other = workdir / f"nolock-{next(_n)}.yaml"
+    other.write_text(text)
+    code, report, _ = pgdr("--json", "check", "--cluster", "app", config=other)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert code == 1 and not checks["object_lock"]["ok"] and "no Object Lock configuration" in \
+        checks["object_lock"]["detail"]
+    code, out, _ = pgdr("--json", "backup", "--cluster", "app", config=other)
+    assert code == 1 and out["error"] == "repository"
+    # Encryption on: check says which key new backups use, or that there is none.
+    enc = workdir / f"enc-check-{next(_n)}.yaml"
+    write_config(enc, {"app": {"dsn": pg15.dsn, "repository": {"url": f"file://{workdir}/enc-check",
+                                                                "encryption": True}}})
+    from pgdr.crypto import generate_key
+
+    code, report, _ = pgdr("--json", "check", "--cluster", "app", config=enc,
+                           env={"PGDR_KEYRING": generate_key("a") + "," + generate_key("b")})
+    assert code == 0 and "master key 'b'" in {c["name"]: c for c in report["checks"]}["encryption_key"]["detail"]
+    code, report, _ = pgdr("--json", "check", "--cluster", "app", config=enc, env={"PGDR_KEYRING": ""})
+    assert code == 1 and not {c["name"]: c for c in report["checks"]}["encryption_key"]["ok"]
+
+
 def test_sse_aes256_is_applied(pg15, workdir, s3_server):
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     bucket = f"sse-{next(_n)}-{os.getpid()}"

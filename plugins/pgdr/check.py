@@ -74,6 +74,10 @@ def run_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> Check
         except PgdrError as e:
             add("binaries", False, str(e))
     add(*_repository_check(storage))
+    if storage.encrypt:
+        add(*_encryption_check(storage))
+    if storage.object_lock is not None:
+        add(*_object_lock_check(storage))
     if info:
         add(*_identity_check(storage, cluster, info.system_identifier))
     return CheckReport(cluster=cluster.name, ok=all(c.ok for c in checks if c.critical), checks=checks)
@@ -88,6 +92,28 @@ def _repository_check(storage: Storage) -> tuple[str, bool, str]:
         return "repository_write", ok, f"wrote, read back and deleted a probe object in {storage.describe()}"
     except PgdrError as e:
         return "repository_write", False, str(e)
+
+
+def _encryption_check(storage: Storage) -> tuple[str, bool, str]:
+    try:
+        key = storage.keyring.current()
+    except PgdrError as e:
+        return "encryption_key", False, str(e)
+    ids = ", ".join(k.key_id for k in storage.keyring.keys)
+    return ("encryption_key", True, f"new backups and WAL are encrypted with master key {key.key_id!r} "
+            f"(keyring from {storage.keyring.source}: {ids})")
+
+
+def _object_lock_check(storage: Storage) -> tuple[str, bool, str]:
+    lock = storage.object_lock
+    try:
+        enabled = storage.lock_enabled()
+    except PgdrError as e:
+        return "object_lock", False, str(e)
+    if not enabled:
+        return ("object_lock", False, f"the config asks for {lock.mode} Object Lock, but the bucket has no Object "
+                "Lock configuration: create the bucket with Object Lock enabled (see README, Immutability)")
+    return "object_lock", True, f"bucket has Object Lock; pgdr retains what it writes {lock.days} days ({lock.mode})"
 
 
 def _identity_check(storage: Storage, cluster: ClusterConfig, system_identifier: str) -> tuple[str, bool, str]:

@@ -57,6 +57,10 @@ class Storage(ABC):
         """The object's lock, or None where the backend has no Object Lock."""
         return None
 
+    def lock_enabled(self) -> bool:
+        """Whether the store can hold Object Lock retention at all."""
+        return False
+
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create key only if it does not exist; False when it already did."""

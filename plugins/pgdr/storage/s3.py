@@ -187,6 +187,21 @@ class S3Storage(Storage):
             raise
         return Retention(head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate"))
 
+    def lock_enabled(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            conf = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as e:
+            if "ObjectLockConfigurationNotFound" in str(e.response.get("Error", {}).get("Code")):
+                return False
+            raise self._error("read the Object Lock configuration of", "", e) from e
+        except Exception as e:
+            if _is_boto(e):
+                raise self._error("read the Object Lock configuration of", "", e) from e
+            raise
+        return conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

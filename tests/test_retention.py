@@ -204,3 +204,47 @@ def test_after_expiry_the_oldest_point_in_the_window_still_restores(backend, wor
             restored.destroy()
     finally:
         pg.destroy()
+
+
+class _ListingFails:
+    """A real repository whose listing of one prefix fails, as an S3 outage or a permission change would."""
+
+    def __init__(self, storage, prefix):
+        self._s, self._prefix = storage, prefix
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def list(self, prefix=""):
+        from pgdr.errors import RepositoryError
+
+        if prefix.startswith(self._prefix):
+            raise RepositoryError(f"cannot list {prefix}: SlowDown: Please reduce your request rate")
+        return self._s.list(prefix)
+
+
+@pytest.mark.parametrize("fail_on", ["app/backup/", "app/backup/20261101-000000F/", "app/wal/"])
+def test_a_failed_listing_deletes_nothing(pg15, repo_url, workdir, fail_on):
+    from helpers import pgdr, repo_snapshot, write_config
+    from pgdr.config import load_config
+    from pgdr.errors import RepositoryError
+    from pgdr.retention import run_expire
+    from test_backup_restore import storage_of
+    from test_wal import completed_segments
+
+    config = write_config(workdir / f"failed-listing-{fail_on.count('/')}-{id(repo_url)}.yaml", {"app": {
+        "dsn": pg15.dsn, "repository": repo_url, "retention_window_days": 30, "retention_min_full": 1}})
+    for seg in completed_segments(pg15, 2):  # WAL older than every backup: expirable
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    for label in ("20261101-000000F", "20261102-000000F"):
+        assert pgdr("backup", "--cluster", "app", "--label", label, config=config)[0] == 0
+    storage = storage_of(config)
+    before = repo_snapshot(storage)
+    later = datetime.now(timezone.utc) + timedelta(days=60)
+    cluster = load_config(config).cluster("app")
+    with pytest.raises(RepositoryError, match="SlowDown"):
+        run_expire(cluster, _ListingFails(storage, fail_on), RetentionPolicy(30, 1), later, dry_run=False)
+    assert repo_snapshot(storage) == before
+    # With the store healthy again the same run deletes the old backup and the WAL before the kept one.
+    out = run_expire(cluster, storage, RetentionPolicy(30, 1), later, dry_run=False)
+    assert out["deleted_backups"] == ["20261101-000000F"] and len(out["deleted_wal_segments"]) >= 2

@@ -185,12 +185,22 @@ def seal(chunks: Iterable[bytes], data_key: DataKey, context: str, chunk_size: i
     buf = bytearray()
     index = 0
     for chunk in chunks:
-        buf += chunk
-        while len(buf) >= chunk_size:
-            # A full chunk is never the final one: the end is always a short (maybe empty) chunk.
-            yield aead.encrypt(index.to_bytes(12, "big"), bytes(buf[:chunk_size]), _chunk_aad(hh, index, False))
-            del buf[:chunk_size]
+        if not buf and len(chunk) == chunk_size:  # the common case: no copying at all
+            yield aead.encrypt(index.to_bytes(12, "big"), chunk, _chunk_aad(hh, index, False))
             index += 1
+            continue
+        buf += chunk
+        if len(buf) < chunk_size:
+            continue
+        off = 0
+        with memoryview(buf) as view:
+            while len(buf) - off >= chunk_size:
+                # A full chunk is never the final one: the end is always a short (maybe empty) chunk.
+                yield aead.encrypt(index.to_bytes(12, "big"), view[off:off + chunk_size],
+                                   _chunk_aad(hh, index, False))
+                off += chunk_size
+                index += 1
+        del buf[:off]
     yield aead.encrypt(index.to_bytes(12, "big"), bytes(buf), _chunk_aad(hh, index, True))
 
 
@@ -216,17 +226,41 @@ def check_key(head: bytes, keyring: Keyring | None, name: str) -> str:
 class _Reader:
     def __init__(self, chunks: Iterable[bytes]):
         self._it = iter(chunks)
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []
+        self._have = 0
+        self._off = 0  # consumed bytes of the first piece
 
     def take(self, n: int) -> bytes:
         """Up to n bytes: fewer only at the end of the stream."""
-        while len(self._buf) < n:
+        while self._have < n:
             chunk = next(self._it, None)
             if chunk is None:
                 break
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+            if chunk:
+                self._pieces.append(chunk)
+                self._have += len(chunk)
+        first = self._pieces[0] if self._pieces else b""
+        if len(first) - self._off >= n:  # within one piece: at most one copy
+            out = first[self._off:self._off + n] if (self._off or len(first) != n) else first
+            self._off += n
+        else:
+            parts, need = [], n
+            while need and self._pieces:
+                piece = self._pieces[0]
+                part = piece[self._off:self._off + need]
+                parts.append(part)
+                need -= len(part)
+                self._off += len(part)
+                if self._off == len(piece):
+                    self._pieces.pop(0)
+                    self._off = 0
+            out = b"".join(parts)
+            self._have -= len(out)
+            return out
+        if self._off == len(first):
+            self._pieces.pop(0)
+            self._off = 0
+        self._have -= len(out)
         return out
 
 

@@ -234,3 +234,26 @@ def test_substitution_is_caught_swapped_wal_and_a_manifest_stripped_of_encryptio
     finally:
         for key, data in originals.items():
             storage.put_bytes(key, data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 4096 * 3, 4096 * 3 + 5])
+def test_seal_round_trips_any_chunking_and_catches_truncation_and_appending(size):
+    from pgdr.crypto import seal, unseal
+    from pgdr.errors import IntegrityError
+
+    kr = Keyring.parse(K1, "t")
+    data = os.urandom(size)
+    for piece in (1, 1000, 4096, 10000):
+        blob = b"".join(seal([data[i:i + piece] for i in range(0, len(data), piece)] or [b""], kr.new_data_key(),
+                             "obj", chunk_size=4096))
+        for feed in (7, 4096 + 16, 100000):
+            assert b"".join(unseal([blob[i:i + feed] for i in range(0, len(blob), feed)], kr, "obj")) == data
+    header = len(blob) - (size // 4096 + 1) * 16 - size
+    for cut in sorted({header + 1, header + (4096 + 16) * (size // 4096), len(blob) - 1}):
+        if cut < len(blob):
+            with pytest.raises(IntegrityError):
+                b"".join(unseal([blob[:cut]], kr, "obj"))
+    with pytest.raises(IntegrityError):
+        b"".join(unseal([blob + b"\0"], kr, "obj"))
+    with pytest.raises(IntegrityError, match="another object put in its place"):
+        b"".join(unseal([blob], kr, "other"))

@@ -134,9 +134,18 @@ def main() -> int:
 
         results = []
 
+        def settle():
+            # Each measurement starts from the same state: no dirty buffers for its checkpoint to flush,
+            # no writeback of the previous step's files competing for the disk.
+            src.psql("checkpoint")
+            os.sync()
+
         def row(name, m):
             results.append((name, m["wall"], size / m["wall"] / 1e6, m["rss_mb"], m["tree_rss_mb"]))
             print(f"  {name}: {m['wall']:.1f} s", flush=True)
+            settle()
+
+        settle()
 
         row("pg_basebackup -Ft -X none -D - > /dev/null (stream limit)", measure(
             ["sh", "-c", f"{bins.tool('pg_basebackup')} -h 127.0.0.1 -p {src.port} -U postgres -Ft -X none "

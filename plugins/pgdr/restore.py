@@ -199,14 +199,14 @@ def require_key(repo: Repository, manifest: BackupManifest) -> None:
 
 
 def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
-    """Three stages in step: read and hash | decompress | write files."""
+    """Stages in step, each in its own thread: read and hash | decrypt (when encrypted) | decompress | write."""
     extractor = TarExtractor(target)
     try:
         for f in manifest.files:
             key = repo.key(manifest.label, f.name)
             stored = Digest()
             fetched = Prefetch(stored.tap(repo.storage.get_stream(key)))
-            body = unseal(fetched, repo.storage.keyring, f"{manifest.label}/{f.name}", key) \
+            body = Prefetch(unseal(fetched, repo.storage.keyring, f"{manifest.label}/{f.name}", key)) \
                 if manifest.encryption else fetched
             unpacked = Prefetch(decompress_stream(body, manifest.compression, name=key))
             size = 0
@@ -216,6 +216,8 @@ def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
                     extractor.feed(chunk)
             finally:
                 unpacked.close()
+                if body is not fetched:
+                    body.close()
                 fetched.close()
             if stored.size != f.stored_size or stored.hexdigest != f.sha256:
                 raise IntegrityError(

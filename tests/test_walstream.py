@@ -44,14 +44,20 @@ def all_rows(c):
     return c.psql("select count(*) || ':' || coalesce(sum(id), 0) from stream_rows", dbname="postgres")
 
 
-@pytest.fixture(params=[15, 18], ids=["pg15", "pg18"])
-def streamed(request, workdir):
+@pytest.fixture(params=[15, 18], ids=["pg15", "pg18-encrypted"])
+def streamed(request, workdir, monkeypatch):
+    """PostgreSQL 15 into a plain repository; 18 into an encrypted one (streamed segments and the
+    partial segment both sealed; every command below finds the keyring in its environment)."""
     from conftest import _bins
+    from pgdr.crypto import generate_key
 
     name = f"stream{request.param}-{next(_n)}"
     pg = SandboxCluster(_bins(request.param), workdir / name / "data", free_port()).init().start()
-    config = write_config(workdir / f"{name}.yaml", {"app": {
-        "dsn": pg.dsn, "repository": f"file://{workdir}/{name}-repo"}})
+    repo = {"url": f"file://{workdir}/{name}-repo"}
+    if request.param == 18:
+        repo["encryption"] = True
+        monkeypatch.setenv("PGDR_KEYRING", generate_key("stream"))
+    config = write_config(workdir / f"{name}.yaml", {"app": {"dsn": pg.dsn, "repository": repo}})
     yield pg, config, workdir / f"{name}-spool"
     pg.destroy()
 
@@ -97,6 +103,9 @@ def test_kill_restart_no_gap_and_latest_restore_has_every_row(streamed, workdir)
     assert code == 0 and report["gaps"] == [], report
     dups = [o.key for o in storage_of(config).list("app/wal/") if ".partial" not in o.key]
     assert len(dups) == len({k.rsplit("/", 1)[-1][:24] for k in dups}), "a segment was archived twice"
+    if "encryption" in config.read_text():  # streamed segments and partials are sealed too
+        wal = [o.key for o in storage_of(config).list("app/wal/0")]
+        assert wal and all(k.endswith(".enc") or k.endswith(".partial.json") for k in wal), wal
 
     dest = workdir / f"stream-restore-{pg.port}"
     port = free_port()

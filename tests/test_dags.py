@@ -418,3 +418,44 @@ def test_encrypted_backup_dag_takes_its_keyring_from_an_airflow_connection(airfl
         assert table_hashes(restored) == before
     finally:
         restored.destroy()
+
+
+def test_restore_dag_pitr_from_s3_with_credentials_only_in_airflow_connections(airflow_db, monkeypatch, pg15,
+                                                                              s3_server, s3_bucket, workdir):
+    """The restored server's restore_command reaches S3 with what the DAG used: the Airflow AWS connection's
+    keys and endpoint, which neither the config file nor the environment holds."""
+    from pgdr.lsn import parse_lsn
+    from pgdr.sandbox import SandboxCluster, free_port
+    from pgdr.wal import segment_name, segment_of
+
+    connections(monkeypatch, pg15, s3_server)
+    repo = {"url": f"s3://{s3_bucket}/pitrdag", "aws_conn_id": "pgdr_s3", "region": "us-east-1"}
+    config = write_config(workdir / "pitrdag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
+    cli = write_config(workdir / "pitrdag-cli.yaml", {"app": {
+        "dsn": pg15.dsn, "repository": {**repo, "aws_conn_id": None, "endpoint_url": s3_server}}})
+    code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=cli)
+    assert code == 0, err
+    pg15.psql("create table pitr_dag_rows as select g as id from generate_series(1, 777) g", dbname="app")
+    pg15.psql("select pg_switch_wal()")
+    expected = table_hashes(pg15)
+    last = pg15.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")  # the segment just switched away from
+    first = segment_name(backup["timeline"], segment_of(parse_lsn(backup["stop_lsn"])))
+    for seg in sorted(p for p in (pg15.datadir / "pg_wal").iterdir() if len(p.name) == 24
+                      and first <= p.name <= last):
+        assert pgdr("wal-push", "--cluster", "app", seg, config=cli)[0] == 0
+    pg15.psql("drop table pitr_dag_rows", dbname="app")
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    dag = load_dag_module(monkeypatch, config, "pgdr_restore").pgdr_app_restore
+    for t in dag.tasks:
+        t.retries = 0
+    dest, port = workdir / "pitrdag-target", free_port()
+    run = dag.test(run_conf={"pgdata": str(dest), "port": port, "dry_run": False, "target": "latest"})
+    assert run.state == "success"
+    restored = SandboxCluster(pg15.bins, dest, port)
+    try:
+        assert table_hashes(restored) == expected  # the 777 rows came from WAL fetched through the connection
+        assert restored.psql("select count(*) from pitr_dag_rows", dbname="app") == "777"
+    finally:
+        restored.destroy()

@@ -286,12 +286,14 @@ def _running_check(target: Path):
 
 
 def _server_env(cluster: ClusterConfig, storage: Storage) -> dict | None:
-    """The restored server's environment: its restore_command (pgdr wal-fetch) needs the keyring to open
-    encrypted WAL. It lives in the server's environment only, never in a file of the data directory."""
-    if not storage.keyring:
-        return None
-    enc = cluster.repository.encryption
-    return {**os.environ, (enc.key_env if enc else DEFAULT_ENV): storage.keyring.serialize()}
+    """The restored server's environment: its restore_command (pgdr wal-fetch) must reach the repository
+    as this process does (credentials and endpoint from an Airflow connection, say) and needs the keyring to
+    open encrypted WAL. Both live in the server's environment only, never in a file of the data directory."""
+    extra = storage.process_env()
+    if storage.keyring:
+        enc = cluster.repository.encryption
+        extra[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
+    return {**os.environ, **extra} if extra else None
 
 
 def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True,

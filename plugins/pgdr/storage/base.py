@@ -57,6 +57,11 @@ class Storage(ABC):
         """The object's lock, or None where the backend has no Object Lock."""
         return None
 
+    def process_env(self) -> dict:
+        """Environment a child pgdr process (a restored server's restore_command) needs to reach this
+        repository the way this process does, beyond what the config file says."""
+        return {}
+
     def lock_enabled(self) -> bool:
         """Whether the store can hold Object Lock retention at all."""
         return False

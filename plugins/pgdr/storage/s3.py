@@ -187,6 +187,19 @@ class S3Storage(Storage):
             raise
         return Retention(head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate"))
 
+    def process_env(self) -> dict:
+        env = {}
+        names = {"aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                 "aws_session_token": "AWS_SESSION_TOKEN"}
+        for k, v in self._credentials.items():
+            if k in names and v:
+                env[names[k]] = v
+        if self.endpoint_url:
+            env["AWS_ENDPOINT_URL_S3"] = self.endpoint_url  # boto3 reads it when the config names no endpoint
+        if self.region:
+            env["AWS_DEFAULT_REGION"] = self.region
+        return env
+
     def lock_enabled(self) -> bool:
         from botocore.exceptions import ClientError
 

@@ -131,7 +131,7 @@ def pinned_until(repo, label: str) -> datetime | None:
 def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run: bool) -> dict:
     from pgdr.audit import write_audit
     from pgdr.repository import Repository
-    from pgdr.wal import WalArchive
+    from pgdr.wal import SEG_SIZE, WalArchive, parse_segment
 
     repo = Repository(storage, cluster.name)
     plan = plan_retention(catalog_items(repo), policy, now)
@@ -141,8 +141,11 @@ def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run
     if not dry_run:
         # Every listing first: one that fails stops the run before anything is deleted.
         backup_objects = {label: storage.list(repo.backup_prefix(label)) for label in plan.expired()}
-        wal_keys = _wal_before(WalArchive(storage, cluster.name), plan.keep_wal_from_lsn) \
-            if plan.keep_wal_from_lsn else {}
+        wal_keys = {}
+        if plan.keep_wal_from_lsn:
+            first_needed = parse_lsn(plan.keep_wal_from_lsn) // SEG_SIZE
+            wal_keys = {name: keys for name, keys in WalArchive(storage, cluster.name).segment_keys().items()
+                        if parse_segment(name)[1] < first_needed}
         for label, objs in backup_objects.items():  # oldest first: labels sort by time
             held = _still_locked(storage, [o.key for o in objs])
             if held:
@@ -180,23 +183,6 @@ def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run
             "deleted_objects": deleted_objects, "deleted_wal_segments": wal_deleted,
             "skipped_locked_backups": locked_backups, "skipped_locked_wal_segments": locked_wal,
             "locked_wal_until": iso(locked_wal_until) if locked_wal_until else None}
-
-
-def _wal_before(archive, lsn: str) -> dict[str, list[str]]:
-    """{segment name: its archive keys} of completed segments before ``lsn``'s segment, oldest first,
-    from one listing."""
-    from pgdr.wal import ARCHIVED, SEG_SIZE, SEGMENT, parse_segment
-
-    first_needed = parse_lsn(lsn) // SEG_SIZE
-    out: dict[str, list[str]] = {}
-    for obj in archive.storage.list(archive.prefix):
-        rel = obj.key[len(archive.prefix):]
-        if rel.startswith("history/"):
-            continue
-        m = ARCHIVED.match(rel.rsplit("/", 1)[-1])
-        if m and SEGMENT.match(m.group("name")) and parse_segment(m.group("name"))[1] < first_needed:
-            out.setdefault(m.group("name"), []).append(obj.key)
-    return dict(sorted(out.items()))
 
 
 def _still_locked(storage, keys: list[str]) -> dict:

@@ -23,7 +23,7 @@ from pgdr.crypto import KeyUnavailable, unseal
 from pgdr.errors import ObjectNotFound, PgdrError
 from pgdr.lsn import parse_lsn
 from pgdr.manifest import BackupManifest
-from pgdr.repository import Repository
+from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.wal import SEG_SIZE, WalArchive, parse_segment, segment_name, segment_of
 
@@ -67,23 +67,26 @@ class VerifyReport(JsonResult):
     wal: dict | None = None
 
 
-def check_lock(storage, key: str, since, failures: list) -> None:
-    """Where Object Lock is configured: the object must be retained until ``since`` + the configured days."""
+def check_lock(storage, key: str, since=None) -> VerifyFailure | None:
+    """Where Object Lock is configured: the object must be locked in the configured mode and, given the
+    time it was written (``since``), retained until then + the configured days."""
     from datetime import timedelta
 
     lock = storage.object_lock
     if lock is None:
-        return
+        return None
     r = storage.retention(key)
-    want = since + timedelta(days=lock.days) - timedelta(minutes=10)  # the write came a little after ``since``
     if r is None or r.until is None:
-        failures.append(VerifyFailure(key, "object_lock", f"not locked; the config asks for {lock.mode} retention "
-                                      f"of {lock.days} days (anyone with write access can delete it)"))
-    elif r.until < want:
-        failures.append(VerifyFailure(key, "object_lock", f"retained only until {iso(r.until)}, "
-                                      f"before its planned expiry {iso(want)}"))
-    elif r.mode != lock.mode:
-        failures.append(VerifyFailure(key, "object_lock", f"lock mode {r.mode}, the config asks for {lock.mode}"))
+        return VerifyFailure(key, "object_lock", f"not locked; the config asks for {lock.mode} retention "
+                             f"of {lock.days} days (anyone with write access can delete it)")
+    if since is not None:
+        want = since + timedelta(days=lock.days) - timedelta(minutes=10)  # the write came a little after ``since``
+        if r.until < want:
+            return VerifyFailure(key, "object_lock", f"retained only until {iso(r.until)}, "
+                                 f"before its planned expiry {iso(want)}")
+    if r.mode != lock.mode:
+        return VerifyFailure(key, "object_lock", f"lock mode {r.mode}, the config asks for {lock.mode}")
+    return None
 
 
 def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = None,
@@ -110,7 +113,9 @@ def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = 
                 digest.update(c)
                 read += len(c)
                 yield c
-        check_lock(repo.storage, key, parse_iso(m.start_time), failures)
+        unlocked = check_lock(repo.storage, key, parse_iso(m.start_time))
+        if unlocked:
+            failures.append(unlocked)
 
         def opened(chunks):
             try:
@@ -131,9 +136,9 @@ def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = 
             failures.append(VerifyFailure(key, "sha256", f"{digest.hexdigest()} stored, the manifest says {f.sha256}"))
         elif size != f.size:
             failures.append(VerifyFailure(key, "content_size", f"decompresses to {size} bytes, not {f.size}"))
-    from pgdr.repository import MANIFEST
-
-    check_lock(repo.storage, repo.key(m.label, MANIFEST), parse_iso(m.start_time), failures)
+    unlocked = check_lock(repo.storage, repo.key(m.label, MANIFEST), parse_iso(m.start_time))
+    if unlocked:
+        failures.append(unlocked)
     pg_result = "skipped"
     if pg_verify and not failures:
         pg_result = _pg_verify_scratch(repo, m, pg_bin_dir, failures)
@@ -192,11 +197,9 @@ def verify_wal(archive: WalArchive, backups: list[BackupManifest], incremental: 
             except PgdrError as e:
                 failures.append(VerifyFailure(name, "segment", str(e)).to_dict())
                 continue
-            if archive.storage.object_lock is not None:
-                r = archive.storage.retention(key)
-                if r is None or r.until is None:
-                    failures.append(VerifyFailure(key, "object_lock", "not locked; the config asks for "
-                                                  f"{archive.storage.object_lock.mode} retention").to_dict())
+            unlocked = check_lock(archive.storage, key)  # WAL: push time unknown here; locked, in the right mode
+            if unlocked:
+                failures.append(unlocked.to_dict())
     if backups:
         oldest = backups[0]
         tli = oldest.timeline

@@ -43,6 +43,7 @@ PROMOTED_PARTIAL = re.compile(r"^[0-9A-F]{24}\.partial$")  # the old timeline's 
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$|^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")  # timeline / backup history
 ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<ext>zst|lz4|gz))?(?P<enc>\.enc)?$")
 ENC = ".enc"
+CODEC_OF_EXT = {suffix.lstrip("."): codec for codec, suffix in SUFFIX.items() if suffix}  # "zst" -> "zstd"
 SEG_SIZE = 16 * 1024 * 1024
 XLOG_PAGE_MAGIC_OFFSET = 0
 SYSID_OFFSET = 24  # XLogLongPageHeaderData.xlp_sysid
@@ -166,7 +167,7 @@ class WalArchive:
             raise IntegrityError(f"{key} is not encrypted, but this repository's configuration requires encryption: "
                                  "refusing it (set encryption.accept_unencrypted: true for WAL archived before "
                                  "encryption was turned on)")
-        comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(key.rsplit(".", 1)[-1], "none")
+        comp = CODEC_OF_EXT.get(key.rsplit(".", 1)[-1], "none")
         return b"".join(decompress_stream(body, comp, name=key))
 
     def find(self, name: str) -> list[str]:
@@ -185,7 +186,7 @@ class WalArchive:
         m = ARCHIVED.match(key.rsplit("/", 1)[-1])
         if not m:
             raise IntegrityError(f"{key} is not an archived WAL object name")
-        comp = {"zst": "zstd", "lz4": "lz4", "gz": "gzip"}.get(m.group("ext") or "", "none")
+        comp = CODEC_OF_EXT.get(m.group("ext") or "", "none")
         return m.group("name"), m.group("sha"), comp
 
     # push
@@ -326,17 +327,24 @@ class WalArchive:
                               str(dest))
 
     # inventory
-    def segments(self) -> dict[int, list[tuple[int, str]]]:
-        """{timeline: sorted [(segment number, name)]} of completed segments."""
-        out: dict[int, list[tuple[int, str]]] = {}
+    def segment_keys(self) -> dict[str, list[str]]:
+        """{segment name: its archive keys} of completed segments, sorted by name, from one listing."""
+        out: dict[str, list[str]] = {}
         for obj in self.storage.list(self.prefix):
             base = obj.key.rsplit("/", 1)[-1]
             name = base[:24]
             if ".partial" in base or not SEGMENT.match(name) or obj.key.startswith(self.prefix + "history/"):
                 continue
+            out.setdefault(name, []).append(obj.key)
+        return dict(sorted(out.items()))
+
+    def segments(self) -> dict[int, list[tuple[int, str]]]:
+        """{timeline: sorted [(segment number, name)]} of completed segments."""
+        out: dict[int, list[tuple[int, str]]] = {}
+        for name in self.segment_keys():
             tli, segno = parse_segment(name)
             out.setdefault(tli, []).append((segno, name))
-        return {t: sorted(set(v)) for t, v in sorted(out.items())}
+        return {t: sorted(v) for t, v in sorted(out.items())}
 
     def partials(self) -> list[dict]:
         out = []

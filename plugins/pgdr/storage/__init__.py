@@ -18,11 +18,11 @@ def open_storage(repo, credentials: dict | None = None, keyring=None) -> Storage
     from pgdr.crypto import DEFAULT_ENV, Keyring
 
     storage = _backend(repo, credentials)
-    enc = getattr(repo, "encryption", None)
+    enc = repo.encryption
     storage.keyring = keyring if keyring is not None else Keyring.from_env(enc.key_env if enc else DEFAULT_ENV)
     storage.encrypt = enc is not None
     storage.accept_unencrypted = enc is None or enc.accept_unencrypted
-    storage.object_lock = getattr(repo, "object_lock", None)
+    storage.object_lock = repo.object_lock
     return storage
 
 

@@ -73,6 +73,8 @@ def test_verification_reports_an_object_that_lost_its_lock(pg15, locked_repo):
     s3, bucket, _, config = locked_repo
     code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=config)
     assert code == 0, err
+    for seg in completed_segments(pg15, 1):
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
     code, report, err = pgdr("--json", "verify", "--cluster", "app", "--no-pg-verify", config=config)
     assert code == 0 and report["ok"], (report, err)
     # A new version written without retention (as by a tool that ignores the lock policy).
@@ -82,6 +84,13 @@ def test_verification_reports_an_object_that_lost_its_lock(pg15, locked_repo):
     fails = [(f["object"], f["check"]) for f in report["backups"][0]["failures"]]
     assert code == 1 and fails == [(part, "object_lock")], report
     assert "not locked" in report["backups"][0]["failures"][0]["detail"]
+    assert report["wal"]["failures"] == []
+    # The same for a WAL segment.
+    seg_key = s3.list_objects_v2(Bucket=bucket, Prefix="r/app/wal/00000001/")["Contents"][0]["Key"]
+    s3.put_object(Bucket=bucket, Key=seg_key, Body=s3.get_object(Bucket=bucket, Key=seg_key)["Body"].read())
+    code, report, _ = pgdr("--json", "verify", "--cluster", "app", "--no-pg-verify", config=config)
+    assert code == 1 and [(f["object"], f["check"]) for f in report["wal"]["failures"]] == \
+        [(seg_key[len("r/"):], "object_lock")], report
 
 
 def test_retention_skips_and_reports_locked_objects(pg15, locked_repo):

@@ -55,6 +55,40 @@ def pgdr(*args, config: Path | None = None, env: dict | None = None, check: bool
     return proc.returncode, data, proc.stderr
 
 
+def archive_repo(workdir: Path, tag: str, s3_server: str | None = None):
+    """A repository that archive_command, running as postgres, can write into: a postgres-owned directory,
+    or (given the S3 server) a fresh bucket."""
+    if s3_server is None:
+        import shutil
+
+        repo_dir = workdir / f"{tag}-repo"
+        (repo_dir / "app").mkdir(parents=True)
+        for d in (repo_dir, repo_dir / "app"):
+            shutil.chown(d, "postgres", "postgres")
+        return f"file://{repo_dir}"
+    import boto3
+
+    bucket = f"{tag}-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return {"url": f"s3://{bucket}/r", "endpoint_url": s3_server, "region": "us-east-1"}
+
+
+def switch_and_wait_archived(pg, timeout: float = 30) -> None:
+    """Switch WAL segments and wait until archive_command has archived the one switched away from;
+    fail, with the server log, if archiving ever failed."""
+    import time
+
+    pg.psql("select pg_switch_wal()")
+    want = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") or "") >= want:
+            break
+        time.sleep(0.1)
+    assert pg.psql("select failed_count from pg_stat_archiver") == "0", \
+        "archive_command failed:\n" + (pg.datadir / "server.log").read_text()[-3000:]
+
+
 def repo_snapshot(storage) -> dict:
     """{key: sha256} of every object: to prove an operation changed nothing."""
     import hashlib

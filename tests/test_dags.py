@@ -53,6 +53,12 @@ def connections(monkeypatch, pg, s3_server=None, capture_url=None):
             "conn_type": "pagerduty_events", "password": "routing-key-123"}))
 
 
+def dag_and_cli_configs(workdir, name, pg, repo):
+    """One repository seen two ways: the DAGs' config (Airflow connection) and the CLI's (a DSN)."""
+    return (write_config(workdir / f"{name}.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}}),
+            write_config(workdir / f"{name}-cli.yaml", {"app": {"dsn": pg.dsn, "repository": repo}}))
+
+
 def test_dag_integrity(monkeypatch, tmp_path):
     """Every DAG file imports with connection and variable lookups made to fail."""
     from airflow.dag_processing.dagbag import DagBag
@@ -277,8 +283,7 @@ def test_restore_dag_dry_run_real_refused_and_replaced(airflow_db, monkeypatch, 
 
     connections(monkeypatch, pg15)
     repo = f"file://{workdir}/restoredag-repo"
-    config = write_config(workdir / "restoredag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
-    cli = write_config(workdir / "restoredag-cli.yaml", {"app": {"dsn": pg15.dsn, "repository": repo}})
+    config, cli = dag_and_cli_configs(workdir, "restoredag", pg15, repo)
     code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=cli)
     assert code == 0, err
     before = table_hashes(pg15)
@@ -341,8 +346,7 @@ def test_verify_dag_passes_then_names_the_damage(airflow_db, monkeypatch, pg18, 
 
     connections(monkeypatch, pg18)
     repo = f"file://{workdir}/verifydag-repo"
-    config = write_config(workdir / "verifydag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
-    cli = write_config(workdir / "verifydag-cli.yaml", {"app": {"dsn": pg18.dsn, "repository": repo}})
+    config, cli = dag_and_cli_configs(workdir, "verifydag", pg18, repo)
     code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=cli)
     assert code == 0, err
     dag = load_dag_module(monkeypatch, config, "pgdr_verify").pgdr_app_verify
@@ -397,7 +401,7 @@ def test_encrypted_backup_dag_takes_its_keyring_from_an_airflow_connection(airfl
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEYS", json.dumps({"conn_type": "generic", "password": f"{k1},{k2}"}))
     monkeypatch.delenv("PGDR_KEYRING", raising=False)
     repo = {"url": f"file://{workdir}/encdag-repo", "encryption": {"conn_id": "pgdr_keys"}}
-    config = write_config(workdir / "encdag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo}})
+    config, cli = dag_and_cli_configs(workdir, "encdag", pg15, repo)
     before = table_hashes(pg15)
     run = load_dag_module(monkeypatch, config).pgdr_app_backup.test()
     assert run.state == "success"
@@ -407,7 +411,6 @@ def test_encrypted_backup_dag_takes_its_keyring_from_an_airflow_connection(airfl
     assert verify.test(run_conf={"scope": "all"}).state == "success"
 
     # Airflow down: the CLI restores with the same keyring from the environment, and only with it.
-    cli = write_config(workdir / "encdag-cli.yaml", {"app": {"dsn": pg15.dsn, "repository": repo}})
     code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
     assert listing["backups"][0]["key_id"] == "ops-2026b"  # the newest key listed encrypts
     code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--pgdata", workdir / "encdag-nokey", config=cli)

@@ -9,11 +9,10 @@ import base64
 import itertools
 import os
 import sys
-import time
 
 import pytest
 
-from helpers import pgdr, repo_snapshot, table_hashes, write_config
+from helpers import archive_repo, pgdr, repo_snapshot, switch_and_wait_archived, table_hashes, write_config
 from pgdr.crypto import Keyring, generate_key
 from pgdr.sandbox import SandboxCluster, free_port
 from test_backup_restore import socket_dir, storage_of
@@ -34,21 +33,17 @@ def rows(cluster) -> list[str]:
 def encrypted(workdir, s3_server):
     """PostgreSQL 18 archiving encrypted WAL (archive_command = pgdr wal-push) into an S3 bucket,
     one encrypted backup, then more committed rows that only the WAL holds."""
-    import boto3
-
     from conftest import _bins
+    from pgdr.pgbin import user_ids
 
-    bucket = f"enc-{os.getpid()}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     keyfile = workdir / "enc-keyring"
     keyfile.write_text(K1 + "\n")
-    os.chown(keyfile, *__import__("pgdr.pgbin", fromlist=["user_ids"]).user_ids("postgres"))
+    os.chown(keyfile, *user_ids("postgres"))
     keyfile.chmod(0o600)
     pg = SandboxCluster(_bins(18), workdir / "enc18" / "data", free_port())
     config = write_config(workdir / "enc.yaml", {"app": {
         "dsn": pg.dsn, "backup_wal": "archive",
-        "repository": {"url": f"s3://{bucket}/r", "endpoint_url": s3_server, "region": "us-east-1",
-                       "encryption": {"key_env": "PGDR_KEYRING"}}}})
+        "repository": {**archive_repo(workdir, "enc", s3_server), "encryption": {"key_env": "PGDR_KEYRING"}}}})
     config.chmod(0o644)
     # The server's archive_command finds its keyring the way an operator would set it: the variable names a file.
     archive = f"PGDR_KEYRING=file:{keyfile} {sys.executable} -m pgdr --config {config} -q wal-push --cluster app %p"
@@ -60,13 +55,7 @@ def encrypted(workdir, s3_server):
     assert code == 0, err
     pg.psql("insert into t select g, 'after the backup' from generate_series(501, 600) g", dbname="app")
     expected = rows(pg)
-    pg.psql("select pg_switch_wal()")
-    want = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
-    for _ in range(300):
-        if (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") or "") >= want:
-            break
-        time.sleep(0.1)
-    assert pg.psql("select failed_count from pg_stat_archiver") == "0", (pg.datadir / "server.log").read_text()[-2000:]
+    switch_and_wait_archived(pg)
     yield pg, config, backup, expected
     pg.destroy()
 

@@ -5,14 +5,13 @@ what had committed at that point."""
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import sys
 import time
 
 import pytest
 
-from helpers import pgdr, write_config
+from helpers import archive_repo, pgdr, switch_and_wait_archived, write_config
 from pgdr.sandbox import SandboxCluster, free_port
 from test_backup_restore import socket_dir
 
@@ -31,19 +30,7 @@ def history(request, workdir):
     from conftest import _bins
 
     tag = f"pitr{major}"
-    if major == 15:
-        repo_dir = workdir / f"{tag}-repo"
-        (repo_dir / "app").mkdir(parents=True)
-        for d in (repo_dir, repo_dir / "app"):
-            shutil.chown(d, "postgres", "postgres")
-        repo = f"file://{repo_dir}"
-    else:
-        server = request.getfixturevalue("s3_server")
-        import boto3
-
-        bucket = f"pitr-{os.getpid()}"
-        boto3.client("s3", endpoint_url=server, region_name="us-east-1").create_bucket(Bucket=bucket)
-        repo = {"url": f"s3://{bucket}/r", "endpoint_url": server, "region": "us-east-1"}
+    repo = archive_repo(workdir, tag, None if major == 15 else request.getfixturevalue("s3_server"))
     pg = SandboxCluster(_bins(major), workdir / tag / "data", free_port())
     config = write_config(workdir / f"{tag}.yaml", {"app": {"dsn": pg.dsn, "repository": repo}})
     config.chmod(0o644)
@@ -72,15 +59,7 @@ def history(request, workdir):
     marks["expected"]["step2"] = rows(pg)
     step(3)
     marks["expected"]["step3"] = rows(pg)
-    pg.psql("select pg_switch_wal()")
-    current = pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
-    for _ in range(300):
-        last = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver")
-        if last and last >= current[:24] or last >= pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)"):
-            break
-        time.sleep(0.1)
-    failed = pg.psql("select failed_count from pg_stat_archiver")
-    assert failed == "0", "archive_command failed:\n" + (pg.datadir / "server.log").read_text()[-3000:]
+    switch_and_wait_archived(pg)
     yield pg, config, marks
     pg.destroy()
 

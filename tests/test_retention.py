@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -124,30 +123,17 @@ def test_expire_real_backups_keeps_pins_fails_closed_and_restores_still_work(pg1
 def test_after_expiry_the_oldest_point_in_the_window_still_restores(backend, workdir, request):
     """Real backups and archived WAL; expire with the clock a day on; then a point-in-time restore to the very
     start of the recovery window must hold exactly what had committed by then."""
-    import shutil
     import sys
     import time
     from datetime import datetime as dt
 
     from conftest import _bins
-    from helpers import pgdr, write_config
+    from helpers import archive_repo, pgdr, switch_and_wait_archived, write_config
     from pgdr.sandbox import SandboxCluster, free_port
     from test_backup_restore import socket_dir, storage_of
 
     tag = f"window-{backend}"
-    if backend == "file":
-        repo_dir = workdir / f"{tag}-repo"
-        (repo_dir / "app").mkdir(parents=True)
-        for d in (repo_dir, repo_dir / "app"):
-            shutil.chown(d, "postgres", "postgres")
-        repo = f"file://{repo_dir}"
-    else:
-        import boto3
-
-        server = request.getfixturevalue("s3_server")
-        bucket = f"{tag}-{os.getpid()}"
-        boto3.client("s3", endpoint_url=server, region_name="us-east-1").create_bucket(Bucket=bucket)
-        repo = {"url": f"s3://{bucket}/r", "endpoint_url": server, "region": "us-east-1"}
+    repo = archive_repo(workdir, tag, None if backend == "file" else request.getfixturevalue("s3_server"))
     pg = SandboxCluster(_bins(15), workdir / tag / "data", free_port())
     config = write_config(workdir / f"{tag}.yaml", {"app": {"dsn": pg.dsn, "repository": repo,
                                                             "retention_window_days": 1, "retention_min_full": 1}})
@@ -175,12 +161,7 @@ def test_after_expiry_the_oldest_point_in_the_window_still_restores(backend, wor
         time.sleep(1.5)
         backup("20261122-000000F")  # inside the window
         step("s2", (21, 30))
-        pg.psql("select pg_switch_wal()")
-        want = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
-        for _ in range(300):
-            if (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") or "") >= want:
-                break
-            time.sleep(0.1)
+        switch_and_wait_archived(pg)
 
         window_start = t1 + timedelta(seconds=0.7)
         now = window_start + timedelta(days=1)

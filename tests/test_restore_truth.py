@@ -85,6 +85,7 @@ def copy_repo(world, workdir, tamper=None, **repo_extra) -> Path:
     tag = f"truth-copy-{next(_n)}"
     dest = workdir / tag
     shutil.copytree(world["repo"], dest)
+    subprocess.run(["chown", "-R", "postgres:postgres", str(dest)], check=True)  # restore_command runs as postgres
     if tamper:
         tamper(dest)
     config = write_config(workdir / f"{tag}.yaml", {"app": {"repository": {"url": f"file://{dest}", **repo_extra}}})
@@ -102,12 +103,12 @@ def corrupt(name):
     """Change one byte of the segment's WAL and store it again under the same name (so its SHA-256 no longer
     matches): what bit rot or a bad copy looks like."""
     def tamper(repo: Path):
-        import zstandard
+        from pgdr.compression import compress_stream, decompress_stream
 
         path = segment_file(repo, name)
-        data = bytearray(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
+        data = bytearray(b"".join(decompress_stream([path.read_bytes()], "zstd")))
         data[len(data) // 3] ^= 0xFF
-        path.write_bytes(zstandard.ZstdCompressor().compress(bytes(data)))
+        path.write_bytes(b"".join(compress_stream([bytes(data)], "zstd", 3)))
     return tamper
 
 
@@ -127,14 +128,13 @@ def missing(name):
 def sealed_with_a_foreign_key(name):
     """The segment re-stored encrypted with a master key the restore's keyring does not hold."""
     def tamper(repo: Path):
-        import zstandard
-
+        from pgdr.compression import decompress_stream
         from pgdr.crypto import Keyring, generate_key
         from pgdr.storage.file import FileStorage
         from pgdr.wal import WalArchive
 
         path = segment_file(repo, name)
-        data = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+        data = b"".join(decompress_stream([path.read_bytes()], "zstd"))
         storage = FileStorage(repo)
         storage.keyring, storage.encrypt = Keyring.parse(generate_key("lost-key"), "test"), True
         sealed = b"".join(WalArchive(storage, "app")._pack(data, name))

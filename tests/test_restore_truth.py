@@ -305,18 +305,25 @@ class CuttableProxy:
                 s.close()
 
 
-@pytest.mark.parametrize("kind", ["latest", "time"])
-def test_the_s3_server_going_away_during_recovery_fails_the_restore(world, workdir, s3_server, kind):
+@pytest.fixture(scope="module")
+def s3_copy(world, s3_server):
+    """The world's repository, copied into a bucket of the S3 server."""
     import boto3
 
-    middle = world["segment"][2]
-    bucket = f"truth-cut-{next(_n)}-{os.getpid()}"
+    bucket = f"truth-s3-{world['major']}-{os.getpid()}"
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
     for path in sorted(p for p in world["repo"].rglob("*") if p.is_file()):
         s3.put_object(Bucket=bucket, Key="r/" + path.relative_to(world["repo"]).as_posix(), Body=path.read_bytes())
+    return bucket
+
+
+@pytest.mark.parametrize("kind", ["latest", "time"])
+def test_the_s3_server_going_away_during_recovery_fails_the_restore(world, workdir, s3_server, s3_copy, kind):
+    middle = world["segment"][2]
+    bucket = s3_copy
     proxy = CuttableProxy(s3_server, middle)
-    config = write_config(workdir / f"{bucket}.yaml", {"app": {"repository": {
+    config = write_config(workdir / f"truth-cut-{next(_n)}.yaml", {"app": {"repository": {
         "url": f"s3://{bucket}/r", "endpoint_url": proxy.url, "region": "us-east-1"}}})
     config.chmod(0o644)
     try:

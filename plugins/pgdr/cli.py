@@ -24,7 +24,8 @@ log = logging.getLogger("pgdr")
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="configuration file (default: $PGDR_CONFIG or include/pgdr.yaml)",
+    common.add_argument("--config", help="configuration file (default: $PGDR_CONFIG, else /etc/pgdr/pgdr.yaml, else the "
+                             "checkout's include/pgdr.yaml)",
                         default=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the result as JSON on stdout")
@@ -37,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name, help_):
-        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        # argparse %-formats help strings (not descriptions): a literal %p would crash `pgdr --help`.
+        # An internal command (help_ None) is left out of the command list.
+        kw = {"help": help_.replace("%", "%%"), "description": help_} if help_ else {}
+        sp = sub.add_parser(name, parents=[common], **kw)
         sp.add_argument("--cluster", required=True, help="cluster name from the configuration")
         return sp
 
@@ -103,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("dest", help="where to write it (%%p)")
     wf.add_argument("--prefetch", type=int, default=4, metavar="N",
                     help="download the next N segments in the background meanwhile (default 4; 0: off)")
-    pf = cmd("wal-prefetch", argparse.SUPPRESS)  # internal: started by wal-fetch
+    pf = cmd("wal-prefetch", None)  # internal: started by wal-fetch
     pf.add_argument("after")
     pf.add_argument("directory")
     pf.add_argument("--count", type=int, default=4)

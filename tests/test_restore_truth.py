@@ -387,3 +387,52 @@ def test_wal_fetch_exit_codes(world, workdir):
     proc = subprocess.run([sys.executable, "-m", "pgdr", "--config", str(good), "wal-fetch", "--cluster", "app"],
                           capture_output=True, text=True)
     assert proc.returncode == FETCH_FAILED  # usage: %f and %p missing
+
+
+# --- the measurement itself, without a server -------------------------------------------------------------
+
+def _plan(expected: str):
+    from pgdr.recovery import RecoveryPlan
+
+    return RecoveryPlan(backup="20261125-000000F", backup_stop_lsn="0/2000100", backup_stop_time="", timeline=1,
+                        wal_from="0/2000100", wal_to=None, archived_lsn=expected, reachable="", expected_lsn=expected)
+
+
+def test_a_promotion_short_of_the_newest_archived_segment_is_a_failure():
+    """Whatever made PostgreSQL end recovery early (a restore_command that said "not archived" for a file the
+    archive holds), a `latest` restore that stopped before the last archived segment is recovery_short."""
+    from pgdr.errors import RecoveryShort
+    from pgdr.recovery import RecoveryOutcome, RecoveryTarget, measure_recovery
+
+    latest = RecoveryTarget("latest")
+    with pytest.raises(RecoveryShort) as short:
+        measure_recovery(_plan("0/6000000"), latest, RecoveryOutcome("promoted", reached_lsn="0/4000000"))
+    assert short.value.to_dict()["reached_lsn"] == "0/4000000" and short.value.expected_lsn == "0/6000000"
+    assert short.value.segment == "000000010000000000000004" and "000000010000000000000005" in str(short.value)
+    # Into the last archived segment (a record ending exactly at its end, or a partial's safe LSN): reached.
+    measure_recovery(_plan("0/6000000"), latest, RecoveryOutcome("promoted", reached_lsn="0/6000000"))
+    measure_recovery(_plan("0/6000000"), latest, RecoveryOutcome("promoted", reached_lsn="0/5FFFFD8"))
+    measure_recovery(_plan("0/5123456"), latest, RecoveryOutcome("promoted", reached_lsn="0/5100000"))
+    with pytest.raises(RecoveryShort):
+        measure_recovery(_plan("0/5123456"), latest, RecoveryOutcome("promoted", reached_lsn="0/5000000"))
+    with pytest.raises(RecoveryShort):  # not measured is not reached
+        measure_recovery(_plan("0/6000000"), latest, RecoveryOutcome("promoted"))
+    # Targets: PostgreSQL must say it stopped there; an LSN target may also be passed.
+    name = RecoveryTarget("name", "before_upgrade")
+    with pytest.raises(RecoveryShort):
+        measure_recovery(_plan("0/6000000"), name, RecoveryOutcome("promoted", reached_lsn="0/5000000"))
+    measure_recovery(_plan("0/6000000"), name, RecoveryOutcome("promoted", reached_lsn="0/5000000",
+                                                               stopped_at='at restore point "before_upgrade"'))
+    lsn = RecoveryTarget("lsn", "0/5000100")
+    measure_recovery(_plan("0/6000000"), lsn, RecoveryOutcome("paused", reached_lsn="0/5000200"))
+    with pytest.raises(RecoveryShort) as short:
+        measure_recovery(_plan("0/6000000"), lsn, RecoveryOutcome("paused", reached_lsn="0/5000000"))
+    assert short.value.expected_lsn == "0/5000100"
+
+
+def test_archive_times_round_up():
+    from pgdr.wal import archive_stamp, parse_archived_at
+
+    t = datetime(2026, 11, 25, 14, 3, 0, 1, tzinfo=timezone.utc)
+    assert archive_stamp(t) == "20261125T140301Z" and parse_archived_at(archive_stamp(t)) >= t
+    assert archive_stamp(t.replace(microsecond=0)) == "20261125T140300Z"

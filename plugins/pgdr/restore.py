@@ -205,7 +205,7 @@ def _recover(bins, target: Path, plan: RecoveryPlan, recovery_target: RecoveryTa
 def _server_processes(target: Path) -> list[int]:
     """Processes working in ``target``: the postmaster and its children chdir into the data directory, and
     restore_command (wal-fetch and its prefetchers) starts there."""
-    out = []
+    out, target = [], target.resolve()
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue

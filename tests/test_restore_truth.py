@@ -346,7 +346,8 @@ def test_a_time_after_the_newest_archived_wal_is_refused_before_anything_is_writ
     when = (datetime.now(timezone.utc) - timedelta(seconds=0.2)).isoformat()
     dest = workdir / f"truth-never-{next(_n)}"
     code, out, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port",
-                          free_port(), "--target-time", when, config=copy_repo(world, workdir))
+                          free_port(), "--socket-dir", socket_dir(workdir), "--target-time", when,
+                          config=copy_repo(world, workdir))
     assert code == 1 and out["error"] == "restore_refused", err
     assert "after the newest archived WAL" in out["message"] and "reachable: from" in out["message"], out
     assert not dest.exists()

@@ -332,7 +332,7 @@ def wait_for_recovery(log_file: Path, action: str, is_running, timeout: float = 
     raise PgdrError(f"recovery did not reach its target within {timeout:.0f} s; see {log_file}")
 
 
-FETCH_FAILED = re.compile(r'could not restore file "([0-9A-F]{24})(?:\.partial)?" from archive')
+FETCH_FAILED = re.compile(r'could not restore file "([^"/]+)" from archive')
 NOT_REACHED = "recovery ended before configured recovery target was reached"
 
 
@@ -343,12 +343,15 @@ def _raise_short(text: str, fatal: list[str], outcome: RecoveryOutcome) -> None:
     pgdr_errors = [ln.split(" ERROR ", 1)[-1].strip() for ln in text.splitlines() if "pgdr ERROR" in ln]
     if failed:
         segment = failed[-1]
+        why = f" ({pgdr_errors[-1]})" if pgdr_errors else ""
+        if not re.fullmatch(r"[0-9A-F]{24}", segment):  # a timeline history file
+            raise RecoveryShort(f"recovery stopped: {segment} could not be fetched from the archive{why}",
+                                reached_lsn=outcome.reached_lsn, segment=segment)
         tli, segno = parse_segment(segment)
         at_most = format_lsn(segno * SEG_SIZE)
         raise RecoveryShort(
-            f"recovery stopped: WAL segment {segment} could not be fetched from the archive"
-            + (f" ({pgdr_errors[-1]})" if pgdr_errors else "")
-            + f"; replay reached at most LSN {at_most}, the start of that segment",
+            f"recovery stopped: WAL segment {segment} could not be fetched from the archive{why}"
+            f"; replay reached at most LSN {at_most}, the start of that segment",
             reached_lsn=outcome.reached_lsn or at_most, segment=segment)
     if any(NOT_REACHED in ln for ln in fatal):
         raise RecoveryShort(

@@ -203,17 +203,25 @@ def _recover(bins, target: Path, plan: RecoveryPlan, recovery_target: RecoveryTa
 
 
 def _server_processes(target: Path) -> list[int]:
-    """Processes working in ``target``: the postmaster and its children chdir into the data directory, and
-    restore_command (wal-fetch and its prefetchers) starts there."""
+    """The restored server's processes: PostgreSQL's, and pgdr's restore_command (wal-fetch and its
+    prefetchers), running as the directory's owner with their working directory in it (the postmaster and its
+    children chdir into the data directory; restore_command starts there). Nobody else's."""
     out, target = [], target.resolve()
+    try:
+        owner = target.stat().st_uid
+    except OSError:
+        return out
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cwd = Path(os.readlink(entry / "cwd"))
+            uid = entry.stat().st_uid
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if cwd == target or target in cwd.parents:
+        if (cwd == target or target in cwd.parents) and uid == owner and (b"postgres" in cmdline
+                                                                           or b"pgdr" in cmdline):
             out.append(int(entry.name))
     return out
 

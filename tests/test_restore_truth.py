@@ -437,3 +437,27 @@ def test_archive_times_round_up():
     t = datetime(2026, 11, 25, 14, 3, 0, 1, tzinfo=timezone.utc)
     assert archive_stamp(t) == "20261125T140301Z" and parse_archived_at(archive_stamp(t)) >= t
     assert archive_stamp(t.replace(microsecond=0)) == "20261125T140300Z"
+
+
+def test_the_archive_time_of_the_newest_wal_counts_a_streamed_partial_and_not_legacy_names(tmp_path):
+    from pgdr.lsn import parse_lsn
+    from pgdr.storage.file import FileStorage
+    from pgdr.wal import ARCHIVED, WalArchive
+
+    archive = WalArchive(FileStorage(tmp_path / "r"), "app")
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    result = archive._push_bytes("000000010000000000000003", b"wal" * 100)
+    assert ARCHIVED.match(result.key.rsplit("/", 1)[-1]).group("at")
+    lsn, when = archive.archived_by(1)
+    assert lsn == 4 * 16 * 1024 * 1024 and before <= when <= datetime.now(timezone.utc) + timedelta(seconds=1)
+    partial = tmp_path / "000000010000000000000004.partial"
+    partial.write_bytes(b"more" * 100)
+    archive.push_partial(partial, parse_lsn("0/4001000"))
+    lsn, when_partial = archive.archived_by(1)
+    assert lsn == parse_lsn("0/4001000") and when_partial >= before  # its upload time
+    assert archive.archived_by(2) is None
+    # A newer segment archived before archive times were recorded: the bound is unknown, not the older one.
+    legacy = WalArchive(FileStorage(tmp_path / "legacy"), "app")
+    legacy._push_bytes("000000010000000000000003", b"wal" * 100)
+    legacy.storage.put_bytes("app/wal/00000001/000000010000000000000005." + "0" * 64 + ".zst", b"")
+    assert legacy.archived_by(1) is None

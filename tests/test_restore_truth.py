@@ -461,3 +461,14 @@ def test_the_archive_time_of_the_newest_wal_counts_a_streamed_partial_and_not_le
     legacy._push_bytes("000000010000000000000003", b"wal" * 100)
     legacy.storage.put_bytes("app/wal/00000001/000000010000000000000005." + "0" * 64 + ".zst", b"")
     assert legacy.archived_by(1) is None
+
+
+def test_a_restore_command_that_cannot_work_is_refused_before_anything_is_written(world, workdir):
+    """The configuration readable by root only: every wal-fetch of the started server would fail, so the
+    restore refuses before writing (it used to restore, replay nothing and report success)."""
+    config = copy_repo(world, workdir)
+    config.chmod(0o600)
+    code, out, err, dest, port = restore(config, workdir, "--target", "latest")
+    assert code == 1 and out["error"] == "restore_refused", err
+    assert "restore_command" in out["message"] and "as user postgres" in out["message"], out
+    assert not dest.exists()

@@ -128,6 +128,8 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
              manifest.label, cluster.name, manifest.pg_version_text, manifest.size / 1e6,
              storage.describe(), target)
     require_key(repo, manifest)
+    if recovery_target is not None and start:
+        _check_restore_command(config_path, cluster.name, owner if uid_gid else None, _server_env(cluster, storage))
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -200,6 +202,27 @@ def _recover(bins, target: Path, plan: RecoveryPlan, recovery_target: RecoveryTa
     log.info("recovery %s at LSN %s (last transaction %s); expected %s", outcome.state, outcome.reached_lsn,
              outcome.reached_time, plan.expected_lsn)
     return {"plan": plan.to_dict(), **outcome.to_dict(), "expected_lsn": plan.expected_lsn}
+
+
+def _check_restore_command(config_path: str | None, cluster: str, user: str | None, env: dict | None) -> None:
+    """Before anything is written: the restored server's restore_command (pgdr wal-fetch, as the server's
+    user, with its environment) must be able to start, read the configuration and reach the repository.
+    It is asked for a file no archive holds (timeline 0's history); only "not archived" (1) is the answer of
+    a working command — anything else would stop recovery at its first segment."""
+    import sys
+
+    cmd = [sys.executable, "-m", "pgdr"] + (["--config", str(Path(config_path).absolute())] if config_path else [])
+    cmd += ["-q", "wal-fetch", "--cluster", cluster, "--prefetch", "0", "00000000.history", "/nonexistent/pgdr-check"]
+    try:
+        proc = subprocess.run(as_user(cmd, user), capture_output=True, text=True, env=env, cwd="/", timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RestoreRefused(f"the restored server's restore_command cannot run: {e}; nothing was written") from None
+    if proc.returncode != 1:
+        detail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise RestoreRefused(
+            f"the restored server's restore_command (pgdr wal-fetch{f' as user {user}' if user else ''}) fails: "
+            f"exit {proc.returncode}: {detail}; recovery could not fetch any WAL. Make pgdr and its configuration "
+            "readable by that user; nothing was written")
 
 
 def _server_processes(target: Path) -> list[int]:

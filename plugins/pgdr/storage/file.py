@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,6 +21,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: Path, root: Path) -> None:
+    """Create path and its missing parents, each made durable: a new directory's entry lives in its
+    parent, so every parent of a directory we create is fsynced, up to and including the root's."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p == root or p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        fsync_dir(d)
+        fsync_dir(d.parent)
 
 
 class FileStorage(Storage):
@@ -40,7 +60,7 @@ class FileStorage(Storage):
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         written = 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent, self.root)
             with open(tmp, "wb") as f:
                 for chunk in chunks:
                     f.write(chunk)
@@ -61,7 +81,7 @@ class FileStorage(Storage):
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent, self.root)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -99,18 +119,22 @@ class FileStorage(Storage):
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         out = []
         try:
-            walker = os.walk(base, onerror=_raise)
-            for dirpath, dirnames, filenames in walker:
+            # A directory or file deleted while we walk (expiry, a lock's clean-up) is skipped; any other
+            # error fails the listing, never an empty one.
+            for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
                 dirnames.sort()
                 for name in filenames:
                     if TMP_MARK in name and name.startswith("."):
                         continue
                     full = Path(dirpath) / name
                     key = full.relative_to(self.root).as_posix()
-                    if key.startswith(prefix):
-                        out.append(ObjectInfo(key, full.stat().st_size))
-        except FileNotFoundError:
-            return []
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
         except OSError as e:
             raise self._error("list", prefix, e) from e
         return sorted(out, key=lambda o: o.key)

@@ -78,3 +78,23 @@ def test_stream_mode_check_reports_the_slot_against_the_archive(pg15, tmp_path):
     code, report, _ = pgdr("--json", "check", "--cluster", "checkslot", config=config)
     checks = {c["name"]: c for c in report["checks"]}
     assert code == 1 and not checks["replication_slot"]["ok"] and "is missing" in checks["replication_slot"]["detail"]
+
+
+def test_a_wal_segment_size_other_than_16_mib_is_refused_by_check(workdir):
+    from conftest import _bins
+    from pgdr.pgbin import as_user
+
+    pg = SandboxCluster(_bins(15), workdir / "check-segsize" / "data", free_port())
+    pg.init()
+    subprocess.run(as_user([pg.bins.tool("pg_resetwal"), "--wal-segsize=32", "-D", str(pg.datadir)], pg.user),
+                   check=True, capture_output=True)
+    pg.start()
+    try:
+        config = write_config(workdir / "check-segsize" / "pgdr.yaml", {"app": {
+            "dsn": pg.dsn, "repository": f"file://{workdir}/check-segsize/repo"}})
+        code, report, _ = pgdr("--json", "check", "--cluster", "app", config=config)
+        seg = {c["name"]: c for c in report["checks"]}["wal_segment_size"]
+        assert code == 1 and not seg["ok"] and seg["critical"]
+        assert "33554432" in seg["detail"] and "16 MiB segments only" in seg["detail"]
+    finally:
+        pg.destroy()

@@ -218,15 +218,21 @@ def _push_probe(cluster: ClusterConfig, s: dict) -> tuple:
     if proc.returncode == 0:
         return ("push_probe", True, f"as {user} (the server's OS user), archive_command's pgdr wrote, read back "
                 "and deleted a probe object where wal-push writes")
-    why = ""
+    why, kind = "", None
     try:
         doc = json.loads(proc.stdout)
-        why = doc.get("detail") or doc.get("message") or ""
-    except ValueError:
+        why, kind = doc.get("detail") or doc.get("message") or "", doc.get("error")
+    except (ValueError, AttributeError):
         pass
     why = why or (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    hint = ("it cannot run pgdr (install it where that user can execute it)" if proc.returncode in (126, 127)
-            else f"the repository is not writable by {user}")
+    if proc.returncode in (126, 127):
+        hint = f"{user} cannot run pgdr (install it where that user can execute it)"
+    elif kind in ("config", "usage"):
+        hint = f"{user} cannot use pgdr's configuration (is the file readable by {user}?)"
+    elif kind == "key_unavailable":
+        hint = f"{user}'s environment lacks the keyring"
+    else:
+        hint = f"the repository is not writable by {user}"
     return ("push_probe", False, f"as {user} (the server's OS user), `{' '.join(prefix)} probe-write` failed "
             f"(exit {proc.returncode}): {why} — {hint}, so archive_command fails on every segment")
 

@@ -164,6 +164,35 @@ def test_a_heartbeat_that_finds_its_lock_taken_over_stops(storage, monkeypatch):
     ClusterLock(storage, KEY, "after").acquire().release()  # released for real: free again
 
 
+class _StoreUnreachable:
+    """The real storage, until the network to it goes away."""
+
+    def __init__(self, storage):
+        self._s, self.down = storage, False
+
+    def __getattr__(self, name):
+        attr = getattr(self._s, name)
+        if self.down and name in ("put_if_absent", "put_bytes", "get_bytes", "list"):
+            def fail(*args, **kwargs):
+                raise RepositoryError("cannot reach the repository: Connection timed out")
+            return fail
+        return attr
+
+
+def test_a_holder_that_cannot_renew_for_half_the_stale_time_gives_up_before_anyone_may_take_over(tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setattr(lockmod, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(lockmod, "STALE_AFTER", timedelta(seconds=1))
+    flaky = _StoreUnreachable(open_storage(RepositoryConfig(url=f"file://{tmp_path}/repo")))
+    holder = ClusterLock(flaky, KEY, "backup A").acquire()
+    flaky.down = True
+    assert holder.lost.wait(30), "the holder kept going without a renewed lock"
+    assert "could not renew" in holder.lost_reason
+    with pytest.raises(LockedError):
+        holder.renew()
+    holder.release()
+
+
 # --- a backup held open by a pg_basebackup wrapper ---------------------------------------------------------
 
 def _slow_bin_dir(pg, where: Path) -> Path:

@@ -238,6 +238,8 @@ def _push_probe(cluster: ClusterConfig, s: dict) -> tuple:
 
 
 def _slot_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> tuple:
+    """The slot against the archive. A gap is reported but not critical: it does not stop a backup, and a
+    new full backup is its remedy (the WAL DAG alerts on it)."""
     from pgdr.lsn import format_lsn, parse_lsn
     from pgdr.walstream import slot_info, slot_name
     from pgdr.wal import WalArchive
@@ -246,20 +248,21 @@ def _slot_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> tup
         slot = slot_info(conn, slot_name(cluster.name))
         newest = WalArchive(storage, cluster.name).newest_lsn()
     except PgdrError as e:
-        return "replication_slot", False, str(e)
+        return "replication_slot", False, str(e), False
     if not slot.exists:
         if newest is None:
             return ("replication_slot", True, f"slot {slot.name} does not exist yet; the first WAL run creates it")
         return ("replication_slot", False, f"slot {slot.name} is missing, but the archive holds WAL up to "
                 f"{format_lsn(newest)}: WAL written since then may be gone from the server; take a full backup "
-                "and let the WAL run create the slot again")
+                "and let the WAL run create the slot again", False)
     if slot.wal_status == "lost":
         return ("replication_slot", False, f"slot {slot.name} was invalidated (wal_status lost): WAL after "
                 f"{format_lsn(newest) if newest is not None else 'the archive'} is gone; take a full backup and "
-                f"recreate the slot (select pg_drop_replication_slot('{slot.name}'))")
+                f"recreate the slot (select pg_drop_replication_slot('{slot.name}'))", False)
     if newest is not None and slot.restart_lsn and parse_lsn(slot.restart_lsn) > newest:
         return ("replication_slot", False, f"slot {slot.name} starts at {slot.restart_lsn}, past the newest "
-                f"archived WAL {format_lsn(newest)}: the WAL between is neither on the server nor in the archive")
+                f"archived WAL {format_lsn(newest)}: the WAL between is neither on the server nor in the archive; take a "
+                "full backup", False)
     return ("replication_slot", True, f"slot {slot.name}: {slot.wal_status or 'unused'}, restart_lsn "
             f"{slot.restart_lsn or '-'}, archive up to {format_lsn(newest) if newest is not None else '(empty)'}")
 

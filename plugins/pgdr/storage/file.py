@@ -55,13 +55,23 @@ class FileStorage(Storage):
     def _error(self, action: str, key: str, e: OSError) -> RepositoryError:
         return RepositoryError(f"cannot {action} {self.url}/{key}: {e.strerror or e}")
 
+    def _create(self, tmp: Path):
+        """Open a new temporary file, creating (durably) the directories it needs. A concurrent delete
+        tidies empty directories away; if it takes ours between mkdir and open, make them again."""
+        for attempt in range(5):
+            try:
+                make_dirs(tmp.parent, self.root)
+                return open(tmp, "wb")
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+
     def put_stream(self, key: str, chunks: Iterable[bytes], *, lock: bool = False) -> int:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         written = 0
         try:
-            make_dirs(path.parent, self.root)
-            with open(tmp, "wb") as f:
+            with self._create(tmp) as f:
                 for chunk in chunks:
                     f.write(chunk)
                     written += len(chunk)
@@ -81,8 +91,7 @@ class FileStorage(Storage):
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            make_dirs(path.parent, self.root)
-            with open(tmp, "wb") as f:
+            with self._create(tmp) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

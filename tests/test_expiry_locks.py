@@ -269,11 +269,11 @@ def test_expire_while_a_backup_with_an_old_label_runs(pg15, workdir, tmp_path):
         restored.destroy()
 
 
-def test_a_backup_whose_lock_is_taken_over_stops_and_commits_nothing(pg15, tmp_path, monkeypatch):
+def test_a_backup_whose_lock_is_taken_over_stops_and_commits_nothing(pg15, repo_url, tmp_path, monkeypatch):
     monkeypatch.setattr(lockmod, "HEARTBEAT_SECONDS", 0.2)
     slow = tmp_path / "slow"
     config = write_config(tmp_path / "pgdr.yaml", {"app": {
-        "dsn": pg15.dsn, "repository": f"file://{tmp_path}/repo", "pg_bin_dir": str(_slow_bin_dir(pg15, slow))}})
+        "dsn": pg15.dsn, "repository": repo_url, "pg_bin_dir": str(_slow_bin_dir(pg15, slow))}})
     label = "20261125-030000F"
     thread, out, storage = _backup_in_thread(config, label, part_size=4 * 1024 * 1024)
     taker = None

@@ -93,12 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
     e = cmd("expire", "delete what the retention policy no longer needs (oldest first; fails closed)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and its reasons; delete nothing")
-    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now")
+    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now (a future time only with "
+                                                    "--dry-run)")
     k = cmd("keep", "pin a backup (and the WAL it needs) against retention: a legal hold")
     k.add_argument("--backup", required=True, help="label or 'latest'")
     k.add_argument("--until", metavar="DATE", help="pin until this date/time (ISO 8601); default: indefinitely")
     u = cmd("unkeep", "remove a backup's pin")
     u.add_argument("--backup", required=True, help="label or 'latest'")
+    cmd("probe-write", "write, read back and delete a probe object where wal-push writes (pgdr check runs it as "
+                       "the server's OS user in push mode)")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
@@ -149,6 +152,13 @@ def run(args) -> object:
         if not report.ok:
             args._exit = 1
         return report
+    if args.command == "probe-write":
+        from pgdr.check import write_probe
+
+        item = write_probe(cluster, storage)
+        if not item.ok:
+            args._exit = 1
+        return item
     if args.command == "backup":
         from pgdr.backup import run_backup
 

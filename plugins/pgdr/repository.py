@@ -1,7 +1,7 @@
 """The repository layout, per cluster, on any storage backend.
 
     <cluster>/cluster.json                     system identifier and version, written once
-    <cluster>/lock.json                        held while a backup runs
+    <cluster>/lock/<generation>.json           the cluster lock, held by a backup or an expiry (pgdr.lock)
     <cluster>/backup/<label>/base.tar.NNNNN.zst   the pg_basebackup tar stream, in parts
     <cluster>/backup/<label>/backup_manifest   PostgreSQL's own manifest, as produced
                                                (parts and backup_manifest end in .enc when encrypted)
@@ -10,7 +10,9 @@
     <cluster>/reports/                         verification and drill reports
 
 A backup directory without manifest.json is an unfinished backup and is
-never offered for restore.
+never offered for restore. It is a leftover to delete only when nobody can
+be writing it: its last write is old (``last_write``) and the deleter holds
+the cluster lock, which every backup holds while it writes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from pgdr.errors import BackupNotFound, IntegrityError, ObjectNotFound, RepositoryError
 from pgdr.labels import check_label
@@ -126,6 +129,13 @@ class Repository:
 
     def commit(self, manifest: BackupManifest) -> None:
         self.storage.put_bytes(self.key(manifest.label, MANIFEST), manifest.to_json().encode(), lock=True)
+
+    def last_write(self, label: str) -> datetime | None:
+        """When the newest object of this backup directory was written; None when the store does not say."""
+        objs = self.storage.list(self.backup_prefix(label))
+        if not objs or any(o.modified is None for o in objs):
+            return None
+        return max(o.modified for o in objs)
 
     def remove_unfinished(self, label: str) -> int:
         """Delete the objects of an unfinished backup with this label; manifest-less only."""

@@ -35,6 +35,8 @@ def table_hashes(cluster, databases=("app", "billing", "postgres")) -> dict:
 
 
 def write_config(path: Path, clusters: dict, **top) -> Path:
+    # Tests restore into their own scratch directories: allow those (pgdr's default root is /var/lib/pgdr/restore).
+    top["defaults"] = {"restore_roots": ["/tmp"], **(top.get("defaults") or {})}
     path.write_text(yaml.safe_dump({"clusters": clusters, **top}))
     return path
 

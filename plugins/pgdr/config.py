@@ -25,6 +25,7 @@ SSE_MODES = {"AES256", "aws:kms"}
 SECRET_KEYS = re.compile(r"(password|passwd|secret|token|private_key|access_key|credential)", re.I)
 DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", re.I)
 CRON_PRESETS = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
+DEFAULT_RESTORE_ROOTS = ("/var/lib/pgdr/restore",)  # restores (and replaces) only go below these
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -104,6 +105,7 @@ class ClusterConfig:
     retention_min_full: int = 2  # never fewer full backups than this
     alerts: AlertConfig = field(default_factory=AlertConfig)
     wal: WalConfig = field(default_factory=WalConfig)
+    restore_roots: tuple = DEFAULT_RESTORE_ROOTS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,7 +167,7 @@ class _Reader:
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
                 "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal",
-                "retention_window_days", "retention_min_full"}
+                "retention_window_days", "retention_min_full", "restore_roots"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
@@ -244,7 +246,9 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     if severity not in ("critical", "error", "warning", "info"):
         r.fail(f"{key}.alerts.severity", "must be critical, error, warning or info")
     window = r.integer(m, "retention_window_days", key, 30, 1, 36500)
+    restore_roots = _restore_roots(r, m.get("restore_roots", list(DEFAULT_RESTORE_ROOTS)), f"{key}.restore_roots")
     return ClusterConfig(
+        restore_roots=restore_roots,
         wal=_wal(r, m.get("wal") or {}, f"{key}.wal"),
         name=name,
         repository=_repository(r, m.get("repository"), f"{key}.repository", window),
@@ -266,6 +270,27 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
             severity=severity,
         ),
     )
+
+
+def _restore_roots(r: _Reader, raw, key: str) -> tuple:
+    """Absolute directories a restore may write into (strictly below them); ``replace`` only there too."""
+    from pgdr.errors import UsageError
+    from pgdr.paths import check_path
+
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        r.fail(key, "must be a non-empty list of absolute directories")
+    roots = []
+    for i, item in enumerate(raw):
+        try:
+            path = check_path(item, "restore root")
+        except UsageError as e:
+            r.fail(f"{key}[{i}]", str(e))
+        if str(path) == "/":
+            r.fail(f"{key}[{i}]", "'/' cannot be a restore root: name the directory restores go into")
+        roots.append(str(path))
+    return tuple(roots)
 
 
 def _wal(r: _Reader, m: dict, key: str) -> WalConfig:

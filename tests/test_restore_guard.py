@@ -33,19 +33,23 @@ def _bad_paths(root: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def guarded(pg15, workdir):
-    """One backup of pg15 in a file repository; CLI and DAG configs whose restore_roots is one directory."""
-    root = workdir / "guard-roots"
+def _setup(pg, workdir: Path, tag: str) -> dict:
+    """One backup of ``pg`` in a file repository; CLI and DAG configs whose restore_roots is one directory."""
+    root = workdir / f"{tag}-roots"
     root.mkdir(exist_ok=True)
-    repo = f"file://{workdir}/guard-repo"
-    cli = write_config(workdir / "guard-cli.yaml", {"app": {"dsn": pg15.dsn, "repository": repo,
-                                                            "restore_roots": [str(root)]}})
-    dag = write_config(workdir / "guard-dag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo,
-                                                            "restore_roots": [str(root)]}})
+    repo = f"file://{workdir}/{tag}-repo"
+    cli = write_config(workdir / f"{tag}-cli.yaml", {"app": {"dsn": pg.dsn, "repository": repo,
+                                                             "restore_roots": [str(root)]}})
+    dag = write_config(workdir / f"{tag}-dag.yaml", {"app": {"conn_id": "pgdr_app", "repository": repo,
+                                                             "restore_roots": [str(root)]}})
     code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=cli)
     assert code == 0, err
-    return {"root": root, "cli": cli, "dag": dag, "backup": backup, "repo": repo, "hashes": table_hashes(pg15)}
+    return {"root": root, "cli": cli, "dag": dag, "backup": backup, "repo": repo, "hashes": table_hashes(pg)}
+
+
+@pytest.fixture(scope="module")
+def guarded(pg15, workdir):
+    return _setup(pg15, workdir, "guard")
 
 
 def _restore(config, dest, *extra, env=None):
@@ -149,11 +153,12 @@ def test_replace_refused_for_a_wrong_label_or_unreachable_target_leaves_the_runn
         server.destroy()
 
 
-def test_confirmed_replace_keeps_a_real_safety_backup_that_restores_exactly(pg15, guarded):
+def test_confirmed_replace_keeps_a_real_safety_backup_that_restores_exactly(pg, workdir):
+    guarded = _setup(pg, workdir, f"guard-replace{pg.bins.major}")
     dest = guarded["root"] / "replace-me"
     code, out, err, port = _restore(guarded["cli"], dest)
     assert code == 0, err
-    server = SandboxCluster(pg15.bins, dest, port)
+    server = SandboxCluster(pg.bins, dest, port)
     other = None
     try:
         server.psql("create table only_here as select g, md5(g::text) from generate_series(1, 5000) g",
@@ -164,7 +169,7 @@ def test_confirmed_replace_keeps_a_real_safety_backup_that_restores_exactly(pg15
         assert code == 0, err
         safety = out["safety_backup"]
         assert safety["server_was_running"] is True and safety["label"].endswith("S")
-        server = SandboxCluster(pg15.bins, dest, port2)
+        server = SandboxCluster(pg.bins, dest, port2)
         assert server.table_hashes() == guarded["hashes"]  # the backup, not what was there
         code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=guarded["cli"])
         kinds = {b["label"]: b["type"] for b in listing["backups"]}
@@ -176,7 +181,7 @@ def test_confirmed_replace_keeps_a_real_safety_backup_that_restores_exactly(pg15
         code, out, err, port3 = _restore(guarded["cli"], guarded["root"] / "from-safety", "--backup",
                                          safety["label"])
         assert code == 0, err
-        other = SandboxCluster(pg15.bins, guarded["root"] / "from-safety", port3)
+        other = SandboxCluster(pg.bins, guarded["root"] / "from-safety", port3)
         assert other.table_hashes() == previous
     finally:
         server.destroy()
@@ -196,10 +201,10 @@ def _listening(port: int) -> set[str]:
     return out
 
 
-def test_restored_server_gets_a_minimal_environment_and_listens_on_loopback(pg15, workdir):
+def test_restored_server_gets_a_minimal_environment_and_listens_on_loopback(workdir):
     from conftest import _bins
 
-    src = SandboxCluster(_bins(15), workdir / "guard-env" / "data", free_port())
+    src = SandboxCluster(_bins(18), workdir / "guard-env" / "data", free_port())
     src.init(extra_conf="listen_addresses = '*'\n").start()
     dest, restored = workdir / "guard-env-roots" / "restored", None
     try:

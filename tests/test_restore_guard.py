@@ -299,3 +299,26 @@ def test_dry_run_without_archived_wal_says_the_restore_ends_at_the_backup(guarde
     assert f"no WAL archived after this backup: the restore ends at the backup's end, {stop}" in plan["summary"]
     assert "newest archived" not in plan["summary"]
     assert "newest archived WAL" not in plan["reachable"]
+
+
+def test_confirmed_replace_of_a_stopped_data_directory_keeps_a_cold_safety_backup(pg15, guarded):
+    dest = guarded["root"] / "replace-stopped"
+    code, out, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, config=guarded["cli"])
+    assert code == 0, err
+    (dest / "pgdr-marker").write_text("was here before the replace\n")
+    shutil.chown(dest / "pgdr-marker", "postgres", "postgres")
+    code, out, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--replace", "--confirm", "app",
+                          config=guarded["cli"])
+    assert code == 0, err
+    safety = out["safety_backup"]
+    assert safety["server_was_running"] is False and safety["method"].startswith("cold copy")
+    assert not (dest / "pgdr-marker").exists()  # replaced by the backup
+    back = guarded["root"] / "from-cold-safety"
+    code, out, err, port = _restore(guarded["cli"], back, "--backup", safety["label"])
+    assert code == 0, err
+    restored = SandboxCluster(pg15.bins, back, port)
+    try:
+        assert (back / "pgdr-marker").read_text() == "was here before the replace\n"
+        assert restored.table_hashes() == guarded["hashes"]
+    finally:
+        restored.destroy()

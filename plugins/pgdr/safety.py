@@ -44,7 +44,9 @@ from pgdr.tarstream import TarWatcher
 
 log = logging.getLogger(__name__)
 PART_SIZE = 1 << 30
-SKIP = ("postmaster.pid", "postmaster.opts")
+# Left out of a cold copy: the pid file, and a backup_manifest left by an earlier restore (it describes that
+# backup, not this copy; pg_basebackup leaves it out of online backups for the same reason).
+SKIP = ("postmaster.pid", "postmaster.opts", "backup_manifest")
 
 
 @dataclass

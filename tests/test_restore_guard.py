@@ -322,3 +322,23 @@ def test_confirmed_replace_of_a_stopped_data_directory_keeps_a_cold_safety_backu
         assert restored.table_hashes() == guarded["hashes"]
     finally:
         restored.destroy()
+
+
+def test_retention_expires_safety_backups_with_the_window_and_never_counts_them_as_full():
+    from datetime import datetime, timedelta, timezone
+
+    from pgdr.retention import CatalogItem, RetentionPolicy, plan_retention
+
+    now = datetime(2026, 11, 26, tzinfo=timezone.utc)
+    items = [
+        CatalogItem("20261001-000000F", "ok", now - timedelta(days=56), "0/2000028"),
+        CatalogItem("20261002-000000S", "ok", now - timedelta(days=55), "0/1000028", kind="safety"),
+        CatalogItem("20261120-000000F", "ok", now - timedelta(days=6), "0/9000028"),
+        CatalogItem("20261121-000000S", "ok", now - timedelta(days=5), "0/1000028", kind="safety"),
+    ]
+    plan = plan_retention(items, RetentionPolicy(window_days=30, min_full=2), now)
+    actions = {d["label"]: (d["action"], d["reason"]) for d in plan.decisions}
+    assert actions["20261002-000000S"][0] == "expire"
+    assert actions["20261121-000000S"] == ("keep", "kept: safety backup inside the recovery window")
+    assert actions["20261001-000000F"][0] == "keep"  # still among the newest 2 full backups: safety ones don't count
+    assert plan.keep_wal_from_lsn == "0/2000028"  # a safety backup never holds archived WAL back

@@ -101,11 +101,11 @@ class ClusterConfig:
     checkpoint: str = "fast"
     run_as: str = "postgres"
     backup_wal: str = "embed"  # embed: WAL inside the backup; archive: taken from the WAL archive
+    restore_roots: tuple = DEFAULT_RESTORE_ROOTS  # restores (and replaces) write only below these
     retention_window_days: int = 30  # any point in this many days stays restorable
     retention_min_full: int = 2  # never fewer full backups than this
     alerts: AlertConfig = field(default_factory=AlertConfig)
     wal: WalConfig = field(default_factory=WalConfig)
-    restore_roots: tuple = DEFAULT_RESTORE_ROOTS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,13 +167,14 @@ class _Reader:
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
                 "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal",
-                "retention_window_days", "retention_min_full", "restore_roots"}
+                "retention_window_days", "retention_min_full"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
              "object_lock"}
 ENCRYPTION_KEYS = {"key_env", "conn_id", "accept_unencrypted"}
 LOCK_KEYS = {"mode", "days"}
+CLUSTER_KEYS = CLUSTER_KEYS | {"restore_roots"}  # where restores may write: pgdr.paths
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
 
@@ -238,6 +239,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     checkpoint = r.string(m, "checkpoint", key, "fast")
     if checkpoint not in ("fast", "spread"):
         r.fail(f"{key}.checkpoint", "must be 'fast' or 'spread'")
+    restore_roots = _restore_roots(r, m.get("restore_roots", list(DEFAULT_RESTORE_ROOTS)), f"{key}.restore_roots")
     backup_wal = r.string(m, "backup_wal", key, "embed")
     if backup_wal not in ("embed", "archive"):
         r.fail(f"{key}.backup_wal", "must be 'embed' (WAL inside each backup) or 'archive' (from the WAL archive)")
@@ -246,9 +248,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     if severity not in ("critical", "error", "warning", "info"):
         r.fail(f"{key}.alerts.severity", "must be critical, error, warning or info")
     window = r.integer(m, "retention_window_days", key, 30, 1, 36500)
-    restore_roots = _restore_roots(r, m.get("restore_roots", list(DEFAULT_RESTORE_ROOTS)), f"{key}.restore_roots")
     return ClusterConfig(
-        restore_roots=restore_roots,
         wal=_wal(r, m.get("wal") or {}, f"{key}.wal"),
         name=name,
         repository=_repository(r, m.get("repository"), f"{key}.repository", window),
@@ -262,6 +262,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
         backup_wal=backup_wal,
+        restore_roots=restore_roots,
         retention_window_days=window,
         retention_min_full=r.integer(m, "retention_min_full", key, 2, 1, 1000),
         alerts=AlertConfig(

@@ -22,12 +22,12 @@ from pgdr.crypto import DEFAULT_ENV, check_key, unseal
 from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
 from pgdr.lock import pid_alive
 from pgdr.manifest import BackupManifest
-from pgdr.paths import confine
-from pgdr.pgbin import find_bin_dir, reachable_by, user_ids
+from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
 from pgdr.recovery import (RecoveryPlan, RecoveryTarget, plan_recovery, query_replay_position, restore_command,
                            wait_for_recovery, write_recovery_settings)
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
+from pgdr.paths import confine
 from pgdr.server import check_listen, start_server
 from pgdr.storage import Storage
 from pgdr.streams import Digest, Prefetch

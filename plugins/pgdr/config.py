@@ -259,10 +259,10 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         schedule=schedule,
         timezone=tz,
         pg_bin_dir=r.string(m, "pg_bin_dir", key),
+        restore_roots=restore_roots,
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
         backup_wal=backup_wal,
-        restore_roots=restore_roots,
         retention_window_days=window,
         retention_min_full=r.integer(m, "retention_min_full", key, 2, 1, 1000),
         alerts=AlertConfig(
@@ -270,6 +270,24 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
             pagerduty_conn_id=r.string(alerts_m, "pagerduty_conn_id", f"{key}.alerts"),
             severity=severity,
         ),
+    )
+
+
+def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
+    mode = r.string(m, "mode", key, "stream")
+    if mode not in ("stream", "push"):
+        r.fail(f"{key}.mode", "must be 'stream' (pg_receivewal from Airflow) or 'push' (archive_command)")
+    spool = r.string(m, "spool_dir", key, "/var/tmp/pgdr-spool")
+    if not spool.startswith("/"):
+        r.fail(f"{key}.spool_dir", "must be an absolute path")
+    window = r.integer(m, "window_minutes", key, 10, 1, 60)
+    if 60 % window:
+        r.fail(f"{key}.window_minutes", "must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60)")
+    return WalConfig(
+        mode=mode, spool_dir=spool, window_minutes=window,
+        partial_interval_seconds=r.integer(m, "partial_interval_seconds", key, 5, 1, 600),
+        rpo_seconds=r.integer(m, "rpo_seconds", key, 60, 1, 86400),
+        slot_retained_alert_mb=r.integer(m, "slot_retained_alert_mb", key, 4096, 16, 10_000_000),
     )
 
 
@@ -292,24 +310,6 @@ def _restore_roots(r: _Reader, raw, key: str) -> tuple:
             r.fail(f"{key}[{i}]", "'/' cannot be a restore root: name the directory restores go into")
         roots.append(str(path))
     return tuple(roots)
-
-
-def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
-    mode = r.string(m, "mode", key, "stream")
-    if mode not in ("stream", "push"):
-        r.fail(f"{key}.mode", "must be 'stream' (pg_receivewal from Airflow) or 'push' (archive_command)")
-    spool = r.string(m, "spool_dir", key, "/var/tmp/pgdr-spool")
-    if not spool.startswith("/"):
-        r.fail(f"{key}.spool_dir", "must be an absolute path")
-    window = r.integer(m, "window_minutes", key, 10, 1, 60)
-    if 60 % window:
-        r.fail(f"{key}.window_minutes", "must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60)")
-    return WalConfig(
-        mode=mode, spool_dir=spool, window_minutes=window,
-        partial_interval_seconds=r.integer(m, "partial_interval_seconds", key, 5, 1, 600),
-        rpo_seconds=r.integer(m, "rpo_seconds", key, 60, 1, 86400),
-        slot_retained_alert_mb=r.integer(m, "slot_retained_alert_mb", key, 4096, 16, 10_000_000),
-    )
 
 
 def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:

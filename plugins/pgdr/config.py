@@ -291,6 +291,19 @@ def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
     )
 
 
+def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:
+    if raw is None or raw is False:
+        return None
+    m = r.mapping({} if raw is True else raw, key, ENCRYPTION_KEYS)
+    env = r.string(m, "key_env", key, "PGDR_KEYRING")
+    if not ENV_NAME.match(env):
+        r.fail(f"{key}.key_env", f"must name an environment variable (like PGDR_KEYRING), got {env!r}")
+    accept = m.get("accept_unencrypted", False)
+    if not isinstance(accept, bool):
+        r.fail(f"{key}.accept_unencrypted", "must be true or false")
+    return EncryptionConfig(key_env=env, conn_id=r.string(m, "conn_id", key), accept_unencrypted=accept)
+
+
 def _restore_roots(r: _Reader, raw, key: str) -> tuple:
     """Absolute directories a restore may write into (strictly below them); ``replace`` only there too."""
     from pgdr.errors import UsageError
@@ -310,19 +323,6 @@ def _restore_roots(r: _Reader, raw, key: str) -> tuple:
             r.fail(f"{key}[{i}]", "'/' cannot be a restore root: name the directory restores go into")
         roots.append(str(path))
     return tuple(roots)
-
-
-def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:
-    if raw is None or raw is False:
-        return None
-    m = r.mapping({} if raw is True else raw, key, ENCRYPTION_KEYS)
-    env = r.string(m, "key_env", key, "PGDR_KEYRING")
-    if not ENV_NAME.match(env):
-        r.fail(f"{key}.key_env", f"must name an environment variable (like PGDR_KEYRING), got {env!r}")
-    accept = m.get("accept_unencrypted", False)
-    if not isinstance(accept, bool):
-        r.fail(f"{key}.accept_unencrypted", "must be true or false")
-    return EncryptionConfig(key_env=env, conn_id=r.string(m, "conn_id", key), accept_unencrypted=accept)
 
 
 def _object_lock(r: _Reader, raw, key: str, url: str, window_days: int) -> ObjectLockConfig | None:

@@ -12,12 +12,14 @@ points elsewhere does not make elsewhere a root.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 from pgdr.errors import RestoreRefused, UsageError
 
+log = logging.getLogger(__name__)
 COMPONENT = r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*"
 SAFE_PATH = re.compile(rf"^(/{COMPONENT})+$")
 MAX_PATH = 1024
@@ -59,11 +61,23 @@ def confine(pgdata, roots, what: str = "pgdata") -> Path:
     for root in roots:
         real_root = Path(os.path.realpath(root))
         if real != real_root and real_root in real.parents:
+            _warn_if_shared(real_root)
             return path
     listed = ", ".join(str(r) for r in roots)
     resolved = f" (resolves to {real})" if real != path else ""
     raise RestoreRefused(f"{what} {path}{resolved} is outside this cluster's restore_roots ({listed}); "
                          "restores and replaces only go below those directories; nothing was touched")
+
+
+def _warn_if_shared(root: Path) -> None:
+    """A root others can write into lets them swap a path for a link between pgdr's check and its use."""
+    try:
+        mode = root.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o022:
+        log.warning("restore root %s is writable by group or others: another local user could race pgdr with a "
+                    "symlink there; give restores a directory only root (or run_as) can write into", root)
 
 
 def roots_pattern(roots) -> str:

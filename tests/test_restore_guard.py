@@ -342,3 +342,30 @@ def test_retention_expires_safety_backups_with_the_window_and_never_counts_them_
     assert actions["20261121-000000S"] == ("keep", "kept: safety backup inside the recovery window")
     assert actions["20261001-000000F"][0] == "keep"  # still among the newest 2 full backups: safety ones don't count
     assert plan.keep_wal_from_lsn == "0/2000028"  # a safety backup never holds archived WAL back
+
+
+def test_replace_without_the_key_that_opens_the_backup_leaves_the_destination_alone(pg15, workdir):
+    from pgdr.crypto import generate_key
+
+    key, wrong = generate_key("guard-a"), generate_key("guard-b")
+    root = workdir / "guard-key-roots"
+    root.mkdir()
+    config = write_config(workdir / "guard-key.yaml", {"app": {
+        "dsn": pg15.dsn, "restore_roots": [str(root)],
+        "repository": {"url": f"file://{workdir}/guard-key-repo", "encryption": True}}})
+    assert pgdr("backup", "--cluster", "app", config=config, env={"PGDR_KEYRING": key})[0] == 0
+    dest = root / "running"
+    code, out, err, port = _restore(config, dest, env={"PGDR_KEYRING": key})
+    assert code == 0, err
+    server = SandboxCluster(pg15.bins, dest, port)
+    try:
+        server.psql("create table only_here as select 1 as x", dbname="app")
+        before = server.table_hashes()
+        code, out, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--replace", "--confirm",
+                              "app", config=config, env={"PGDR_KEYRING": wrong})
+        assert code != 0 and "guard-a" in out["message"], err
+        assert server.table_hashes() == before
+        code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=config, env={"PGDR_KEYRING": wrong})
+        assert [b["type"] for b in listing["backups"]] == ["full"]  # no safety backup was even started
+    finally:
+        server.destroy()

@@ -50,6 +50,7 @@ class CatalogItem:
     start_lsn: str | None = None
     pinned_until: datetime | None = None  # datetime.max: pinned with no end
     verified_ok: bool = False
+    kind: str = "full"  # full | safety (taken by a confirmed replace; never a base for WAL replay)
 
 
 @dataclass
@@ -75,7 +76,8 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
     if bad:
         raise IntegrityError(f"retention stopped before deleting anything: unreadable backup(s) {', '.join(bad)}")
     window_start = now - timedelta(days=policy.window_days)
-    done = sorted((i for i in items if i.status == "ok"), key=lambda i: i.label)
+    safety = {i.label: i for i in items if i.status == "ok" and i.kind == "safety"}
+    done = sorted((i for i in items if i.status == "ok" and i.label not in safety), key=lambda i: i.label)
     reasons: dict[str, str] = {}
     for i in done:
         if i.stop_time >= window_start:
@@ -93,9 +95,18 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
             until = "indefinitely" if i.pinned_until == datetime.max.replace(tzinfo=now.tzinfo) \
                 else f"until {iso(i.pinned_until)}"
             reasons.setdefault(i.label, f"kept: pinned {until}")
+    for i in safety.values():
+        # A safety backup stands alone (its WAL is inside it): kept for the window like the point it
+        # captured, never counted among the full backups, never a reason to keep archived WAL.
+        if i.pinned_until and i.pinned_until > now:
+            reasons[i.label] = "kept: pinned safety backup"
+        elif i.stop_time >= window_start:
+            reasons[i.label] = "kept: safety backup inside the recovery window"
     decisions = []
     for i in sorted(items, key=lambda i: i.label):
-        if i.status == "ok":
+        if i.label in safety and i.label not in reasons:
+            decisions.append(Decision(i.label, "expire", "expired: safety backup older than the recovery window"))
+        elif i.status == "ok":
             if i.label in reasons:
                 decisions.append(Decision(i.label, "keep", reasons[i.label]))
             else:
@@ -126,7 +137,8 @@ def catalog_items(repo) -> list[CatalogItem]:
         m = e.manifest
         pin = pinned_until(repo, m.label)
         v = last_verification(repo, m.label)
-        out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"])))
+        out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"]),
+                               kind="safety" if m.type == "safety" else "full"))
     return out
 
 

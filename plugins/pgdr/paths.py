@@ -2,7 +2,7 @@
 
 A path is accepted only when it is absolute, has no ``.`` or ``..`` component,
 and every component uses a conservative character set (letters, digits,
-``_ + - .``, not starting with a dot). Nothing else can smuggle a shell
+``_ + - .``; ``.`` and ``..`` themselves are refused, a hidden directory like ``.demo`` is not). Nothing else can smuggle a shell
 metacharacter, a newline or a traversal into a command or a config file.
 
 Restore destinations must lie strictly below one of the cluster's
@@ -20,7 +20,7 @@ from pathlib import Path
 from pgdr.errors import RestoreRefused, UsageError
 
 log = logging.getLogger(__name__)
-COMPONENT = r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*"
+COMPONENT = r"[A-Za-z0-9_.+-]+"  # "." and ".." are refused before this applies
 SAFE_PATH = re.compile(rf"^(/{COMPONENT})+$")
 MAX_PATH = 1024
 
@@ -42,9 +42,9 @@ def check_path(text, what: str = "path") -> Path:
         raise UsageError(f"{what} {s!r} contains an empty component ('//')")
     if not SAFE_PATH.match(trimmed):
         bad = sorted({c for c in s if not re.match(r"[A-Za-z0-9_.+/-]", c)})
-        shown = " ".join(repr(c) for c in bad) if bad else "a component starting with '.'"
+        shown = " ".join(repr(c) for c in bad)
         raise UsageError(f"{what} {s!r} has characters pgdr does not accept in paths ({shown}); "
-                         "use letters, digits, '_', '+', '-' and '.' (not leading)")
+                         "use letters, digits, '_', '+', '-' and '.'")
     return Path(trimmed)
 
 
@@ -86,4 +86,5 @@ def roots_pattern(roots) -> str:
     # Roots passed check_path: of their characters only '.' and '+' are special, in Python and in the
     # browser's (ECMAScript, unicode mode) regex alike; re.escape would also escape '-', which JS refuses.
     alts = "|".join(str(r).rstrip("/").replace(".", r"\.").replace("+", r"\+") for r in roots) or "(?!)"
-    return rf"^(?:{alts})(?:/{COMPONENT})+$"
+    component = rf"(?!\.\.?(?:/|$)){COMPONENT}"  # the form has no separate '.'/'..' check: refuse them here
+    return rf"^(?:{alts})(?:/{component})+$"

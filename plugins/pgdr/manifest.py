@@ -19,13 +19,20 @@ class StoredFile(JsonResult):
     ``sha256`` and ``stored_size`` are of the bytes as stored (compressed), so
     an object is checked before anything decompresses it; ``size`` is the
     decompressed length, whose content the codec's own checksum (zstd, lz4
-    content checksum, gzip CRC) guards.
+    content checksum, gzip CRC) guards. ``chunks`` holds the SHA-256 of each
+    ``chunk_size`` bytes as stored (the last piece shorter): a restore checks
+    each piece before any of it is decrypted, decompressed or unpacked, so
+    nothing unverified is ever used and nothing is read twice. Older manifests
+    have no ``chunks``; those objects are read twice (checked
+    whole, then unpacked against digests taken on the first pass).
     """
 
     name: str
     size: int
     stored_size: int
     sha256: str
+    chunk_size: int = 0
+    chunks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +61,9 @@ class BackupManifest(JsonResult):
     format_version: int = FORMAT_VERSION
     tool: str = "pgdr"
     tool_version: str = __version__
+    # In an encrypted repository: {"alg": "hmac-sha256", "key_id": ..., "mac": ...} over every other field
+    # (pgdr.crypto.sign_record), so a rewritten checksum, size or file list is detected.
+    auth: dict | None = None
 
     @property
     def pg_major(self) -> int:
@@ -75,6 +85,10 @@ class BackupManifest(JsonResult):
                     f"{where}: format version {data.get('format_version')!r} is not one this pgdr "
                     f"({__version__}) reads ({FORMAT_VERSION})")
             data["files"] = [StoredFile(**f) for f in data.get("files", [])]
+            for f in data["files"]:
+                if f.chunks and (f.chunk_size <= 0 or len(f.chunks) != -(-f.stored_size // f.chunk_size)):
+                    raise IntegrityError(f"{where}: {f.name} lists {len(f.chunks)} chunk digests of "
+                                         f"{f.chunk_size} bytes for {f.stored_size} stored bytes")
             return cls.from_dict(data)
         except IntegrityError:
             raise

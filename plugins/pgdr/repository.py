@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from pgdr.crypto import check_record, sign_record
+from pgdr.crypto import KeyUnavailable, check_record, sign_record
 from pgdr.errors import BackupNotFound, IntegrityError, ObjectNotFound, RepositoryError
 from pgdr.labels import check_label
 from pgdr.manifest import BackupManifest
@@ -36,6 +36,7 @@ class CatalogEntry:
     label: str
     manifest: BackupManifest | None
     error: str | None = None
+    unchecked: str | None = None  # catalog(unchecked_ok=True): why its authentication could not be checked
 
 
 class Repository:
@@ -84,8 +85,11 @@ class Repository:
                 "two clusters' backups (point this cluster at a new repository path)")
 
     # catalog
-    def catalog(self) -> list[CatalogEntry]:
-        """Every backup directory, oldest first, committed or not."""
+    def catalog(self, unchecked_ok: bool = False) -> list[CatalogEntry]:
+        """Every backup directory, oldest first, committed or not.
+
+        A manifest the keyring cannot authenticate raises KeyUnavailable, unless ``unchecked_ok`` (what
+        ``pgdr list`` needs, which works without a key): then it is listed with ``unchecked`` saying why."""
         prefix = f"{self.cluster}/backup/"
         labels: dict[str, bool] = {}
         for obj in self.storage.list(prefix):
@@ -97,7 +101,13 @@ class Repository:
                 out.append(CatalogEntry(label, None, "unfinished: no manifest (backup in progress or failed)"))
                 continue
             try:
-                out.append(CatalogEntry(label, self.manifest(label)))
+                try:
+                    out.append(CatalogEntry(label, self.manifest(label)))
+                except KeyUnavailable as e:
+                    if not unchecked_ok:
+                        raise
+                    out.append(CatalogEntry(label, self.manifest(label, check=False),
+                                            unchecked=f"not authenticated: {e}"))
             except (IntegrityError, RepositoryError) as e:
                 out.append(CatalogEntry(label, None, str(e)))
         return out
@@ -106,7 +116,7 @@ class Repository:
         """Committed backups, oldest first."""
         return [e.manifest for e in self.catalog() if e.manifest is not None and e.manifest.status == "ok"]
 
-    def manifest(self, label: str) -> BackupManifest:
+    def manifest(self, label: str, check: bool = True) -> BackupManifest:
         key = self.key(label, MANIFEST)
         try:
             data = self.storage.get_bytes(key)
@@ -116,7 +126,7 @@ class Repository:
             record = json.loads(data)
         except ValueError:
             record = None  # from_json names what is wrong
-        if isinstance(record, dict):
+        if check and isinstance(record, dict):
             self.check_record(record, key, f"{MANIFEST} of backup {label}")
         return BackupManifest.from_json(data, where=key)
 

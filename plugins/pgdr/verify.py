@@ -235,7 +235,10 @@ def last_verification(repo: Repository, label: str) -> dict | None:
         record = json.loads(repo.storage.get_bytes(key))
         if not isinstance(record, dict):
             raise ValueError("not a JSON object")
-        repo.check_record(record, key, f"{RESULT} of backup {label}")
+        try:
+            repo.check_record(record, key, f"{RESULT} of backup {label}")
+        except KeyUnavailable:  # pgdr list without the key: shown, marked as not checked
+            return {**record, "authenticated": None}
         return record
     except ObjectNotFound:
         return None
@@ -250,8 +253,9 @@ def run_verify(cluster, storage, which: str = "latest", pg_verify: bool = True, 
     entries = repo.catalog()
     backups = [e.manifest for e in entries if e.manifest is not None and e.manifest.status == "ok"]
     # A manifest that fails authentication or cannot be read is a failure of its own, never skipped quietly.
-    damaged = [unreadable_backup(repo, e.label, e.error) for e in entries
-               if e.manifest is None and not (e.error or "").startswith("unfinished")] if which in ("all", "new") else []
+    damaged = [] if which not in ("all", "new") else [
+        unreadable_backup(repo, e.label, e.error) for e in entries
+        if e.manifest is None and not (e.error or "").startswith("unfinished")]
     if which == "all":
         chosen = backups
     elif which == "new":  # not verified yet (or its record is not authentic): what a new-backup trigger reads

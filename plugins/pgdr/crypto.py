@@ -349,9 +349,15 @@ def sign_record(record: dict, keyring: Keyring | None, context: str) -> dict:
     """``record`` with an ``auth`` entry: HMAC-SHA256 over its canonical form and ``context`` (its key in the
     repository), keyed from the keyring's current master key."""
     master = (keyring or Keyring()).current()
-    mac = hmac.new(_record_key(master), _canonical(record, context), hashlib.sha256).hexdigest()
+    key = _record_key(master)
+    mac = hmac.new(key, _canonical(record, context), hashlib.sha256).hexdigest()
     return {**{k: v for k, v in record.items() if k != "auth"},
-            "auth": {"alg": AUTH, "key_id": master.key_id, "mac": mac}}
+            "auth": {"alg": AUTH, "key_id": master.key_id, "key_check": _key_check(key), "mac": mac}}
+
+
+def _key_check(key: bytes) -> str:
+    """Commits to the derived key, so a wrong key under the right id is told apart from a rewritten record."""
+    return hmac.new(key, b"pgdr key check v1", hashlib.sha256).hexdigest()[:16]
 
 
 def check_record(record: dict, keyring: Keyring | None, context: str, what: str, required: bool) -> bool:
@@ -367,15 +373,18 @@ def check_record(record: dict, keyring: Keyring | None, context: str, what: str,
                 "encryption.accept_unencrypted: true)")
         return False
     if not (isinstance(auth, dict) and auth.get("alg") == AUTH and isinstance(auth.get("key_id"), str)
-            and isinstance(auth.get("mac"), str)):
+            and isinstance(auth.get("key_check"), str) and isinstance(auth.get("mac"), str)):
         raise IntegrityError(f"{what} fails authentication: its 'auth' entry is malformed ({auth!r:.200})")
     keyring = keyring or Keyring()
     if auth["key_id"] not in keyring.by_id:
         raise KeyUnavailable(f"{what} is authenticated with master key {auth['key_id']!r}, which is not in the "
                              f"keyring (keys from {keyring.source}: {', '.join(keyring.by_id) or 'none'}); add "
                              f"{auth['key_id']!r} to read it")
-    master = keyring.by_id[auth["key_id"]]
-    expected = hmac.new(_record_key(master), _canonical(record, context), hashlib.sha256).hexdigest()
+    key = _record_key(keyring.by_id[auth["key_id"]])
+    if not hmac.compare_digest(_key_check(key), auth["key_check"]):
+        raise KeyUnavailable(f"{what}: master key {auth['key_id']!r} from {keyring.source} does not open it (its "
+                             "key check differs): wrong key material under that id, or a tampered record")
+    expected = hmac.new(key, _canonical(record, context), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, auth["mac"]):
         raise IntegrityError(f"{what} fails authentication (HMAC-SHA256 keyed from master key "
                              f"{auth['key_id']!r}): rewritten or damaged; refusing it")

@@ -10,6 +10,7 @@ from pgdr.errors import IntegrityError
 from pgdr.results import JsonResult
 
 FORMAT_VERSION = 1
+MAX_CHUNK = 64 << 20  # a restore holds one chunk in memory before it is checked: bound what a manifest may ask
 
 
 @dataclass
@@ -86,7 +87,9 @@ class BackupManifest(JsonResult):
                     f"({__version__}) reads ({FORMAT_VERSION})")
             data["files"] = [StoredFile(**f) for f in data.get("files", [])]
             for f in data["files"]:
-                if f.chunks and (f.chunk_size <= 0 or len(f.chunks) != -(-f.stored_size // f.chunk_size)):
+                if f.chunks and not 0 < f.chunk_size <= MAX_CHUNK:
+                    raise IntegrityError(f"{where}: {f.name} names an impossible chunk size {f.chunk_size}")
+                if f.chunks and len(f.chunks) != -(-f.stored_size // f.chunk_size):
                     raise IntegrityError(f"{where}: {f.name} lists {len(f.chunks)} chunk digests of "
                                          f"{f.chunk_size} bytes for {f.stored_size} stored bytes")
             return cls.from_dict(data)

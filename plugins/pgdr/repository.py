@@ -113,8 +113,15 @@ class Repository:
         return out
 
     def backups(self) -> list[BackupManifest]:
-        """Committed backups, oldest first."""
-        return [e.manifest for e in self.catalog() if e.manifest is not None and e.manifest.status == "ok"]
+        """Committed backups, oldest first. One whose manifest cannot be read or fails authentication is left
+        out, and the log names it."""
+        out = []
+        for e in self.catalog():
+            if e.manifest is None and not (e.error or "").startswith("unfinished"):
+                log.warning("backup %s is left out: %s", e.label, e.error)
+            elif e.manifest is not None and e.manifest.status == "ok":
+                out.append(e.manifest)
+        return out
 
     def manifest(self, label: str, check: bool = True) -> BackupManifest:
         key = self.key(label, MANIFEST)

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 
-.PHONY: venv test demo lock bench bench-wal clean
+.PHONY: venv test demo ui lock bench bench-wal clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -31,6 +31,9 @@ test: venv
 
 demo: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/demo.py
+
+ui: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/ui.py
 
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) bench/bench.py $(BENCH_ARGS)

@@ -28,7 +28,8 @@ fi
 if [ "$(id -u)" = 0 ]; then
   d=$(pwd -P)
   while [ "$d" != / ]; do
-    [ "$(stat -c %A "$d" | cut -c10)" = x ] || { echo "letting other users traverse $d" >&2; chmod o+x "$d"; }
+    # The "others may search" bit, read from the octal mode: /tmp's "rwt" (sticky + x) already has it.
+    (( 8#$(stat -c %a "$d") & 1 )) || { echo "letting other users traverse $d" >&2; chmod o+x "$d"; }
     d=$(dirname "$d")
   done
 fi

@@ -87,7 +87,7 @@ def pg(request):
 def s3_server():
     """moto in server mode: a real HTTP S3 endpoint on loopback."""
     port = free_port()
-    log = open(tempfile.mktemp(prefix="moto-", suffix=".log"), "w")
+    log = tempfile.NamedTemporaryFile("w", prefix="moto-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -107,6 +107,8 @@ def s3_server():
     yield url
     proc.terminate()
     proc.wait(10)
+    log.close()
+    os.unlink(log.name)
 
 
 _bucket_count = 0
@@ -138,8 +140,21 @@ def repo_url(request, workdir):
     return {"url": f"s3://{bucket}/prod", "endpoint_url": server, "region": "us-east-1"}
 
 
+def pytest_configure(config):
+    """Every tmp_path under one directory of ours, removed when the run passes (kept, and named, when it
+    fails: that is what there is to look at). An explicit --basetemp is left alone."""
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="pgdr-pytest-")
+        config._pgdr_basetemp = config.option.basetemp
+
+
 def pytest_sessionfinish(session, exitstatus):
     subprocess.run(["rm", "-rf", _AIRFLOW_HOME])
+    basetemp = getattr(session.config, "_pgdr_basetemp", None)
+    if basetemp and exitstatus == 0:
+        subprocess.run(["rm", "-rf", basetemp])
+    elif basetemp:
+        print(f"\ntest files kept for a look: {basetemp}")
 
 
 __all__ = ["table_hashes"]

@@ -183,7 +183,7 @@ def test_lock_of_a_dead_process_is_taken_over(lock_storage, caplog):
         "token": "old", "host": socket.gethostname(), "pid": dead.pid, "purpose": "backup X",
         "acquired_at": "2026-01-01T00:00:00.000000Z", "heartbeat_at": lockmod.iso(lockmod.utcnow())}).encode())
     with ClusterLock(lock_storage, "app/lock.json", "backup Y") as lk:
-        assert json.loads(lock_storage.get_bytes("app/lock.json"))["token"] == lk.token
+        assert lk.current()[1]["token"] == lk.token
     assert f"process {dead.pid}" in caplog.text
 
 

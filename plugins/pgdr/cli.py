@@ -23,7 +23,8 @@ log = logging.getLogger("pgdr")
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="configuration file (default: $PGDR_CONFIG or include/pgdr.yaml)",
+    common.add_argument("--config", help="configuration file (default: $PGDR_CONFIG, else /etc/pgdr/pgdr.yaml, else the "
+                             "checkout's include/pgdr.yaml)",
                         default=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the result as JSON on stdout")
@@ -36,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name, help_):
-        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        # argparse %-formats help strings (not descriptions): a literal %p would crash `pgdr --help`.
+        # An internal command (help_ None) is left out of the command list.
+        kw = {"help": help_.replace("%", "%%"), "description": help_} if help_ else {}
+        sp = sub.add_parser(name, parents=[common], **kw)
         sp.add_argument("--cluster", required=True, help="cluster name from the configuration")
         return sp
 
@@ -89,12 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
     e = cmd("expire", "delete what the retention policy no longer needs (oldest first; fails closed)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and its reasons; delete nothing")
-    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now")
+    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now (a future time only with "
+                                                    "--dry-run)")
     k = cmd("keep", "pin a backup (and the WAL it needs) against retention: a legal hold")
     k.add_argument("--backup", required=True, help="label or 'latest'")
     k.add_argument("--until", metavar="DATE", help="pin until this date/time (ISO 8601); default: indefinitely")
     u = cmd("unkeep", "remove a backup's pin")
     u.add_argument("--backup", required=True, help="label or 'latest'")
+    cmd("probe-write", "write, read back and delete a probe object where wal-push writes (pgdr check runs it as "
+                       "the server's OS user in push mode)")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
@@ -102,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("dest", help="where to write it (%%p)")
     wf.add_argument("--prefetch", type=int, default=4, metavar="N",
                     help="download the next N segments in the background meanwhile (default 4; 0: off)")
-    pf = cmd("wal-prefetch", argparse.SUPPRESS)  # internal: started by wal-fetch
+    pf = cmd("wal-prefetch", None)  # internal: started by wal-fetch
     pf.add_argument("after")
     pf.add_argument("directory")
     pf.add_argument("--count", type=int, default=4)
@@ -145,6 +152,13 @@ def run(args) -> object:
         if not report.ok:
             args._exit = 1
         return report
+    if args.command == "probe-write":
+        from pgdr.check import write_probe
+
+        item = write_probe(cluster, storage)
+        if not item.ok:
+            args._exit = 1
+        return item
     if args.command == "backup":
         from pgdr.backup import run_backup
 

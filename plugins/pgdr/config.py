@@ -1,6 +1,7 @@
 """The pgdr configuration file: clusters, their repositories and alert routing.
 
-One YAML file, ``include/pgdr.yaml`` by default, overridden by ``PGDR_CONFIG``.
+One YAML file: ``--config``, else ``$PGDR_CONFIG``, else ``/etc/pgdr/pgdr.yaml``, else
+``include/pgdr.yaml`` of the checkout pgdr runs from.
 Secrets never live here: passwords come from ``PGPASSWORD``/``.pgpass`` or an
 Airflow connection, cloud keys from an Airflow connection or the standard AWS
 credential chain. A file that tries to hold one is refused.
@@ -18,7 +19,9 @@ import yaml
 
 from pgdr.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "include" / "pgdr.yaml"
+SYSTEM_CONFIG = Path("/etc/pgdr/pgdr.yaml")  # a database host's or worker's config, after `pip install .`
+CHECKOUT_CONFIG = Path(__file__).resolve().parents[2] / "include" / "pgdr.yaml"  # running from a checkout
+DEFAULT_CONFIG = CHECKOUT_CONFIG
 CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 COMPRESSIONS = {"zstd": (1, 22, 3), "lz4": (0, 16, 1), "gzip": (1, 9, 6), "none": (0, 0, 0)}
 SSE_MODES = {"AES256", "aws:kms"}
@@ -28,8 +31,16 @@ CRON_PRESETS = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@year
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
-    """The file to read: the explicit one, else ``$PGDR_CONFIG``, else the default."""
-    return Path(explicit or os.environ.get("PGDR_CONFIG") or DEFAULT_CONFIG)
+    """The file to read, first found of: ``--config``, ``$PGDR_CONFIG``, ``/etc/pgdr/pgdr.yaml``, and
+    ``include/pgdr.yaml`` of the checkout pgdr runs from. An explicit choice is never second-guessed: when
+    it names a missing file, that is the error."""
+    chosen = explicit or os.environ.get("PGDR_CONFIG")
+    if chosen:
+        return Path(chosen)
+    for candidate in (SYSTEM_CONFIG, CHECKOUT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return SYSTEM_CONFIG
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(path, "file not found (set PGDR_CONFIG or pass --config)") from None
+        raise ConfigError(path, "file not found (pgdr reads --config, else $PGDR_CONFIG, else "
+                                f"{SYSTEM_CONFIG}, else include/pgdr.yaml of a checkout)") from None
     except OSError as e:
         raise ConfigError(path, f"cannot read: {e.strerror}") from None
     try:

@@ -1,7 +1,7 @@
 """The repository layout, per cluster, on any storage backend.
 
     <cluster>/cluster.json                     system identifier and version, written once
-    <cluster>/lock.json                        held while a backup runs
+    <cluster>/lock/<generation>.json           the cluster lock, held by a backup or an expiry (pgdr.lock)
     <cluster>/backup/<label>/base.tar.NNNNN.zst   the pg_basebackup tar stream, in parts
     <cluster>/backup/<label>/backup_manifest   PostgreSQL's own manifest, as produced
                                                (parts and backup_manifest end in .enc when encrypted)
@@ -10,9 +10,11 @@
     <cluster>/reports/                         verification and drill reports
 
 A backup directory without manifest.json is an unfinished backup and is
-never offered for restore. In an encrypted repository manifest.json is
-authenticated (HMAC-SHA256 keyed from the master key, pgdr.crypto.sign_record)
-on commit and checked on every read.
+never offered for restore. It is a leftover to delete only when nobody can
+be writing it: its last write is old (``last_write``) and the deleter holds
+the cluster lock, which every backup holds while it writes. In an encrypted
+repository manifest.json is authenticated (HMAC-SHA256 keyed from the master
+key, pgdr.crypto.sign_record) on commit and checked on every read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from pgdr.crypto import KeyUnavailable, check_record, sign_record
 from pgdr.errors import BackupNotFound, IntegrityError, ObjectNotFound, RepositoryError
@@ -176,6 +179,13 @@ class Repository:
         record = self.sign({k: v for k, v in manifest.to_dict().items() if k != "auth"}, key)
         manifest.auth = record.get("auth")
         self.storage.put_bytes(key, json.dumps(record, indent=2).encode(), lock=True)
+
+    def last_write(self, label: str) -> datetime | None:
+        """When the newest object of this backup directory was written; None when the store does not say."""
+        objs = self.storage.list(self.backup_prefix(label))
+        if not objs or any(o.modified is None for o in objs):
+            return None
+        return max(o.modified for o in objs)
 
     def remove_unfinished(self, label: str) -> int:
         """Delete the objects of an unfinished backup with this label; manifest-less only."""

@@ -59,7 +59,12 @@ class PgdrBackupOperator(PgdrOperator):
         from pgdr.backup import run_backup
 
         label = self.backup_label or label_for_run(context)
-        self.log.info("backing up cluster '%s' as %s", self.cluster, label)
+        if self.backup_label:
+            self.log.info("backing up cluster '%s' as %s", self.cluster, label)
+        else:
+            self.log.info("backing up cluster '%s' as %s: the label is this run's schedule slot (logical date %s), "
+                          "so a retry finds its own backup; the manifest records when it is really taken",
+                          self.cluster, label, context.get("logical_date") or context["dag_run"].run_after)
         result = run_backup(self.hook.cluster, self.hook.conn_info(), self.hook.storage(), label=label)
         if result.status == "already_exists":
             self.log.info("backup %s was already committed by an earlier try of this run; kept it", label)

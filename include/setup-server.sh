@@ -12,11 +12,13 @@
 # max_slot_wal_keep_size caps the WAL a stalled slot may hold (a full disk stops
 # the database; an invalidated slot only costs a new backup). Push mode adds
 # archive_mode, archive_command (pgdr wal-push) and archive_timeout.
+# It never lowers a setting: wal_level = logical stays, sender and slot counts
+# only go up, and no cap is put on WAL that existing slots already rely on.
 set -euo pipefail
 
 DRY_RUN=0 ROLE=pgdr ALLOW=127.0.0.1/32 PUSH=0 CLUSTER= CONFIG= PGDR=pgdr
 SLOT_KEEP=20GB ARCHIVE_TIMEOUT=60 PSQL=${PSQL:-psql}
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
@@ -35,13 +37,17 @@ while [ $# -gt 0 ]; do
 done
 [[ "$ROLE" =~ ^[a-z_][a-z0-9_]*$ ]] || { echo "--role must be a plain lowercase identifier" >&2; exit 2; }
 [[ "$ALLOW" =~ ^[0-9a-fA-F.:]+/[0-9]+$ ]] || { echo "--allow must be an address/prefix like 10.0.0.5/32" >&2; exit 2; }
+[[ "$SLOT_KEEP" =~ ^[0-9]+(kB|MB|GB|TB)?$ ]] || { echo "--max-slot-wal-keep-size must be a size like 20GB" >&2; exit 2; }
 if [ "$PUSH" = 1 ] && [ -z "$CLUSTER" ]; then echo "--push needs --cluster" >&2; exit 2; fi
 
+# Each setting only goes up: psql's \gexec runs the ALTER SYSTEM a query returns, when it returns one.
 SQL=$(cat <<SQL
-ALTER SYSTEM SET wal_level = 'replica';
-ALTER SYSTEM SET max_wal_senders = 10;
-ALTER SYSTEM SET max_replication_slots = 10;
-ALTER SYSTEM SET max_slot_wal_keep_size = '$SLOT_KEEP';
+SELECT \$\$ALTER SYSTEM SET wal_level = 'replica'\$\$ WHERE current_setting('wal_level') = 'minimal' \gexec
+SELECT 'ALTER SYSTEM SET max_wal_senders = 10' WHERE current_setting('max_wal_senders')::int < 10 \gexec
+SELECT 'ALTER SYSTEM SET max_replication_slots = 10' WHERE current_setting('max_replication_slots')::int < 10 \gexec
+SELECT \$\$ALTER SYSTEM SET max_slot_wal_keep_size = '$SLOT_KEEP'\$\$ WHERE CASE current_setting('max_slot_wal_keep_size')
+  WHEN '-1' THEN NOT EXISTS (SELECT FROM pg_replication_slots)
+  ELSE pg_size_bytes(current_setting('max_slot_wal_keep_size')) < pg_size_bytes('$SLOT_KEEP') END \gexec
 DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$ROLE') THEN
     CREATE ROLE $ROLE WITH LOGIN REPLICATION;

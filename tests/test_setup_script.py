@@ -59,3 +59,29 @@ def test_setup_then_pgdr_check_passes_as_the_new_role(workdir):
         assert "wrong" not in str(report)
     finally:
         pg.destroy()
+
+
+def test_setup_never_lowers_a_setting_and_a_logical_slot_survives_the_restart(workdir):
+    """A server that already does logical replication: wal_level = logical stays (replica would stop it
+    from starting with a logical slot), counts only go up, and no WAL cap is put on the existing slot."""
+    from conftest import _bins
+
+    pg = SandboxCluster(_bins(15), workdir / "setup-logical" / "data", free_port())
+    pg.init(extra_conf="wal_level = logical\nmax_wal_senders = 20\nmax_replication_slots = 4\n").start()
+    try:
+        pg.psql("select pg_create_logical_replication_slot('downstream', 'test_decoding')")
+        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(pg.port), "PGUSER": "postgres",
+               "PGDATABASE": "postgres", "PSQL": pg.bins.tool("psql")}
+        r = subprocess.run([SCRIPT, "--role", "pgdr", "--allow", "127.0.0.1/32"], capture_output=True, text=True,
+                           env=env)
+        assert r.returncode == 0, r.stderr
+        pg.stop()
+        pg.start()  # raises if the server refuses to start
+        assert pg.psql("show wal_level") == "logical"
+        assert pg.psql("show max_wal_senders") == "20"  # kept: higher than pgdr asks for
+        assert pg.psql("show max_replication_slots") == "10"  # raised
+        assert pg.psql("show max_slot_wal_keep_size") == "-1"  # the existing slot keeps all its WAL
+        assert pg.psql("select slot_type from pg_replication_slots where slot_name = 'downstream'") == "logical"
+        assert pg.psql("select rolreplication from pg_roles where rolname = 'pgdr'") == "t"
+    finally:
+        pg.destroy()

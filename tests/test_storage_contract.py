@@ -99,3 +99,88 @@ def test_missing_bucket_is_a_clear_error(s3_server):
     st = open_storage(RepositoryConfig(url="s3://no-such-bucket/p", endpoint_url=s3_server, region="us-east-1"))
     with pytest.raises(RepositoryError, match="NoSuchBucket"):
         st.put_bytes("c/x", b"x")
+
+
+# --- durability (issue 10, part 5) ---------------------------------------------------------------------------
+
+def test_file_backend_fsyncs_every_directory_it_creates(tmp_path, monkeypatch):
+    """A new directory's entry lives in its parent: after a write, every directory created for it, and the
+    parent of each (up to the repository root's own parent when the root is new), has been fsynced."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    root = tmp_path / "repo"
+    st = open_storage(RepositoryConfig(url=f"file://{root}"))
+    monkeypatch.setattr(os, "fsync", spy)
+    st.put_bytes("app/backup/20261125-020000F/manifest.json", b"{}")
+    for d in (tmp_path, root, root / "app", root / "app" / "backup", root / "app" / "backup" / "20261125-020000F"):
+        assert str(d) in synced, f"{d} was not fsynced: {synced}"
+    synced.clear()
+    assert st.put_if_absent("app/lock/00000000000000000001.json", b"{}")
+    for d in (root / "app", root / "app" / "lock"):
+        assert str(d) in synced, f"{d} was not fsynced: {synced}"
+
+
+def test_file_listing_survives_a_concurrent_delete(tmp_path, monkeypatch):
+    """Expiry (or a lock's clean-up) deletes while another process lists: the vanished object is skipped,
+    the rest is listed; never an empty listing, never an error."""
+    import pgdr.storage.file as filemod
+
+    st = open_storage(RepositoryConfig(url=f"file://{tmp_path}/repo"))
+    for name in ("a", "b", "c"):
+        st.put_bytes(f"app/backup/20261101-000000F/{name}", b"x")
+        st.put_bytes(f"app/backup/20261102-000000F/{name}", b"yy")
+    real_walk = os.walk
+
+    def walk_while_expiry_deletes(top, *args, **kwargs):
+        for dirpath, dirnames, filenames in real_walk(top, *args, **kwargs):
+            if dirpath.endswith("20261101-000000F"):  # listed by the walk, deleted before it is stat()ed
+                st.delete("app/backup/20261101-000000F/b")
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(filemod.os, "walk", walk_while_expiry_deletes)
+    keys = [o.key for o in st.list("app/backup/")]
+    assert keys == ["app/backup/20261101-000000F/a", "app/backup/20261101-000000F/c",
+                    "app/backup/20261102-000000F/a", "app/backup/20261102-000000F/b",
+                    "app/backup/20261102-000000F/c"]
+    assert all(o.modified is not None for o in st.list("app/"))
+
+
+def test_s3_uploads_carry_a_sha256_the_store_checks(s3_server, s3_bucket):
+    """Single uploads and every part of a multipart upload send x-amz-checksum-sha256 of their bytes, which
+    S3 recomputes (refusing the write on a mismatch; moto records it). Seen on the wire and on the object."""
+    import base64
+    import hashlib
+
+    st = open_storage(RepositoryConfig(url=f"s3://{s3_bucket}/p", endpoint_url=s3_server, region="us-east-1",
+                                       part_size_mb=5))
+    sent = []
+
+    def capture(request, **_):
+        header = request.headers.get("x-amz-checksum-sha256")
+        sent.append((request.url, header.decode() if isinstance(header, bytes) else header, None))
+
+    st.client.meta.events.register("before-send.s3.PutObject", capture)
+    st.client.meta.events.register("before-send.s3.UploadPart", capture)
+    small, large = b"a WAL segment, say", os.urandom(11 * 1024 * 1024)
+    st.put_bytes("small", small)
+    st.put_stream("large", [large])
+
+    def b64(data):
+        return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+    head = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").head_object(
+        Bucket=s3_bucket, Key="p/small", ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256") == b64(small)
+    parts = [h for url, h, _ in sent if "partNumber=" in url]
+    five = 5 * 1024 * 1024
+    assert parts == [b64(large[i * five:(i + 1) * five]) for i in range(3)]
+    assert [h for url, h, _ in sent if "partNumber=" not in url] == [b64(small)]
+    head = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").head_object(
+        Bucket=s3_bucket, Key="p/large", ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256")
+    assert st.get_bytes("large") == large

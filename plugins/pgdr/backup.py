@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from pgdr.postgres import ConnInfo, server_info
 from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.storage import Storage
-from pgdr.streams import CHUNK, ChunkReader, Digest, Prefetch, read_pipe
+from pgdr.streams import CHUNK, ChunkDigests, ChunkReader, Prefetch, read_pipe
 from pgdr.tarstream import TarWatcher
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
                 log.info("backup %s was taken earlier and waits for its WAL; waiting again", label)
                 _wait_for_archived_wal(cluster, storage, existing, wal_timeout)
                 existing.status = "ok"
+                lock.renew()
                 repo.commit(existing)
                 return BackupResult.from_manifest(existing, storage.describe(), "ok")
             log.info("backup %s of cluster %s already exists and is committed; nothing to do", label, cluster.name)
@@ -106,8 +108,13 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
         if leftovers:
             log.info("removed %d objects of an earlier unfinished attempt at backup %s", leftovers, label)
         try:
-            manifest = _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size)
+            manifest = _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, abort=lock.lost)
         except BaseException:
+            if lock.lost.is_set():
+                # Whoever holds the lock now may be writing this very label: delete nothing, commit nothing.
+                raise LockedError(f"lost {repo.lock_key} during backup {label} ({lock.lost_reason}): pg_basebackup "
+                                  "was stopped and nothing was committed; the partial objects are left for "
+                                  "expire") from None
             log.error("backup %s failed; removing its partial objects", label)
             try:
                 repo.remove_unfinished(label)
@@ -115,15 +122,15 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
                 log.error("could not remove partial backup %s (it has no manifest, so it is never used): %s",
                           label, e)
             raise
-        if not lock.held():
-            repo.remove_unfinished(label)
-            raise LockedError(f"lost {repo.lock_key} to another process during backup {label}; "
-                              "not committing it (its objects were removed)")
+        # Each commit comes right after a renewal: a lock that is not ours any more raises here, and one
+        # that is cannot be taken over for the next STALE_AFTER.
         if not manifest.wal_included:
             manifest.status = "waiting_for_wal"
+            lock.renew()
             repo.commit(manifest)  # visible as waiting, never offered for restore
             _wait_for_archived_wal(cluster, storage, manifest, wal_timeout)
             manifest.status = "ok"
+        lock.renew()
         repo.commit(manifest)
     result = BackupResult.from_manifest(manifest, storage.describe(), "ok")
     log.info("backup %s of cluster %s committed: %.1f MB read, %.1f MB stored (%s), %.1f s, %.1f MB/s",
@@ -151,7 +158,22 @@ def _wait_for_archived_wal(cluster, storage, manifest: BackupManifest, timeout: 
         time.sleep(1)
 
 
-def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -> BackupManifest:
+def _kill_when(abort, proc) -> threading.Event:
+    """Kill proc the moment ``abort`` is set (the lock was lost), until the returned event is set."""
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if abort.wait(0.2):
+                proc.kill()
+                return
+
+    if abort is not None:
+        threading.Thread(target=watch, name="pgdr-backup-abort", daemon=True).start()
+    return done
+
+
+def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, abort=None) -> BackupManifest:
     # One random data key for the whole backup, wrapped by the keyring's newest master key;
     # asked for before pg_basebackup starts, so a missing key fails fast.
     data_key = storage.keyring.new_data_key() if storage.encrypt else None
@@ -162,6 +184,7 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
              label, cluster.name, bins.version, bins.path, conn.describe(), storage.describe())
     with tempfile.TemporaryFile() as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, env=conn.process_env())
+        stop_on_abort = _kill_when(abort, proc)
         prefetch = Prefetch(read_pipe(proc.stdout), depth=16)
         reader = ChunkReader(prefetch)
         watcher = TarWatcher()
@@ -169,12 +192,14 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
         try:
             eof = False
             while not eof:
-                stored = Digest()
+                stored = ChunkDigests()  # SHA-256 per few MiB as stored: restore checks each before use
                 state = {"eof": False, "raw": 0}
 
                 def raw_chunks():
                     while state["raw"] < part_size:
                         data = reader.read(min(CHUNK, part_size - state["raw"]))
+                        if abort is not None and abort.is_set():
+                            raise LockedError(f"backup {label} aborted: its lock was lost")
                         if not data:
                             state["eof"] = True
                             return
@@ -192,7 +217,8 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
                 if state["raw"] == 0 and files:
                     storage.delete(key)  # the stream ended exactly on a part boundary
                     break
-                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest))
+                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest,
+                                        stored.chunk_size, stored.finish()))
                 log.info("stored %s: %.1f MB -> %.1f MB", name, state["raw"] / 1e6, stored.size / 1e6)
             rc = proc.wait()
         except BaseException:
@@ -200,7 +226,10 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size) -
             proc.wait()
             raise
         finally:
+            stop_on_abort.set()
             prefetch.close()
+        if abort is not None and abort.is_set():
+            raise LockedError(f"backup {label} aborted: its lock was lost")
         errfile.seek(0)
         stderr = errfile.read().decode(errors="replace").strip()
     if rc != 0:

@@ -59,9 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     cmd("list", "list the backups in the repository")
     i = cmd("info", "show one backup's manifest")
     i.add_argument("--backup", required=True, help="label or 'latest'")
-    r = cmd("restore", "restore a backup into an empty data directory")
-    r.add_argument("--backup", default="latest", help="label or 'latest' (default)")
-    r.add_argument("--pgdata", required=True, help="target data directory: new or empty")
+    r = cmd("restore", "restore a backup into an empty data directory (below the cluster's restore_roots)")
+    r.add_argument("--backup", default="latest", help="label or 'latest' (default); safety backups by label only")
+    r.add_argument("--pgdata", required=True, help="target data directory: new or empty, below one of the "
+                                                   "cluster's restore_roots (absolute; letters, digits, _ + - .)")
+    r.add_argument("--replace", action="store_true",
+                   help="replace a destination holding a data directory of this cluster (running or not), after "
+                        "every check and a safety backup of it into the repository; needs --confirm CLUSTER")
+    r.add_argument("--confirm", metavar="CLUSTER", help="the cluster's name again, to confirm --replace")
+    r.add_argument("--listen", metavar="ADDRESSES", default="127.0.0.1",
+                   help="listen_addresses of the started server (default 127.0.0.1: loopback only)")
     r.add_argument("--start", action="store_true", help="start the restored server (archiving off unless "
                                                         "--keep-archiving)")
     r.add_argument("--port", type=int, help="port for the started server")
@@ -94,12 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
     e = cmd("expire", "delete what the retention policy no longer needs (oldest first; fails closed)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and its reasons; delete nothing")
-    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now")
+    e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now (a future time only with "
+                                                    "--dry-run)")
     k = cmd("keep", "pin a backup (and the WAL it needs) against retention: a legal hold")
     k.add_argument("--backup", required=True, help="label or 'latest'")
     k.add_argument("--until", metavar="DATE", help="pin until this date/time (ISO 8601); default: indefinitely")
     u = cmd("unkeep", "remove a backup's pin")
     u.add_argument("--backup", required=True, help="label or 'latest'")
+    cmd("probe-write", "write, read back and delete a probe object where wal-push writes (pgdr check runs it as "
+                       "the server's OS user in push mode)")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
@@ -150,6 +160,13 @@ def run(args) -> object:
         if not report.ok:
             args._exit = 1
         return report
+    if args.command == "probe-write":
+        from pgdr.check import write_probe
+
+        item = write_probe(cluster, storage)
+        if not item.ok:
+            args._exit = 1
+        return item
     if args.command == "backup":
         from pgdr.backup import run_backup
 
@@ -238,15 +255,26 @@ def run(args) -> object:
             args._exit = 1
         return report
     if args.command == "restore":
-        from pgdr.restore import run_restore
+        import getpass
+
+        from pgdr.paths import check_path
+        from pgdr.replace import restore_request
 
         if args.port is not None and not 1 <= args.port <= 65535:
             raise UsageError(f"--port {args.port} is not a TCP port")
-        return run_restore(cluster, storage, args.backup, args.pgdata, start=args.start, port=args.port,
-                           socket_dir=args.socket_dir, run_as=args.run_as,
-                           verify_checksums=args.verify_checksums, recovery_target=_target(args),
-                           config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
-                           dry_run=args.dry_run, timeout=args.timeout, keep_archiving=args.keep_archiving)
+        socket_dir = str(check_path(args.socket_dir, "--socket-dir")) if args.socket_dir else None
+        if args.confirm and not args.replace:
+            raise UsageError("--confirm only goes with --replace")
+        result = restore_request(
+            cluster, storage, args.backup, args.pgdata, replace=args.replace, confirm=args.confirm,
+            dry_run=args.dry_run, recovery_target=_target(args),
+            requested_by={"triggered_by": f"cli:{getpass.getuser()}", "params": {
+                k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("json", "quiet")}},
+            start=args.start, port=args.port, socket_dir=socket_dir, run_as=args.run_as,
+            verify_checksums=args.verify_checksums,
+            config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
+            timeout=args.timeout, keep_archiving=args.keep_archiving, listen=args.listen)
+        return _Done(result) if isinstance(result, dict) else result
     raise UsageError(f"unknown command {args.command}")
 
 

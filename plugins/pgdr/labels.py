@@ -1,7 +1,8 @@
 """Backup labels: they sort by time and say the type, like pgBackRest's.
 
 ``20261125-020000F`` is a full backup started (or scheduled) at 02:00:00 UTC
-on 2026-11-25.
+on 2026-11-25. A trailing ``S`` marks a safety backup: what a confirmed
+``restore --replace`` found in the destination, taken before touching it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from datetime import datetime, timezone
 
 from pgdr.errors import UsageError
 
-LABEL = re.compile(r"^\d{8}-\d{6}F$")
+LABEL = re.compile(r"^\d{8}-\d{6}[FS]$")
+KINDS = {"F": "full", "S": "safety"}
 
 
 def make_label(when: datetime, kind: str = "F") -> str:
@@ -22,7 +24,8 @@ def make_label(when: datetime, kind: str = "F") -> str:
 
 def check_label(label: str) -> str:
     if not LABEL.match(label):
-        raise UsageError(f"{label!r} is not a backup label (expected like 20261125-020000F, or 'latest')")
+        raise UsageError(f"{label!r} is not a backup label (expected like 20261125-020000F, or 'latest'; "
+                         "safety backups end in S)")
     return label
 
 

@@ -5,6 +5,16 @@ explains each decision. Deletion fails closed: one unreadable manifest stops
 it before anything is deleted. It never deletes the newest verified backup, a
 pinned backup, or WAL a kept backup needs; it deletes oldest first and writes
 an audit record of what it deleted.
+
+Expiry never races a writer: it holds the cluster lock (which every backup
+holds while it writes) from before it reads the catalog until it is done,
+and renews it before each backup it deletes. A backup directory without a
+manifest is a leftover only once its last write is older than
+``UNFINISHED_GRACE`` — its label says nothing (``--label`` may be any date).
+A backup's manifest is deleted first, so from its first deletion on the
+backup is no longer offered; an interrupted expiry leaves a leftover, never a
+committed backup with missing parts. ``now`` may not lie in the future
+unless nothing is deleted (dry run).
 """
 
 from __future__ import annotations
@@ -14,12 +24,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError
+from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, UsageError
 from pgdr.lsn import parse_lsn
-from pgdr.results import JsonResult, iso, parse_iso
+from pgdr.results import JsonResult, iso, parse_iso, utcnow
 
 log = logging.getLogger(__name__)
 UNFINISHED_GRACE = timedelta(days=1)
+CLOCK_SLACK = timedelta(minutes=5)  # how far ``now`` may run ahead of this host's clock
 KEEP = "keep.json"
 
 
@@ -35,10 +46,11 @@ class CatalogItem:
 
     label: str
     status: str  # ok | waiting_for_wal | unfinished | unreadable
-    stop_time: datetime | None = None
+    stop_time: datetime | None = None  # unfinished: its last write (None: unknown, never expired)
     start_lsn: str | None = None
     pinned_until: datetime | None = None  # datetime.max: pinned with no end
     verified_ok: bool = False
+    kind: str = "full"  # full | safety (taken by a confirmed replace; never a base for WAL replay)
 
 
 @dataclass
@@ -64,7 +76,8 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
     if bad:
         raise IntegrityError(f"retention stopped before deleting anything: unreadable backup(s) {', '.join(bad)}")
     window_start = now - timedelta(days=policy.window_days)
-    done = sorted((i for i in items if i.status == "ok"), key=lambda i: i.label)
+    safety = {i.label: i for i in items if i.status == "ok" and i.kind == "safety"}
+    done = sorted((i for i in items if i.status == "ok" and i.label not in safety), key=lambda i: i.label)
     reasons: dict[str, str] = {}
     for i in done:
         if i.stop_time >= window_start:
@@ -82,9 +95,18 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
             until = "indefinitely" if i.pinned_until == datetime.max.replace(tzinfo=now.tzinfo) \
                 else f"until {iso(i.pinned_until)}"
             reasons.setdefault(i.label, f"kept: pinned {until}")
+    for i in safety.values():
+        # A safety backup stands alone (its WAL is inside it): kept for the window like the point it
+        # captured, never counted among the full backups, never a reason to keep archived WAL.
+        if i.pinned_until and i.pinned_until > now:
+            reasons[i.label] = "kept: pinned safety backup"
+        elif i.stop_time >= window_start:
+            reasons[i.label] = "kept: safety backup inside the recovery window"
     decisions = []
     for i in sorted(items, key=lambda i: i.label):
-        if i.status == "ok":
+        if i.label in safety and i.label not in reasons:
+            decisions.append(Decision(i.label, "expire", "expired: safety backup older than the recovery window"))
+        elif i.status == "ok":
             if i.label in reasons:
                 decisions.append(Decision(i.label, "keep", reasons[i.label]))
             else:
@@ -92,7 +114,7 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
                                                              "backup and beyond the minimum count"))
         elif i.status == "unfinished" and i.stop_time is not None and i.stop_time < now - UNFINISHED_GRACE:
             decisions.append(Decision(i.label, "expire", "expired: unfinished leftover of a failed backup, "
-                                                         "past the grace period"))
+                                                         f"last written {iso(i.stop_time)}, past the grace period"))
         else:
             decisions.append(Decision(i.label, "keep", f"kept: {i.status} (not a retention candidate yet)"))
     kept = [i for i in done if reasons.get(i.label)]
@@ -102,19 +124,21 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
 
 
 def catalog_items(repo) -> list[CatalogItem]:
-    from pgdr.labels import label_time
     from pgdr.verify import last_verification
 
     out = []
     for e in repo.catalog():
         if e.manifest is None:
             status = "unfinished" if e.error and e.error.startswith("unfinished") else "unreadable"
-            out.append(CatalogItem(e.label, status, stop_time=label_time(e.label) if status == "unfinished" else None))
+            # A leftover's age is its last write, never its label: a label may name any date.
+            out.append(CatalogItem(e.label, status, stop_time=repo.last_write(e.label) if status == "unfinished"
+                                   else None))
             continue
         m = e.manifest
         pin = pinned_until(repo, m.label)
         v = last_verification(repo, m.label)
-        out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"])))
+        out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"]),
+                               kind="safety" if m.type == "safety" else "full"))
     return out
 
 
@@ -128,12 +152,39 @@ def pinned_until(repo, label: str) -> datetime | None:
     return parse_iso(data["until"]) if data.get("until") else datetime.max.replace(tzinfo=parse_iso(data["at"]).tzinfo)
 
 
-def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run: bool) -> dict:
-    from pgdr.audit import write_audit
+def check_now(now: datetime, dry_run: bool) -> None:
+    """A plan for a future time would delete what the policy keeps today: only a dry run may look ahead."""
+    wall = utcnow()
+    if not dry_run and now > wall + CLOCK_SLACK:
+        raise UsageError(f"--now {iso(now)} is in the future (this host's clock says {iso(wall)}); expiring as of "
+                         "a future time would delete backups the policy still keeps: use it with --dry-run only")
+
+
+def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run: bool, *,
+               simulated_now: bool = False) -> dict:
+    """Plan, and unless ``dry_run`` delete, holding the cluster lock.
+
+    ``simulated_now``: tests and drills that simulate the passage of time may expire as of a future ``now``;
+    the CLI and the DAG never set it."""
+    from pgdr.lock import ClusterLock
     from pgdr.repository import Repository
+
+    if not simulated_now:
+        check_now(now, dry_run)
+    repo = Repository(storage, cluster.name)
+    if dry_run:
+        return _expire(cluster, storage, repo, policy, now, None)
+    # Before the catalog is read: a backup writing now holds this lock, so what has no manifest is not
+    # being written (a writer that lost the lock stops at once and never commits).
+    with ClusterLock(storage, repo.lock_key, "expire") as lock:
+        return _expire(cluster, storage, repo, policy, now, lock)
+
+
+def _expire(cluster, storage, repo, policy: RetentionPolicy, now: datetime, lock) -> dict:
+    from pgdr.audit import write_audit
     from pgdr.wal import SEG_SIZE, WalArchive, parse_segment
 
-    repo = Repository(storage, cluster.name)
+    dry_run = lock is None
     plan = plan_retention(catalog_items(repo), policy, now)
     deleted_objects, wal_deleted, deleted_backups, locked_backups = 0, [], [], []
     locked_wal: list[str] = []
@@ -155,12 +206,16 @@ def run_expire(cluster, storage, policy: RetentionPolicy, now: datetime, dry_run
                 log.warning("backup %s is expired but %d of its objects are under Object Lock until %s; "
                             "skipped (a later run deletes it)", label, len(held), iso(until))
                 continue
+            lock.renew()  # still ours: no backup can have started writing since the plan
+            manifest_key = repo.key(label, "manifest.json")
+            # First: from here on the backup is not offered; if this run stops half-way, what is left
+            # is a manifest-less leftover the next run deletes, never a committed backup with holes.
+            storage.delete(manifest_key)
             for obj in objs:
-                if obj.key.endswith("/manifest.json"):
+                if obj.key == manifest_key:
                     continue
                 storage.delete(obj.key)
                 deleted_objects += 1
-            storage.delete(repo.key(label, "manifest.json"))  # last: the backup stops existing in one step
             deleted_backups.append(label)
             log.info("expired backup %s", label)
         for name, keys in wal_keys.items():

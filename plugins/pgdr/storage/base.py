@@ -14,6 +14,7 @@ CHUNK = 1024 * 1024
 class ObjectInfo:
     key: str
     size: int
+    modified: datetime | None = None  # last write, as the store reports it (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,11 @@ class Storage(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object whose key starts with prefix, sorted by key."""
+        """Every object whose key starts with prefix, sorted by key.
+
+        An object deleted while the listing runs is either listed or skipped;
+        it never makes the listing fail or come back empty.
+        """
 
     @abstractmethod
     def delete(self, key: str) -> None:

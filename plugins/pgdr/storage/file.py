@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,6 +23,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, root: Path) -> None:
+    """Create path and its missing parents, each made durable: a new directory's entry lives in its
+    parent, so every parent of a directory we create is fsynced, up to and including the root's."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p == root or p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        fsync_dir(d)
+        fsync_dir(d.parent)
+
+
 class FileStorage(Storage):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -35,13 +55,23 @@ class FileStorage(Storage):
     def _error(self, action: str, key: str, e: OSError) -> RepositoryError:
         return RepositoryError(f"cannot {action} {self.url}/{key}: {e.strerror or e}")
 
+    def _create(self, tmp: Path):
+        """Open a new temporary file, creating (durably) the directories it needs. A concurrent delete
+        tidies empty directories away; if it takes ours between mkdir and open, make them again."""
+        for attempt in range(5):
+            try:
+                make_dirs(tmp.parent, self.root)
+                return open(tmp, "wb")
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+
     def put_stream(self, key: str, chunks: Iterable[bytes], *, lock: bool = False) -> int:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         written = 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with self._create(tmp) as f:
                 for chunk in chunks:
                     f.write(chunk)
                     written += len(chunk)
@@ -61,8 +91,7 @@ class FileStorage(Storage):
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with self._create(tmp) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -99,18 +128,22 @@ class FileStorage(Storage):
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         out = []
         try:
-            walker = os.walk(base, onerror=_raise)
-            for dirpath, dirnames, filenames in walker:
+            # A directory or file deleted while we walk (expiry, a lock's clean-up) is skipped; any other
+            # error fails the listing, never an empty one.
+            for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
                 dirnames.sort()
                 for name in filenames:
                     if TMP_MARK in name and name.startswith("."):
                         continue
                     full = Path(dirpath) / name
                     key = full.relative_to(self.root).as_posix()
-                    if key.startswith(prefix):
-                        out.append(ObjectInfo(key, full.stat().st_size))
-        except FileNotFoundError:
-            return []
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
         except OSError as e:
             raise self._error("list", prefix, e) from e
         return sorted(out, key=lambda o: o.key)

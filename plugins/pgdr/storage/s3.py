@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Iterator
 
@@ -9,6 +11,13 @@ from pgdr.errors import ObjectNotFound, RepositoryError
 from pgdr.storage.base import CHUNK, ObjectInfo, Retention, Storage
 
 MIN_PART = 5 * 1024 * 1024  # S3's floor for every part but the last
+# Every upload carries the SHA-256 of its bytes (x-amz-checksum-sha256, per part for multipart uploads):
+# S3 recomputes it on arrival and refuses the write (BadDigest) if a byte changed on the way.
+CHECKSUM = "SHA256"
+
+
+def sha256_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
 class S3Storage(Storage):
@@ -81,21 +90,20 @@ class S3Storage(Storage):
                 total += len(chunk)
                 while len(buf) >= self.part_size:
                     if upload_id is None:
-                        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=k, **extra)["UploadId"]
+                        upload_id = self.client.create_multipart_upload(
+                            Bucket=self.bucket, Key=k, ChecksumAlgorithm=CHECKSUM, **extra)["UploadId"]
                     body = bytes(buf[: self.part_size])
                     del buf[: self.part_size]
-                    n = len(parts) + 1
-                    etag = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=upload_id,
-                                                   PartNumber=n, Body=body)["ETag"]
-                    parts.append({"PartNumber": n, "ETag": etag})
+                    parts.append(self._upload_part(k, upload_id, len(parts) + 1, body))
             if upload_id is None:
-                self.client.put_object(Bucket=self.bucket, Key=k, Body=bytes(buf), **extra)
+                body = bytes(buf)
+                digest = sha256_b64(body)
+                resp = self.client.put_object(Bucket=self.bucket, Key=k, Body=body, ChecksumAlgorithm=CHECKSUM,
+                                              ChecksumSHA256=digest, **extra)
+                _check_echo(resp, digest, k)
             else:
                 if buf:
-                    n = len(parts) + 1
-                    etag = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=upload_id,
-                                                   PartNumber=n, Body=bytes(buf))["ETag"]
-                    parts.append({"PartNumber": n, "ETag": etag})
+                    parts.append(self._upload_part(k, upload_id, len(parts) + 1, bytes(buf)))
                 done = self.client.complete_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id,
                                                              MultipartUpload={"Parts": parts})
                 if lock_args:
@@ -117,11 +125,19 @@ class S3Storage(Storage):
             raise
         return total
 
+    def _upload_part(self, k: str, upload_id: str, n: int, body: bytes) -> dict:
+        digest = sha256_b64(body)
+        resp = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=upload_id, PartNumber=n, Body=body,
+                                       ChecksumAlgorithm=CHECKSUM, ChecksumSHA256=digest)
+        _check_echo(resp, digest, f"{k} part {n}")
+        return {"PartNumber": n, "ETag": resp["ETag"], "ChecksumSHA256": digest}
+
     def put_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*", **self.extra)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
+                                   ChecksumAlgorithm=CHECKSUM, ChecksumSHA256=sha256_b64(data), **self.extra)
             return True
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
@@ -159,7 +175,7 @@ class S3Storage(Storage):
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
             for page in pages:
                 for obj in page.get("Contents", []):
-                    out.append(ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"]))
+                    out.append(ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj.get("LastModified")))
         except Exception as e:
             if _is_boto(e):
                 raise self._error("list", prefix, e) from e
@@ -225,6 +241,13 @@ class S3Storage(Storage):
 
     def describe(self) -> str:
         return f"{self.url} (endpoint {self.endpoint_url})" if self.endpoint_url else self.url
+
+
+def _check_echo(resp: dict, digest: str, what: str) -> None:
+    """The store answers with the checksum it computed; it must be ours (S3 itself refuses a mismatch)."""
+    got = resp.get("ChecksumSHA256")
+    if got is not None and got != digest:
+        raise RepositoryError(f"{what} was stored with SHA-256 {got}, but pgdr sent {digest}")
 
 
 def _is_boto(e: BaseException) -> bool:

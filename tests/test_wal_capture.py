@@ -355,3 +355,45 @@ def test_wal_push_batches_ready_segments_and_answers_from_verified_markers(workd
         assert answer_from_marker(argv) is True and not marker.exists()
     finally:
         pg.destroy()
+
+
+def test_next_run_takes_the_slot_over_from_the_running_one(workdir):
+    """Two streamers, as two overlapping WAL DAG runs: the second waits for the slot, the first sees
+    it waiting, uploads what it holds and lets go; the second takes over. No gap, nothing twice."""
+    name, pg = own_cluster(workdir, 18, "handover")
+    config = write_config(workdir / f"{name}.yaml", {"app": {"dsn": pg.dsn, "repository": f"file://{workdir}/{name}-r"}})
+    first = second = None
+    try:
+        pg.psql("create table capture_rows (id int primary key)")
+        first = start_streamer(config, workdir / f"{name}-a", workdir / f"{name}-a.log")
+        wait_for(lambda: pg.psql("select count(*) from pg_stat_replication") == "1", "first streaming")
+        assert pgdr("--json", "backup", "--cluster", "app", config=config)[0] == 0
+        pg.psql("insert into capture_rows select generate_series(1, 1000); select pg_switch_wal()")
+        pg.psql("insert into capture_rows select generate_series(1001, 2000)")
+        second = start_streamer(config, workdir / f"{name}-b", workdir / f"{name}-b.log")
+        out, _ = first.communicate(timeout=120)  # the first ends by itself: it saw the second waiting
+        assert first.returncode == 0, (workdir / f"{name}-a.log").read_text()[-2000:]
+        assert json.loads(out)["stopped_because"] == "handed over to the next run"
+        pg.psql("insert into capture_rows select generate_series(2001, 3000); select pg_switch_wal()")
+        pg.psql("insert into capture_rows select generate_series(3001, 4000)")
+        wait_for(lambda: archived_to(config, pg.psql("select pg_current_wal_lsn()")), "the second run archives")
+        assert second.poll() is None  # still streaming, on the slot
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+        code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
+        assert code == 0 and report["gaps"] == [], report
+        dest = workdir / f"{name}-restored"
+        port = free_port()
+        code, res, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", port,
+                              "--socket-dir", socket_dir(workdir), "--target", "latest", config=config)
+        assert code == 0, err
+        restored = SandboxCluster(pg.bins, dest, port)
+        try:
+            assert rows(restored) == rows(pg) == f"4000:{sum(range(1, 4001))}"
+        finally:
+            restored.destroy()
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+        pg.destroy()

@@ -260,9 +260,14 @@ class ReplicationStream:
         now = time.monotonic()
         if not force and now - self._last_status < STATUS_INTERVAL:
             return
+        from psycopg import OperationalError
+
         clock = int(time.time() * 1_000_000) - _PG_EPOCH_US
-        self.pg.put_copy_data(_STATUS.pack(b"r", self.write_lsn, self.flush_lsn, 0, clock, 0))
-        self.pg.flush()
+        try:
+            self.pg.put_copy_data(_STATUS.pack(b"r", self.write_lsn, self.flush_lsn, 0, clock, 0))
+            self.pg.flush()
+        except OperationalError as e:
+            raise PostgresError(f"WAL streaming connection failed: {str(e).strip()}") from None
         self._last_status = now
 
     def confirm(self, lsn: int) -> None:
@@ -408,6 +413,15 @@ class WalStreamer:
                     next_partial = time.monotonic() + self.partial_interval
             if pos > uploaded_to:  # the handover keeps the data at risk at seconds
                 self._partial(segno, tli, buf, pos, stop, stream)
+        except PostgresError:
+            if pos > uploaded_to:  # the server went away: what was received still narrows the gap to restore
+                try:
+                    name = segment_name(tli, segno)
+                    self.archive.push_partial_bytes(name, bytes(buf), pos)
+                    self._note_progress(pos)
+                except PgdrError as e:
+                    log.error("could not upload the partial segment after the stream failed: %s", e)
+            raise
         finally:
             stream.close()
             status_conn.close()

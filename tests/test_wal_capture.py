@@ -319,7 +319,7 @@ def test_wal_push_batches_ready_segments_and_answers_from_verified_markers(workd
     repo = archive_repo(workdir, tag)
     config = write_config(workdir / f"{tag}.yaml", {"app": {"repository": repo, "wal": {"mode": "push"}}})
     config.chmod(0o644)
-    archive_command = f"{sys.executable} -m pgdr --config {config} wal-push --cluster app %p"
+    archive_command = f"{sys.executable} -m pgdr --config {config} wal-push --cluster app --batch 4 %p"
     name, pg = own_cluster(workdir, 15, "batch", f"archive_mode = on\narchive_command = '{archive_command}'\n")
     try:
         pg.psql("create table capture_rows (id int)")

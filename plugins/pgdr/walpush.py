@@ -59,6 +59,11 @@ def _parse(argv: list[str]):
             cluster = a.split("=", 1)[1]
         elif a in _FAST_FLAGS:
             continue
+        elif a == "--batch":  # wal-push's own option: no bearing on the answer
+            if next(it, None) is None:
+                return None
+        elif a.startswith("--batch="):
+            continue
         elif a.startswith("-"):
             return None  # --json and anything else: the full command answers
         else:

@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                        "the server's OS user in push mode)")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
+    wp.add_argument("--batch", type=int, default=8, metavar="N",
+                    help="also archive up to N further segments PostgreSQL marked ready, in parallel, so their own "
+                         "archive_command calls return at once (default 8; 0: off)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
@@ -122,8 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("--count", type=int, default=4)
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
     cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
-    ws = cmd("wal-stream", "stream WAL into the repository (pg_receivewal on a replication slot)")
-    ws.add_argument("--spool", required=True, help="local directory for the segment being received")
+    ws = cmd("wal-stream", "stream WAL into the repository on a replication slot (the slot advances only "
+                           "past what the repository holds)")
+    ws.add_argument("--spool", help="ignored: nothing is kept on local disk (accepted for old command lines)")
     ws.add_argument("--duration", type=float, help="stop after this many seconds (default: until interrupted)")
     ws.add_argument("--partial-interval", type=float, default=5.0,
                     help="seconds between uploads of the segment being written (default 5)")
@@ -214,7 +218,17 @@ def run(args) -> object:
 
         archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
         if args.command == "wal-push":
-            return archive.push(args.path)
+            from pgdr.wal import SEGMENT, require_supported_segment_size, segment_size_of_file
+
+            if SEGMENT.match(os.path.basename(args.path)):
+                require_supported_segment_size(segment_size_of_file(args.path), args.path)
+            result = archive.push(args.path)
+            if args.batch > 0 and SEGMENT.match(os.path.basename(args.path)):
+                from pgdr.walpush import push_identity, push_ready_batch
+
+                push_ready_batch(archive, args.path, args.batch,
+                                 push_identity(args.cluster, getattr(args, "config", None)))
+            return result
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
 
@@ -249,7 +263,9 @@ def run(args) -> object:
             signal.signal(signal.SIGINT, lambda *a: stop.set())
             return WalStreamer(cluster, conn, storage, args.spool, args.partial_interval).run(args.duration, stop)
         backups = repo.backups()
-        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)))
+        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)),
+                               *(_stop_lsn_tli(backups[-1]) if backups else (None, None)),
+                               until_what=f"backup {backups[-1].label}" if backups else "")
         if not report.ok:
             args._exit = 1
         return report
@@ -325,6 +341,12 @@ def _lsn_tli(manifest):
     return parse_lsn(manifest.start_lsn), manifest.timeline
 
 
+def _stop_lsn_tli(manifest):
+    from pgdr.lsn import parse_lsn
+
+    return parse_lsn(manifest.stop_lsn), manifest.timeline
+
+
 def _human(result) -> str:
     from pgdr.catalog import CatalogReport
     from pgdr.check import CheckReport
@@ -354,6 +376,10 @@ def _human(result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pgdr.walpush import answer_from_marker
+
+    if answer_from_marker(sys.argv[1:] if argv is None else argv):
+        return 0  # archive_command for a segment an earlier call archived (verified): no imports, no repository
     parser = _parser()
     args = parser.parse_args(argv)
     as_json = getattr(args, "json", False)

@@ -24,7 +24,7 @@ class Source:
     """A throwaway source cluster archiving into its own repository, with one backup taken."""
 
     def __init__(self, workdir: Path, major: int, s3_server: str | None = None, drill: dict | None = None,
-                 setup=None, top: dict | None = None, archive_timeout: int = 1):
+                 setup=None, top: dict | None = None, archive_timeout: int = 2):
         from conftest import _bins
 
         self.tag = f"drill{major}-{next(_n)}"
@@ -134,14 +134,17 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
     assert stored["run_id"] == "quarterly-1" and stored["ok"] is True
     assert src.pg.psql("select count(*) from pgdr_drill_canary where run_id = 'quarterly-1'", dbname="app") == "1"
 
-    # A second drill whose user check is wrong: exit 1, the cause named; the history lists both, in order.
+    # A second, light drill (the backup itself, started and queried) whose user check is wrong: exit 1, the
+    # cause named; the history lists both, in order.
     wrong = src.config("wrong", drill={"checks": [{"name": "rows", "database": "app", "sql": "select count(*) from t",
                                                    "expected": 999}]})
-    code, failed, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "quarterly-2",
-                             "--validations", "checks", config=wrong)
+    code, failed, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "quarterly-2", "--light",
+                             config=wrong)
     assert code == 1 and failed["ok"] is False, err
     assert failed["failures"][0]["cause"] == "check:rows" and "expected '999', got '1000'" in \
         failed["failures"][0]["message"]
+    assert failed["light"] is True and failed["mark"]["method"] == "none" and failed["rpo"]["seconds"] is None
+    assert [v["name"] for v in failed["validations"]] == ["server", "target_reached", "check:rows"]
     assert_nothing_left(failed, src.scratch)
     code, history, _ = pgdr("--json", "drills", "--cluster", "app", config=src.cli)
     assert code == 0

@@ -88,6 +88,7 @@ def assert_nothing_left(report: dict, scratch: Path):
     from pgdr.drill import server_processes
 
     assert report["teardown"]["scratch_removed"] is True, report["teardown"]
+    assert report["teardown"]["socket_dir_removed"] is True
     assert not any(scratch.glob("app/*")), list(scratch.glob("app/*"))
     assert server_processes(scratch) == []
 

@@ -93,7 +93,8 @@ class DrillPlan(JsonResult):
 
     @property
     def socket_dir(self) -> Path:
-        return Path(self.scratch) / "sock"
+        """Short, beside /tmp: a Unix socket's path must fit in 107 bytes, and scratch paths can be long."""
+        return Path("/tmp") / f"pgdr-drill-{hashlib.sha256(self.scratch.encode()).hexdigest()[:12]}"
 
     @property
     def server_log(self) -> Path:
@@ -226,12 +227,27 @@ def prepare_scratch(cluster: ClusterConfig, plan: DrillPlan) -> Path:
             raise DrillFailed("restore", f"{run} exists and is not a drill's scratch directory; refusing to use it")
         _stop_server(cluster, plan)  # an earlier try of the same run: start afresh
         _remove_tree(run)
+    _remove_socket_dir(plan)
     run.mkdir(mode=0o700)
     (run / MARKER).write_text(plan.run_id + "\n")
+    plan.socket_dir.mkdir(mode=0o700)
     if os.geteuid() == 0:
         uid, gid = user_ids(cluster.run_as)
         os.chown(run, uid, gid)
+        os.chown(plan.socket_dir, uid, gid)
     return run
+
+
+def _remove_socket_dir(plan: DrillPlan) -> None:
+    """The run's socket directory in /tmp: removed only when it is a plain directory of sockets and lock files."""
+    sock = plan.socket_dir
+    if not os.path.lexists(sock):
+        return
+    if sock.is_symlink() or not sock.is_dir() or \
+            any(not p.name.startswith(".s.PGSQL.") for p in sock.iterdir()):
+        raise PgdrError(f"{sock} is not a drill's socket directory (a symlink, a file or foreign content); "
+                        "not touching it")
+    shutil.rmtree(sock)
 
 
 def check_free_space(where: Path, need: int) -> dict:
@@ -301,7 +317,6 @@ def _start_and_recover(cluster, storage, plan: DrillPlan, port: int, target, maj
     user = cluster.run_as if os.geteuid() == 0 else None
     bins = reachable_by(find_bin_dir(major, cluster.pg_bin_dir, tool="postgres", exact=True), user)
     pgdata, sock, hba = plan.pgdata, plan.socket_dir, Path(plan.scratch) / "pg_hba.conf"
-    sock.mkdir(mode=0o700, exist_ok=True)
     # Only the server's user (and root) can reach the socket directory; no TCP client is accepted at all.
     hba.write_text("# pgdr drill: socket only (the socket directory is private to the server's user)\n"
                    "local all all trust\n")
@@ -309,7 +324,7 @@ def _start_and_recover(cluster, storage, plan: DrillPlan, port: int, target, maj
         (pgdata / "postgresql.conf").write_text("# written by pgdr drill: the backup held no postgresql.conf\n")
     if user:
         ids = user_ids(user)
-        for p in (sock, hba, pgdata / "postgresql.conf"):
+        for p in (hba, pgdata / "postgresql.conf"):
             os.chown(p, *ids)
     opts = (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c archive_mode=off -c hba_file={hba} "
             "-c logging_collector=off -c log_destination=stderr -c log_timezone=UTC -c log_line_prefix=%m: "
@@ -638,6 +653,8 @@ def teardown(cluster: ClusterConfig, plan: DrillPlan, wait=time.sleep) -> dict:
         record["kept_minutes"] = plan.keep_minutes
         wait(plan.keep_minutes * 60)
     record["server"] = _stop_server(cluster, plan) if run.exists() else "not running"
+    _remove_socket_dir(plan)
+    record["socket_dir_removed"] = not os.path.lexists(plan.socket_dir)
     if not run.exists():
         record["scratch_removed"] = True
         return record

@@ -219,7 +219,7 @@ def test_fault_fails_the_drill_names_the_cause_and_alerts(fault, airflow_db, sou
     src = sources(spec["major"], drill=spec.get("drill"), top=spec.get("top"),
                   setup=corrupt_heap_page if fault == "heap" else None)
     if fault == "wal":
-        corrupt_wal_after_backup(src)
+        spec = {**spec, "text": corrupt_wal_after_backup(src)}  # the message names the damaged segment
     connections(monkeypatch, src.pg, capture_url=capture.url)
     dag = load_dag_module(monkeypatch, src.config("dag", dag=True), "pgdr_drill").pgdr_app_drill
     for t in dag.tasks:

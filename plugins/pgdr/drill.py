@@ -304,8 +304,12 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
     try:
         record.update(_start_and_recover(cluster, storage, plan, port, target, manifest.pg_major))
     except PgdrError as e:
-        record.update(getattr(e, "record", {}))
-        raise DrillFailed("recovery", f"the restored server did not recover to the mark: {e}", record) from None
+        fetch = [ln.split(" ERROR ", 1)[-1].strip() for ln in _read(plan.server_log).splitlines()
+                 if "pgdr ERROR" in ln]  # what restore_command (pgdr wal-fetch) said: the damaged segment
+        record["wal_fetch_errors"] = fetch[-5:]
+        why = f"; WAL fetch failed: {fetch[-1]}" if fetch else ""
+        raise DrillFailed("recovery", f"the restored server did not recover to the mark: {e}{why}", record) \
+            from None
     return record
 
 

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -280,7 +281,7 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
     run = prepare_scratch(cluster, plan)
     port = free_port()
     record: dict = {"scratch": str(run), "pgdata": str(plan.pgdata), "port": port, "socket_dir": str(plan.socket_dir),
-                    "pid": None, "phases": {}}
+                    "host": socket.gethostname(), "pid": None, "phases": {}}
     if on_scratch:
         on_scratch(dict(record))
     try:
@@ -444,11 +445,9 @@ class _Scratch:
     def _superuser(self, cluster) -> str:
         import psycopg
 
-        from pgdr.postgres import ConnInfo
-
         dsn_user = dict(p.split("=", 1) for p in (cluster.dsn or "").split() if "=" in p).get("user")
         last = None
-        for candidate in dict.fromkeys(u for u in ("postgres", cluster.run_as, dsn_user, ConnInfo().env.get("PGUSER"))
+        for candidate in dict.fromkeys(u for u in ("postgres", cluster.run_as, dsn_user, os.environ.get("PGUSER"))
                                        if u):
             try:
                 with self.connect("postgres", candidate) as c:
@@ -460,6 +459,7 @@ class _Scratch:
 
 def validate_scratch(cluster: ClusterConfig, plan: DrillPlan, mark: dict, restored: dict) -> dict:
     """Every validation, each with its outcome; fails (naming the causes) when any failed."""
+    same_host(restored)
     t0 = time.monotonic()
     results: list[dict] = []
     major = int((Path(restored["pgdata"]) / "PG_VERSION").read_text().strip())
@@ -646,8 +646,17 @@ def _remove_tree(run: Path) -> None:
     shutil.rmtree(run)
 
 
-def teardown(cluster: ClusterConfig, plan: DrillPlan, wait=time.sleep) -> dict:
+def same_host(restored: dict | None) -> None:
+    """The scratch server lives on the worker that restored it: a step elsewhere would see nothing there."""
+    host = (restored or {}).get("host")
+    if host and host != socket.gethostname():
+        raise PgdrError(f"this step runs on {socket.gethostname()}, but the scratch server is on {host}: route the "
+                        "drill's tasks to one worker (drill.queue served by a single worker)")
+
+
+def teardown(cluster: ClusterConfig, plan: DrillPlan, wait=time.sleep, restored: dict | None = None) -> dict:
     """Stop the scratch server and remove the run's directory — only the drill's own (fails closed)."""
+    same_host(restored)
     run = Path(plan.scratch)
     base = Path(cluster.drill.scratch_dir).resolve()
     record: dict = {"scratch": str(run), "kept_minutes": 0}

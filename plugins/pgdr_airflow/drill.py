@@ -75,7 +75,9 @@ class PgdrDrillTeardownOperator(PgdrDrillOperator):
         from pgdr.drill import teardown
 
         try:
-            return teardown(self.hook.cluster, self.plan(context))
+            ti = context["ti"]
+            restored = ti.xcom_pull(task_ids="restore") or ti.xcom_pull(task_ids="restore", key="scratch")
+            return teardown(self.hook.cluster, self.plan(context), restored=restored)
         except Exception as e:
             context["ti"].xcom_push(key="failure", value={"error": type(e).__name__, "cause": "teardown",
                                                           "message": str(e)})

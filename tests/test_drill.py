@@ -93,8 +93,12 @@ def assert_nothing_left(report: dict, scratch: Path):
     assert server_processes(scratch) == []
 
 
-def pgbench(pg, *args, **kw):
-    return [pg.bins.tool("pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", *args, "app"]
+def pgbench(pg, script: Path, *args):
+    """pgbench writing into the source all along (small: updates and inserts on the test's own tables)."""
+    script.write_text("\\set id random(1, 1000)\nupdate t set note = 'bench ' || :id where id = :id;\n"
+                      "insert into bench_log (id) values (:id);\n")
+    return [pg.bins.tool("pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-n", "-f", str(script),
+            *args, "app"]
 
 
 @pytest.mark.parametrize("major, backend", [(15, "file"), (18, "s3")], ids=["pg15-file", "pg18-s3"])
@@ -102,11 +106,11 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
     s3 = request.getfixturevalue("s3_server") if backend == "s3" else None
     src = sources(major, s3, drill={"canary": {"database": "app"}, "checks": [
         {"name": "rows", "database": "app", "sql": "select count(*) from t", "expected": 1000}]},
-        setup=lambda s: subprocess.run(pgbench(s.pg, "-i", "-q", "-s", "1"), check=True, capture_output=True))
-    bench = subprocess.Popen(pgbench(src.pg, "-c", "2", "-T", "120", "-R", "40", "-n"),
+        setup=lambda s: s.pg.psql("create table bench_log (id int, at timestamptz default now())", dbname="app"))
+    bench = subprocess.Popen(pgbench(src.pg, src.workdir / f"{src.tag}.pgbench", "-c", "2", "-T", "120", "-R", "50"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        time.sleep(1)
         code, report, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "quarterly-1", config=src.cli)
         assert bench.poll() is None, "pgbench kept writing during the drill"
     finally:
@@ -114,6 +118,7 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
         bench.wait(10)
     assert code == 0, err
     assert report["ok"] is True and report["failures"] == []
+    assert int(src.pg.psql("select count(*) from bench_log", dbname="app")) > 0
     assert report["backup"]["label"] == src.backup["label"]
     mark = report["mark"]
     assert mark["method"] == "restore_point" and mark["name"].startswith("pgdr-drill-quarterly-1")

@@ -363,3 +363,35 @@ def test_report_from_failed_steps_names_the_first_cause():
     assert report.rto["ok"] is None and report.rto["phases"]["restore"] == 1.5
     assert "failed: restore at step restore: restore failed: boom" in summary_line(report)
     assert "FAILED" in render_summary(report) and json.loads(report.to_json())["rpo"]["seconds"] == 0.5
+
+
+def test_scratch_server_is_socket_only_archiving_off_and_torn_down_by_steps(sources):
+    """The step API the DAG uses, in-process: a light drill's scratch server refuses TCP clients (even on
+    loopback), does not archive, listens on loopback only; a teardown after a failed step stops it."""
+    from pgdr import drill
+    from pgdr.config import load_config
+    from pgdr.errors import PgdrError
+
+    src = sources(15, archive_timeout=0)
+    cluster = load_config(src.cli).cluster("app")
+    plan = drill.plan_drill(cluster, "steps-1", {}, light=True)
+    mark = drill.mark_moment(cluster, None, src.storage(), plan)
+    assert mark["method"] == "none"
+    restored = drill.restore_scratch(cluster, src.storage(), plan, mark)
+    try:
+        assert restored["backup"]["label"] == src.backup["label"]
+        scratch = SandboxCluster(src.pg.bins, Path(restored["pgdata"]), restored["port"])
+        with pytest.raises(PgdrError, match="pg_hba.conf"):
+            scratch.psql("select 1")  # TCP on 127.0.0.1: no pg_hba.conf entry
+        s = drill._Scratch(cluster, plan, restored, 15)
+        with s.connect("app") as c:
+            assert c.execute("show archive_mode").fetchone()[0] == "off"
+            assert c.execute("show listen_addresses").fetchone()[0] == "127.0.0.1"
+            assert c.execute("select count(*) from t").fetchone()[0] == 1000
+        assert drill.server_processes(restored["pgdata"]) != []
+    finally:
+        # as after a validation that crashed: the teardown alone cleans up
+        record = drill.teardown(cluster, plan, restored=restored)
+    assert record["server"].startswith("stopped") and record["scratch_removed"] and record["socket_dir_removed"]
+    assert drill.server_processes(restored["pgdata"]) == [] and not Path(plan.scratch).exists()
+    assert not Path(restored["socket_dir"]).exists()

@@ -32,7 +32,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -290,7 +290,9 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
         record["disk"] = check_free_space(run, int((manifest.size + wal_bytes) * 1.1) + (64 << 20))
         target = _recovery_target(plan, mark)
         t0 = time.monotonic()
-        result = run_restore(cluster, storage, plan.backup, plan.pgdata, start=False, recovery_target=target,
+        # The drill restores only into its own scratch directory: that is its restore root, and the only one.
+        confined = replace(cluster, restore_roots=(str(Path(cluster.drill.scratch_dir) / cluster.name),))
+        result = run_restore(confined, storage, plan.backup, plan.pgdata, start=False, recovery_target=target,
                              config_path=config_path, timeout=plan.timeout_seconds)
         record["phases"]["restore"] = round(time.monotonic() - t0, 3)
         plan_ = (result.recovery or {}).get("plan") or {}

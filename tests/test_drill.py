@@ -106,7 +106,8 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
     s3 = request.getfixturevalue("s3_server") if backend == "s3" else None
     src = sources(major, s3, drill={"canary": {"database": "app"}, "checks": [
         {"name": "rows", "database": "app", "sql": "select count(*) from t", "expected": 1000}]},
-        setup=lambda s: s.pg.psql("create table bench_log (id int, at timestamptz default now())", dbname="app"))
+        setup=lambda s: s.pg.psql("create table bench_log (id int, at timestamptz default now())", dbname="app"),
+        archive_timeout=4)  # fewer, fuller segments while pgbench writes: less to push and to replay
     bench = subprocess.Popen(pgbench(src.pg, src.workdir / f"{src.tag}.pgbench", "-c", "2", "-T", "120", "-R", "50"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -377,7 +378,7 @@ def test_scratch_server_is_socket_only_archiving_off_and_torn_down_by_steps(sour
     plan = drill.plan_drill(cluster, "steps-1", {}, light=True)
     mark = drill.mark_moment(cluster, None, src.storage(), plan)
     assert mark["method"] == "none"
-    restored = drill.restore_scratch(cluster, src.storage(), plan, mark)
+    restored = drill.restore_scratch(cluster, src.storage(), plan, mark, config_path=str(src.cli))
     try:
         assert restored["backup"]["label"] == src.backup["label"]
         scratch = SandboxCluster(src.pg.bins, Path(restored["pgdata"]), restored["port"])

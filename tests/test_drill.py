@@ -323,6 +323,10 @@ def test_config_and_plan_refuse_bad_drill_settings(tmp_path):
     for bad in ({"backup": "../x"}, {"validations": ["nope"]}, {"keep_minutes": True}, {"target_time": "noon"}):
         with pytest.raises(UsageError):
             plan_drill(c, "r1", bad)
+    config = write_config(tmp_path / "c.yaml", {"app": {"repository": f"file://{tmp_path}/r"}})
+    code, out, _ = pgdr("--json", "drill", "--cluster", "app", "--validations", "amcheck,nope", config=config)
+    assert code == 2 and out["error"] == "usage" and "nope" in out["message"]
+    assert not (tmp_path / "r").exists()  # refused before anything was touched
 
 
 def test_teardown_removes_only_the_drills_own_directory(tmp_path):

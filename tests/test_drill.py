@@ -268,6 +268,16 @@ def test_dag_drill_passes_and_hands_state_between_tasks(airflow_db, sources, mon
         "restore", "replay", "start_and_promotion", "validation"}
     assert_nothing_left(report, src.scratch)
 
+    # drill.on_new_backup: the lighter drill of each new backup (restored to its end, started, queried).
+    light = load_dag_module(monkeypatch, src.config("dag-light", dag=True, drill={"on_new_backup": True, "checks": [
+        {"name": "rows", "database": "app", "sql": "select count(*) from t", "expected": 1000}]}),
+        "pgdr_drill").pgdr_app_drill_new_backup
+    assert light.test().state == "success"
+    latest = src.reports()[-1]
+    assert latest["light"] is True and latest["ok"] and latest["mark"]["method"] == "none"
+    assert [v["name"] for v in latest["validations"]] == ["server", "target_reached", "check:rows"]
+    assert_nothing_left(latest, src.scratch)
+
 
 def test_dag_schedule_is_quarterly_in_the_cluster_timezone_and_the_form_is_validated(airflow_db, monkeypatch,  # noqa: F811
                                                                                    tmp_path):

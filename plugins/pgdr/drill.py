@@ -40,8 +40,9 @@ from pgdr import __version__
 from pgdr.config import ClusterConfig
 from pgdr.errors import PgdrError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
-from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
+from pgdr.pgbin import find_bin_dir, reachable_by, user_ids
 from pgdr.results import JsonResult, iso, utcnow
+from pgdr.server import server_env, start_server, stop_server
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,6 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
 
 def _start_and_recover(cluster, storage, plan: DrillPlan, port: int, target, major: int) -> dict:
     """Start the restored data directory loopback-only, socket-only, archiving off; wait for promotion."""
-    from pgdr.crypto import DEFAULT_ENV
     from pgdr.recovery import wait_for_recovery
 
     user = cluster.run_as if os.geteuid() == 0 else None
@@ -333,18 +333,14 @@ def _start_and_recover(cluster, storage, plan: DrillPlan, port: int, target, maj
         ids = user_ids(user)
         for p in (hba, pgdata / "postgresql.conf"):
             os.chown(p, *ids)
-    opts = (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c archive_mode=off -c hba_file={hba} "
-            "-c logging_collector=off -c log_destination=stderr -c log_timezone=UTC -c log_line_prefix=%m: "
-            "-c primary_conninfo= -c shared_preload_libraries=")
-    env = {**os.environ, **storage.process_env()}
-    if storage.keyring:
-        enc = cluster.repository.encryption
-        env[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
+    # postgres itself, no pg_ctl (whose command line goes through /bin/sh), with the same minimal
+    # environment a restored server gets: what its restore_command needs, nothing else of the worker's.
+    settings = {"listen_addresses": "127.0.0.1", "archive_mode": "off", "hba_file": str(hba),
+                "logging_collector": "off", "log_destination": "stderr", "log_timezone": "UTC",
+                "log_line_prefix": "%m: ", "primary_conninfo": "", "shared_preload_libraries": ""}
     launched = time.time()
-    proc = subprocess.run(as_user([bins.tool("pg_ctl"), "-D", str(pgdata), "-W", "-l", str(plan.server_log),
-                                   "-o", opts, "start"], user), capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise PgdrError(f"pg_ctl start failed: {(proc.stderr or proc.stdout).strip()[-1000:]}")
+    start_server(bins.tool("postgres"), pgdata, port, user=user, log_file=plan.server_log, settings=settings,
+                 socket_dir=str(sock), env=server_env(cluster, storage), wait=False)
 
     def running() -> bool:
         pid = _pid(pgdata)
@@ -619,17 +615,11 @@ def _stop_server(cluster: ClusterConfig, plan: DrillPlan) -> str:
     pid = _pid(pgdata)
     if pid is None or not pid_alive(pid):
         return "not running"
-    user = cluster.run_as if os.geteuid() == 0 else None
     try:
-        major = int((pgdata / "PG_VERSION").read_text().strip())
-        bins = reachable_by(find_bin_dir(major, cluster.pg_bin_dir, tool="pg_ctl", exact=True), user)
-        for mode in ("fast", "immediate"):
-            subprocess.run(as_user([bins.tool("pg_ctl"), "-D", str(pgdata), "-m", mode, "-w", "-t", "60", "stop"],
-                                   user), capture_output=True, timeout=90)
-            if not pid_alive(pid):
-                return f"stopped ({mode})"
-    except (PgdrError, OSError, ValueError, subprocess.SubprocessError) as e:
-        log.warning("pg_ctl stop failed (%s); killing the postmaster", e)
+        if stop_server(pgdata, timeout=60):  # fast, then immediate; signals only the postmaster of pgdata
+            return "stopped"
+    except (PgdrError, OSError) as e:
+        log.warning("the scratch server did not stop (%s); killing the postmaster", e)
     cmdline = _read(Path(f"/proc/{pid}/cmdline")).replace("\0", " ")
     if "postgres" in cmdline and str(pgdata) in cmdline:
         os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,20 @@
+"""The pgdr Airflow plugin: disaster recovery in Airflow's own API server and UI.
+
+- ``/pgdr``: the REST API (``/pgdr/api/v1/...``), ``/pgdr/health/backup``, ``/pgdr/metrics`` and the
+  Disaster recovery page (``/pgdr/ui``), all behind Airflow's login and roles but the health endpoint
+  (pgdr_airflow.api).
+- "Disaster recovery" in the UI's navigation: that page, inside Airflow's frame.
+"""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from pgdr_airflow.api import app
+
+
+class PgdrPlugin(AirflowPlugin):
+    name = "pgdr"
+    fastapi_apps = [{"name": "pgdr", "url_prefix": "/pgdr", "app": app}]
+    external_views = [{"name": "Disaster recovery", "href": "/pgdr/ui", "destination": "nav",
+                       "url_route": "disaster-recovery"}]

@@ -17,4 +17,5 @@ class PgdrPlugin(AirflowPlugin):
     name = "pgdr"
     fastapi_apps = [{"name": "pgdr", "url_prefix": "/pgdr", "app": app}]
     external_views = [{"name": "Disaster recovery", "href": "/pgdr/ui", "destination": "nav",
-                       "url_route": "disaster-recovery"}]
+                       "url_route": "disaster-recovery", "icon": "/pgdr/ui/icon.svg",
+                       "icon_dark_mode": "/pgdr/ui/icon-dark.svg"}]

@@ -4,6 +4,7 @@ cluster, real backups, a real verification and real WAL streaming into a file re
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -20,76 +21,86 @@ from pgdr.sandbox import SandboxCluster, free_port
 CLUSTER = "drapi"
 
 
-def _config(path, pg, repo_dir, **extra):
+def _config(path, pg, repo_dir, cluster=CLUSTER, **extra):
     body = {"dsn": pg.dsn, "repository": {"url": f"file://{repo_dir}"}, "wal": {"mode": "stream", "rpo_seconds": 60}}
     for k, v in extra.items():
         if isinstance(v, dict):
             body[k] = {**body.get(k, {}), **v}
         else:
             body[k] = v
-    return write_config(path, {CLUSTER: body})
+    return write_config(path, {cluster: body})
 
 
-def _write_drill(config, passed: bool, label: str, rto: float, rpo: float):
+def _write_drill(config, passed: bool, label: str, rto: float, rpo: float, cluster=CLUSTER):
     """A drill report where the drill (pgdr drill, another feature) writes it: <cluster>/reports/drill/."""
     from pgdr.audit import write_audit
     from pgdr.config import load_config
     from pgdr.storage import open_storage
 
-    storage = open_storage(load_config(config).cluster(CLUSTER).repository)
-    write_audit(storage, CLUSTER, "drill", {"passed": passed, "backup_label": label, "rto_seconds": rto,
+    storage = open_storage(load_config(config).cluster(cluster).repository)
+    write_audit(storage, cluster, "drill", {"passed": passed, "backup_label": label, "rto_seconds": rto,
                                             "rpo_seconds": rpo, "targets": {"rto_seconds": 3600, "rpo_seconds": 60},
                                             "failures": [] if passed else ["check 'orders' returned 0, expected 1000"]})
 
 
-@pytest.fixture(scope="module")
-def dr(workdir):
+@contextlib.contextmanager
+def dr_environment(workdir, cluster):
+    """A PostgreSQL 18 cluster streaming WAL into a file repository, two real backups (the newest verified), the
+    lag measured, a passed drill report, the catalog refreshed, and a running Airflow API server."""
     from conftest import _bins
 
-    pg = SandboxCluster(_bins(18), workdir / CLUSTER / "data", free_port()).init().start()
-    repo_dir = workdir / f"{CLUSTER}-repo"
-    config = _config(workdir / f"{CLUSTER}.yaml", pg, repo_dir)
+    pg = SandboxCluster(_bins(18), workdir / cluster / "data", free_port()).init().start()
+    repo_dir = workdir / f"{cluster}-repo"
+    config = _config(workdir / f"{cluster}.yaml", pg, repo_dir, cluster)
     server = AirflowServer(config).start_prepare()  # migrate + serialize the DAGs while the backups run
     streamer = None
     try:
         pg.psql("create table orders (id int primary key, note text)")
         pg.psql("insert into orders select g, 'order ' || g from generate_series(1, 1000) g")
         streamer = subprocess.Popen(
-            [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "wal-stream", "--cluster", CLUSTER,
-             "--spool", str(workdir / f"{CLUSTER}-spool"), "--partial-interval", "0.5", "--duration", "120"],
+            [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "wal-stream", "--cluster", cluster,
+             "--spool", str(workdir / f"{cluster}-spool"), "--partial-interval", "0.5", "--duration", "120"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         labels = []
-        for _ in range(2):
-            code, out, err = pgdr("--json", "backup", "--cluster", CLUSTER, config=config)
+        for i in range(2):
+            if i:
+                pg.psql("insert into orders select g, 'more ' || g from generate_series(1001, 20000) g")
+            code, out, err = pgdr("--json", "backup", "--cluster", cluster, config=config)
             assert code == 0, err
             labels.append(out["label"])
             time.sleep(1.1)  # labels are to the second
-        code, out, err = pgdr("--json", "verify", "--cluster", CLUSTER, "--backup", "latest", "--no-wal",
+        code, out, err = pgdr("--json", "verify", "--cluster", cluster, "--backup", "latest", "--no-wal",
                               config=config)
         assert code == 0 and out["ok"], err
         deadline = time.monotonic() + 30
         while True:  # the streamer has archived up to the server's position: lag under the RPO
-            code, lag, err = pgdr("--json", "wal-lag", "--cluster", CLUSTER, config=config)
+            code, lag, err = pgdr("--json", "wal-lag", "--cluster", cluster, config=config)
             if code == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert code == 0, (lag, err)
-        _write_drill(config, True, labels[-1], 41.5, 2.0)
+        _write_drill(config, True, labels[-1], 41.5, 2.0, cluster)
         from pgdr.catalog import refresh_catalog
         from pgdr.config import load_config
         from pgdr.repository import Repository
         from pgdr.storage import open_storage
 
-        refresh_catalog(Repository(open_storage(load_config(config).cluster(CLUSTER).repository), CLUSTER))
+        refresh_catalog(Repository(open_storage(load_config(config).cluster(cluster).repository), cluster))
         server.start()
         yield SimpleNamespace(pg=pg, config=config, server=server, labels=labels, repo_dir=repo_dir,
-                              workdir=workdir, lag=lag, streamer=streamer)
+                              workdir=workdir, lag=lag, streamer=streamer, cluster=cluster)
     finally:
         if streamer and streamer.poll() is None:
             streamer.terminate()
             streamer.wait(30)
         server.stop()
         pg.destroy()
+
+
+@pytest.fixture(scope="module")
+def dr(workdir):
+    with dr_environment(workdir, CLUSTER) as env:
+        yield env
 
 
 def _routes():
@@ -101,7 +112,7 @@ def _routes():
 
 
 def _concrete(path: str, label: str) -> str:
-    return "/pgdr" + path.replace("{cluster}", CLUSTER).replace("{label}", label)
+    return "/pgdr" + path.replace("{cluster}", CLUSTER).replace("{label}", label).replace("{name}", "icon")
 
 
 def _depends_on_user(dependant) -> bool:
@@ -141,7 +152,7 @@ def test_every_route_for_every_role(dr):
             ("GET", f"/api/v1/clusters/{CLUSTER}/backups", None), ("GET", f"/api/v1/clusters/{CLUSTER}/backups/{b}", None),
             ("GET", f"/api/v1/clusters/{CLUSTER}/drills", None), ("GET", f"/api/v1/clusters/{CLUSTER}/audit", None),
             ("GET", "/api/v1/audit", None), ("GET", "/api/v1/overview", None), ("GET", "/metrics", None),
-            ("GET", "/ui", None), ("GET", "/ui/plotly.min.js", None)]
+            ("GET", "/ui", None), ("GET", "/ui/plotly.min.js", None), ("GET", "/ui/icon.svg", None)]
     operate = [("POST", f"/api/v1/clusters/{CLUSTER}/backup", {}),
                ("POST", f"/api/v1/clusters/{CLUSTER}/verify", {"scope": b}),
                ("POST", f"/api/v1/clusters/{CLUSTER}/drill", {}),
@@ -152,7 +163,8 @@ def test_every_route_for_every_role(dr):
                                                                    "pgdata": "/var/tmp/pgdr-api-test-never-runs"}),
                   ("DELETE", f"/api/v1/clusters/{CLUSTER}/backups/{b}", None),
                   ("DELETE", f"/api/v1/clusters/{CLUSTER}/backups/{a}/keep", None)]
-    covered = {(m, re.sub(r"\d{8}-\d{6}F", "{label}", p.replace(CLUSTER, "{cluster}"))) for m, p, _ in
+    covered = {(m, re.sub(r"\d{8}-\d{6}F", "{label}", p.replace(CLUSTER, "{cluster}")).replace("/icon.svg", "/{name}.svg"))
+               for m, p, _ in
                read + operate + administer}
     every = {(m, r.path) for r in _routes() for m in r.methods if r.path != "/health/backup"}
     assert every <= covered, f"routes missing from the role matrix: {every - covered}"

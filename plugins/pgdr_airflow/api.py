@@ -567,6 +567,13 @@ def plotly_js(user=Depends(page_user)):
                         headers={"Cache-Control": "private, max-age=86400"})
 
 
+@app.get("/ui/{name}.svg")
+def icon(name: Literal["icon", "icon-dark"], user=Depends(page_user)):
+    """The navigation entry's icon (light and dark)."""
+    return FileResponse(STATIC / f"{name}.svg", media_type="image/svg+xml",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+
 @app.get(V1 + "/overview")
 def overview(request: Request, user: GetUserDep, audit_limit: int = Query(100, ge=0, le=2000)):
     """Everything the page shows, for every cluster the caller may read, in one response."""

@@ -1,0 +1,101 @@
+"""After each task of a pgdr DAG, in the worker that ran it (an Airflow listener, registered by pgdr_plugin):
+
+- the cluster's catalog cache is refreshed, so the API, the page, the health endpoint and the metrics show what
+  the task changed (the WAL DAG's lag task also records the lag it measured);
+- the operation is recorded in the cluster's audit log (``<cluster>/reports/audit/``): the actor is the user who
+  triggered the run (a manual run from the UI or API), else ``airflow`` (a scheduled run).
+
+Neither ever fails the task: a problem is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from airflow.listeners import hookimpl
+
+log = logging.getLogger(__name__)
+DAG_ID = re.compile(r"^pgdr_(?P<cluster>[a-z][a-z0-9_]*)_(?P<kind>backup|verify|retention|restore|wal|drill)$")
+# (DAG kind, task id) -> audited action; other tasks (check, slot, stream…) only refresh the cache
+AUDITED = {("backup", "backup"): "backup", ("verify", "verify"): "verify", ("retention", "expire"): "expire",
+           ("restore", "restore"): "restore", ("drill", "drill"): "drill"}
+REFRESH_AFTER = {("backup", "backup"), ("verify", "verify"), ("retention", "expire"), ("wal", "lag"),
+                 ("drill", "drill"), ("drill", "report")}
+
+
+@hookimpl
+def on_task_instance_success(previous_state, task_instance):
+    _after(task_instance, "ok", None)
+
+
+@hookimpl
+def on_task_instance_failed(previous_state, task_instance, error):
+    _after(task_instance, "failed", error)
+
+
+def _after(ti, outcome: str, error) -> None:
+    m = DAG_ID.match(getattr(ti, "dag_id", "") or "")
+    if not m:
+        return
+    kind, task_id = m["kind"], ti.task_id
+    action = AUDITED.get((kind, task_id))
+    if action is None and (kind, task_id) not in REFRESH_AFTER:
+        return
+    started = time.monotonic()
+    try:
+        from pgdr.repository import Repository
+        from pgdr_airflow.hooks import PgdrHook
+
+        hook = PgdrHook(getattr(ti.task, "cluster", None) or m["cluster"], getattr(ti.task, "config_path", None))
+        storage = hook.storage()
+        if action:
+            _audit(ti, storage, hook.cluster.name, action, outcome, error, started)
+        if (kind, task_id) in REFRESH_AFTER:
+            from pgdr.catalog import refresh_catalog
+
+            lag = _returned(ti) if (kind, task_id) == ("wal", "lag") else None
+            refresh_catalog(Repository(storage, hook.cluster.name), lag=lag if isinstance(lag, dict) else None)
+    except Exception as e:  # noqa: BLE001 - bookkeeping must never fail or mask the task's own outcome
+        log.warning("pgdr: could not record %s.%s in the audit log / catalog cache: %s", ti.dag_id, task_id, e)
+
+
+def _audit(ti, storage, cluster: str, action: str, outcome: str, error, started: float) -> None:
+    from pgdr.audit import record_operation
+    from pgdr.errors import PgdrError
+
+    dag_run = _context(ti).get("dag_run")
+    actor = getattr(dag_run, "triggering_user_name", None) or "airflow"
+    conf = dict(getattr(dag_run, "conf", None) or {})
+    start = getattr(ti, "start_date", None)
+    duration = 0.0
+    if start is not None:
+        from datetime import datetime, timezone
+
+        duration = (datetime.now(timezone.utc) - start).total_seconds()
+    result = _returned(ti) if outcome == "ok" else None
+    summary = {k: result[k] for k in ("label", "status", "ok", "dry_run", "backup_label", "deleted_backups")
+               if isinstance(result, dict) and k in result} or None
+    record_operation(storage, cluster, actor=actor, actor_type="airflow" if actor != "airflow" else "scheduler",
+                     source="dag", action=action,
+                     parameters={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id,
+                                 "try_number": getattr(ti, "try_number", None), "conf": conf},
+                     outcome=outcome, duration_seconds=duration,
+                     error=getattr(error, "kind", None) if isinstance(error, PgdrError) else
+                     (type(error).__name__ if isinstance(error, BaseException) else None),
+                     message=str(error) if error else None, result=summary)
+
+
+def _context(ti) -> dict:
+    try:
+        return ti.get_template_context()
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _returned(ti):
+    try:
+        return ti.xcom_pull(task_ids=ti.task_id)
+    except Exception:  # noqa: BLE001
+        return None

@@ -21,8 +21,56 @@ DAG_ID = re.compile(r"^pgdr_(?P<cluster>[a-z][a-z0-9_]*)_(?P<kind>backup|verify|
 # (DAG kind, task id) -> audited action; other tasks (check, slot, stream…) only refresh the cache
 AUDITED = {("backup", "backup"): "backup", ("verify", "verify"): "verify", ("retention", "expire"): "expire",
            ("restore", "restore"): "restore", ("drill", "drill"): "drill"}
+# the last task of each DAG: its success is the run's success (a PagerDuty incident of a failed run resolves)
+FINAL = {("backup", "backup"), ("verify", "verify"), ("retention", "expire"), ("restore", "restore"),
+         ("wal", "lag"), ("drill", "drill"), ("drill", "report")}
 REFRESH_AFTER = {("backup", "backup"), ("verify", "verify"), ("retention", "expire"), ("wal", "lag"),
                  ("drill", "drill"), ("drill", "report")}
+
+
+@hookimpl
+def on_task_instance_running(previous_state, task_instance):
+    """With Airflow's [sentry] integration on: pgdr's context (cluster, backup label, error kind) on every event
+    the task sends. The listener runs inside the Sentry scope Airflow opens around the task."""
+    m = DAG_ID.match(getattr(task_instance, "dag_id", "") or "")
+    if not m:
+        return
+    try:
+        import sentry_sdk
+    except ImportError:
+        return
+    try:
+        if not sentry_sdk.get_client().is_active():
+            return
+        context = _context(task_instance)
+        conf = dict(getattr(context.get("dag_run"), "conf", None) or {})
+        label = getattr(task_instance.task, "backup_label", None)
+        if not label and m["kind"] == "backup" and task_instance.task_id == "backup":
+            from pgdr_airflow.operators import label_for_run
+
+            label = label_for_run(context)
+        label = label or conf.get("backup") or (conf.get("scope") if str(conf.get("scope", "")).endswith("F") else None)
+        scope = sentry_sdk.get_current_scope()
+        scope.set_tag("pgdr.cluster", m["cluster"])
+        scope.set_tag("pgdr.dag_kind", m["kind"])
+        if label:
+            scope.set_tag("pgdr.backup_label", label)
+        scope.set_context("pgdr", {"cluster": m["cluster"], "backup_label": label, "dag_id": task_instance.dag_id,
+                                   "run_id": task_instance.run_id, "conf": conf})
+        scope.add_event_processor(_error_kind)
+    except Exception as e:  # noqa: BLE001 - never fail a task for its error reporting
+        log.warning("pgdr: could not add pgdr's context to Sentry: %s", e)
+
+
+def _error_kind(event, hint):
+    """The pgdr error kind (the CLI's: integrity, locked, postgres…) of the exception, as a tag."""
+    from pgdr.errors import PgdrError
+
+    exc = (hint or {}).get("exc_info", (None, None, None))[1]
+    if isinstance(exc, PgdrError):
+        event.setdefault("tags", {})["pgdr.error_kind"] = exc.kind
+        event.setdefault("contexts", {}).setdefault("pgdr", {})["error_kind"] = exc.kind
+    return event
 
 
 @hookimpl
@@ -59,6 +107,25 @@ def _after(ti, outcome: str, error) -> None:
             refresh_catalog(Repository(storage, hook.cluster.name), lag=lag if isinstance(lag, dict) else None)
     except Exception as e:  # noqa: BLE001 - bookkeeping must never fail or mask the task's own outcome
         log.warning("pgdr: could not record %s.%s in the audit log / catalog cache: %s", ti.dag_id, task_id, e)
+    if outcome == "ok" and (kind, task_id) in FINAL:
+        _resolve(ti, m["cluster"])
+
+
+def _resolve(ti, cluster_name: str) -> None:
+    """A success after a failed run resolves the incident the failure opened (same dedup key)."""
+    try:
+        from pgdr_airflow.hooks import PgdrHook
+        from pgdr_airflow.notifiers import resolve_if_recovered
+
+        previous = ti.get_previous_dagrun()
+        state = str(getattr(previous, "state", "") or "") if previous is not None else None
+        sent = resolve_if_recovered(PgdrHook(cluster_name, getattr(ti.task, "config_path", None)).cluster,
+                                    ti.dag_id, state.rsplit(".", 1)[-1].lower() if state else None,
+                                    getattr(ti, "log_url", None))
+        if sent:
+            log.info("pgdr: %s recovered after a failed run; resolved via %s", ti.dag_id, ", ".join(sent))
+    except Exception as e:  # noqa: BLE001
+        log.warning("pgdr: could not send the recovery notice for %s: %s", ti.dag_id, e)
 
 
 def _audit(ti, storage, cluster: str, action: str, outcome: str, error, started: float) -> None:

@@ -111,6 +111,7 @@ def test_page_shows_real_backups_verify_and_drill(env, browser):
     rows = d.find_elements(By.CSS_SELECTOR, "#backups tbody tr")
     assert [r.get_attribute("data-label") for r in rows] == list(reversed(env.labels))
     assert "ok" in rows[0].text and "Restore (dry run)" in rows[0].text
+    _wait(lambda: d.execute_script("return document.body.dataset.auditLoaded === '1'"), what="the audit log")
     audit = d.find_element(By.ID, "audit").text
     assert "backup" in audit and "verify" in audit
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -576,7 +576,9 @@ def icon(name: Literal["icon", "icon-dark"], user=Depends(page_user)):
 
 @app.get(V1 + "/overview")
 def overview(request: Request, user: GetUserDep, audit_limit: int = Query(100, ge=0, le=2000)):
-    """Everything the page shows, for every cluster the caller may read, in one response."""
+    """Everything the page shows, for every cluster the caller may read, in one response: from the catalog
+    cache (one small read per cluster); ``audit_limit=0`` leaves out the audit log, which is read from the
+    repository (the page fetches it from /api/v1/audit after its first paint)."""
     from pgdr.audit import read_operations
 
     now = datetime.now(timezone.utc)

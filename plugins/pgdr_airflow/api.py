@@ -574,6 +574,16 @@ def icon(name: Literal["icon", "icon-dark"], user=Depends(page_user)):
                         headers={"Cache-Control": "private, max-age=86400"})
 
 
+PAGE_FIELDS = ("label", "status", "start_time", "stop_time", "size", "stored_size", "pinned_until")
+
+
+def _page_backup(b: dict) -> dict:
+    """What the page's table and charts show of a backup (the full record: GET …/backups)."""
+    v = b.get("verification")
+    return {**{k: b.get(k) for k in PAGE_FIELDS},
+            "verification": {"ok": v.get("ok"), "verified_at": v.get("verified_at")} if v else None}
+
+
 @app.get(V1 + "/overview")
 def overview(request: Request, user: GetUserDep, audit_limit: int = Query(100, ge=0, le=2000)):
     """Everything the page shows, for every cluster the caller may read, in one response: from the catalog
@@ -587,7 +597,7 @@ def overview(request: Request, user: GetUserDep, audit_limit: int = Query(100, g
         if not can_read(user, name):
             continue
         snap, st = status_of(c, now)
-        item = {"status": status_dict(st), "backups": (snap or {}).get("backups") or [],
+        item = {"status": status_dict(st), "backups": [_page_backup(b) for b in (snap or {}).get("backups") or []],
                 "drills": (snap or {}).get("drills") or [],
                 "lag_history": ((snap or {}).get("wal") or {}).get("lag_history") or [],
                 "can_trigger": _authorized(user, "POST", f"pgdr_{name}_verify", DagAccessEntity.RUN)}

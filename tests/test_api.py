@@ -353,12 +353,12 @@ def test_health_flips_to_503(dr):
     assert health()[0] == 200
 
     # WAL lag past the RPO: capture stopped, the server wrote on, measured again with an RPO of 1 s
-    dr.pg.psql("insert into orders select g, 'late' from generate_series(1001, 2000) g")
+    dr.pg.psql("insert into orders select g, 'late' from generate_series(20001, 21000) g")
     time.sleep(2.5)
     _config(dr.config, dr.pg, dr.repo_dir, wal={"rpo_seconds": 1})
     dr.streamer.terminate()
     dr.streamer.wait(30)
-    dr.pg.psql("insert into orders select g, 'later' from generate_series(2001, 3000) g")
+    dr.pg.psql("insert into orders select g, 'later' from generate_series(21001, 22000) g")
     code, lag, err = pgdr("--json", "wal-lag", "--cluster", CLUSTER, config=dr.config)
     assert code == 1 and lag["lag_seconds"] > 1, (lag, err)
     status, out = health()

@@ -238,7 +238,12 @@ async def health_backup(request: Request):
     user = await _optional_user(request)
     clusters = {}
     now = datetime.now(timezone.utc)
-    for name, c in sorted(config().clusters.items()):
+    try:
+        configured = config().clusters
+    except PgdrError as e:  # a monitor must see "unhealthy", not a client error
+        body = {"status": "unhealthy", "error": e.kind}
+        return JSONResponse({**body, "message": str(e)} if user is not None else body, status_code=503)
+    for name, c in sorted(configured.items()):
         _, st = await run_in_threadpool(status_of, c, now)
         entry = {"status": st.status, "codes": st.codes}
         if user is not None and await run_in_threadpool(can_read, user, name):
@@ -300,6 +305,7 @@ def list_backups(cluster=Depends(read_cluster)):
 def get_backup(label: str, cluster=Depends(read_cluster)):
     """``pgdr info --json``'s shape: the manifest and its verification; plus the pin."""
     from pgdr.labels import check_label
+    from pgdr.results import iso
     from pgdr.retention import pinned_until
     from pgdr.verify import last_verification
 
@@ -312,7 +318,7 @@ def get_backup(label: str, cluster=Depends(read_cluster)):
     m = repo.resolve(label)
     pin = pinned_until(repo, m.label)
     return {**m.to_dict(), "verification": last_verification(repo, m.label),
-            "pinned_until": None if pin is None else ("forever" if pin.year == 9999 else pin.isoformat())}
+            "pinned_until": None if pin is None else ("forever" if pin.year == 9999 else iso(pin))}
 
 
 @app.get(V1 + "/clusters/{cluster}/drills")

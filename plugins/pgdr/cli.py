@@ -294,7 +294,7 @@ def _after(args, outcome: str, started: float, result=None, error: PgdrError | N
                              action=AUDITED[args.command], parameters=params, outcome=outcome,
                              duration_seconds=time.monotonic() - started, error=error.kind if error else None,
                              message=str(error) if error else None, result=summary)
-        except PgdrError as e:
+        except Exception as e:  # noqa: BLE001 - the record never changes the command's outcome
             log.warning("could not write the audit record: %s", e)
     if args.command in REFRESHES and outcome != "refused" and not getattr(args, "dry_run", False):
         from pgdr.catalog import refresh_catalog
@@ -303,7 +303,7 @@ def _after(args, outcome: str, started: float, result=None, error: PgdrError | N
         lag = result.to_dict() if args.command == "wal-lag" and result is not None else None
         try:
             refresh_catalog(Repository(storage, cluster.name), lag=lag)
-        except PgdrError as e:
+        except Exception as e:  # noqa: BLE001 - nor does the cache
             log.warning("could not refresh the catalog cache (%s): the API shows older data until the next "
                         "refresh", e)
 

@@ -38,6 +38,13 @@ AUDITED_ACTIONS = ("backup", "expire", "keep", "unkeep", "delete", "restore", "v
                    "refresh")
 
 
+def repository_exists(storage: Storage, cluster: str) -> bool:
+    """Whether the repository holds this cluster (its cluster.json, written by the first backup or WAL push).
+    Bookkeeping (audit records, the catalog cache) goes only into such a repository: an operation that
+    failed before there was one leaves nothing behind."""
+    return storage.exists(f"{cluster}/cluster.json")
+
+
 def os_actor() -> str:
     """The OS user running the CLI (and who sudo'ed to it, when someone did)."""
     import getpass

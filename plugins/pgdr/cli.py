@@ -278,8 +278,12 @@ def _after(args, outcome: str, started: float, result=None, error: PgdrError | N
 
     try:
         cluster, _, storage = _context(args)
+        from pgdr.audit import repository_exists
+
+        if not repository_exists(storage, cluster.name):
+            return  # nothing to record into: never create a repository for the record's sake
     except PgdrError:
-        return  # no configuration to say where the repository is: nothing to record into
+        return  # no configuration to say where the repository is, or it cannot be read
     if args.command in AUDITED:
         from pgdr.audit import os_actor, record_operation
 

@@ -175,9 +175,20 @@ def admin(kind: str):
 
 # ---------------------------------------------------------------------------------------------------- data
 def snapshot(cluster) -> dict:
-    from pgdr.catalog import catalog
+    """The catalog cache; refreshed first when there is none, and empty (nothing written) while the repository
+    does not hold the cluster yet."""
+    from pgdr.audit import repository_exists
+    from pgdr.catalog import CatalogSnapshot, cached_catalog, refresh_catalog
+    from pgdr.results import iso
 
-    return catalog(repository(cluster)).to_dict()
+    repo = repository(cluster)
+    cached = cached_catalog(repo)
+    if cached is not None:
+        return cached.to_dict()
+    if not repository_exists(repo.storage, cluster.name):
+        return CatalogSnapshot(cluster=cluster.name, repository=repo.storage.describe(),
+                               catalog_refreshed_at=iso(datetime.now(timezone.utc))).to_dict()
+    return refresh_catalog(repo).to_dict()
 
 
 def status_of(cluster, now=None) -> tuple[dict | None, object]:
@@ -199,8 +210,14 @@ def status_dict(st) -> dict:
 def audit(user, cluster, action: str, parameters: dict, outcome: str, started: float, error=None, result=None):
     from pgdr.audit import record_operation
 
+    from pgdr.audit import repository_exists
+
     try:
-        record_operation(repository(cluster).storage, cluster.name, actor=user.get_name(), actor_type="airflow",
+        storage = repository(cluster).storage
+        if not repository_exists(storage, cluster.name):
+            log.info("not recording %s on %s: its repository holds nothing yet", action, cluster.name)
+            return
+        record_operation(storage, cluster.name, actor=user.get_name(), actor_type="airflow",
                          source="api", action=action, parameters=parameters, outcome=outcome,
                          duration_seconds=time.monotonic() - started, error=getattr(error, "kind", None),
                          message=str(error) if error else None, result=result)

@@ -91,24 +91,31 @@ def _after(ti, outcome: str, error) -> None:
     action = AUDITED.get((kind, task_id))
     if action is None and (kind, task_id) not in REFRESH_AFTER:
         return
-    started = time.monotonic()
     try:
-        from pgdr.repository import Repository
-        from pgdr_airflow.hooks import PgdrHook
-
-        hook = PgdrHook(getattr(ti.task, "cluster", None) or m["cluster"], getattr(ti.task, "config_path", None))
-        storage = hook.storage()
-        if action:
-            _audit(ti, storage, hook.cluster.name, action, outcome, error, started)
-        if (kind, task_id) in REFRESH_AFTER:
-            from pgdr.catalog import refresh_catalog
-
-            lag = _returned(ti) if (kind, task_id) == ("wal", "lag") else None
-            refresh_catalog(Repository(storage, hook.cluster.name), lag=lag if isinstance(lag, dict) else None)
+        _bookkeeping(ti, m["cluster"], kind, task_id, action, outcome, error)
     except Exception as e:  # noqa: BLE001 - bookkeeping must never fail or mask the task's own outcome
         log.warning("pgdr: could not record %s.%s in the audit log / catalog cache: %s", ti.dag_id, task_id, e)
     if outcome == "ok" and (kind, task_id) in FINAL:
         _resolve(ti, m["cluster"])
+
+
+def _bookkeeping(ti, cluster_name: str, kind: str, task_id: str, action: str | None, outcome: str, error) -> None:
+    from pgdr.audit import repository_exists
+    from pgdr.repository import Repository
+    from pgdr_airflow.hooks import PgdrHook
+
+    started = time.monotonic()
+    hook = PgdrHook(getattr(ti.task, "cluster", None) or cluster_name, getattr(ti.task, "config_path", None))
+    storage = hook.storage()
+    if not repository_exists(storage, hook.cluster.name):
+        return  # never create a repository for the record's sake
+    if action:
+        _audit(ti, storage, hook.cluster.name, action, outcome, error, started)
+    if (kind, task_id) in REFRESH_AFTER:
+        from pgdr.catalog import refresh_catalog
+
+        lag = _returned(ti) if (kind, task_id) == ("wal", "lag") else None
+        refresh_catalog(Repository(storage, hook.cluster.name), lag=lag if isinstance(lag, dict) else None)
 
 
 def _resolve(ti, cluster_name: str) -> None:

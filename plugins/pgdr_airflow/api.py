@@ -17,9 +17,7 @@ body, the field named), 403, 404 (unknown cluster or backup), 409 (a held lock, 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import time
 from datetime import datetime, timezone
@@ -33,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag, resolve_user_from_token
-from pgdr.errors import BackupNotFound, ConfigError, LockedError, PgdrError, UsageError
+from pgdr.errors import BackupNotFound, ConfigError, PgdrError
 
 log = logging.getLogger(__name__)
 LABEL = r"^\d{8}-\d{6}F$"

@@ -160,7 +160,7 @@ def test_every_route_for_every_role(dr):
                ("POST", f"/api/v1/clusters/{CLUSTER}/backups/{a}/keep", {}),
                ("POST", f"/api/v1/clusters/{CLUSTER}/refresh", None)]
     administer = [("POST", f"/api/v1/clusters/{CLUSTER}/restore", {"backup": b, "dry_run": False,
-                                                                   "pgdata": "/var/tmp/pgdr-api-test-never-runs"}),
+                                                                   "pgdata": "/tmp/pgdr-api-test-never-runs"}),
                   ("DELETE", f"/api/v1/clusters/{CLUSTER}/backups/{b}", None),
                   ("DELETE", f"/api/v1/clusters/{CLUSTER}/backups/{a}/keep", None)]
     covered = {(m, re.sub(r"\d{8}-\d{6}F", "{label}", p.replace(CLUSTER, "{cluster}")).replace("/icon.svg", "/{name}.svg"))

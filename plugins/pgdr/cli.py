@@ -112,8 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("--count", type=int, default=4)
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
     cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
-    ws = cmd("wal-stream", "stream WAL into the repository (pg_receivewal on a replication slot)")
-    ws.add_argument("--spool", required=True, help="local directory for the segment being received")
+    ws = cmd("wal-stream", "stream WAL into the repository on a replication slot (the slot advances only "
+                           "past what the repository holds)")
+    ws.add_argument("--spool", help="ignored: nothing is kept on local disk (accepted for old command lines)")
     ws.add_argument("--duration", type=float, help="stop after this many seconds (default: until interrupted)")
     ws.add_argument("--partial-interval", type=float, default=5.0,
                     help="seconds between uploads of the segment being written (default 5)")
@@ -197,6 +198,10 @@ def run(args) -> object:
 
         archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
         if args.command == "wal-push":
+            from pgdr.wal import SEGMENT, require_supported_segment_size, segment_size_of_file
+
+            if SEGMENT.match(os.path.basename(args.path)):
+                require_supported_segment_size(segment_size_of_file(args.path), args.path)
             return archive.push(args.path)
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
@@ -232,7 +237,9 @@ def run(args) -> object:
             signal.signal(signal.SIGINT, lambda *a: stop.set())
             return WalStreamer(cluster, conn, storage, args.spool, args.partial_interval).run(args.duration, stop)
         backups = repo.backups()
-        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)))
+        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)),
+                               *(_stop_lsn_tli(backups[-1]) if backups else (None, None)),
+                               until_what=f"backup {backups[-1].label}" if backups else "")
         if not report.ok:
             args._exit = 1
         return report
@@ -295,6 +302,12 @@ def _lsn_tli(manifest):
     from pgdr.lsn import parse_lsn
 
     return parse_lsn(manifest.start_lsn), manifest.timeline
+
+
+def _stop_lsn_tli(manifest):
+    from pgdr.lsn import parse_lsn
+
+    return parse_lsn(manifest.stop_lsn), manifest.timeline
 
 
 def _human(result) -> str:

@@ -118,6 +118,19 @@ def _parser() -> argparse.ArgumentParser:
     ws.add_argument("--duration", type=float, help="stop after this many seconds (default: until interrupted)")
     ws.add_argument("--partial-interval", type=float, default=5.0,
                     help="seconds between uploads of the segment being written (default 5)")
+    dr = cmd("drill", "DR drill: mark the moment, restore into a scratch cluster, validate, measure RTO and RPO")
+    dr.add_argument("--backup", default="latest", help="label or 'latest' (default)")
+    dr.add_argument("--target-time", metavar="ISO8601",
+                    help="restore to this point in time instead of a fresh mark (no RPO measured)")
+    dr.add_argument("--validations", default=",".join(("amcheck", "read_all", "checks", "canary")),
+                    help="comma-separated: amcheck, read_all, checks, canary (default: all)")
+    dr.add_argument("--heapallindexed", action="store_true", default=None,
+                    help="pg_amcheck also checks every heap tuple has its index entries (slower)")
+    dr.add_argument("--keep-minutes", type=int, help="keep the scratch server up this long before tearing down")
+    dr.add_argument("--light", action="store_true", help="the newest backup to its end, started and queried "
+                                                         "(no mark, no amcheck or full read)")
+    dr.add_argument("--run-id", help="name of this drill run (default: cli-<UTC time>)")
+    cmd("drills", "the drill history: each drill's result, RTO and RPO, oldest first")
     return p
 
 
@@ -154,6 +167,24 @@ def run(args) -> object:
         from pgdr.backup import run_backup
 
         return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout)
+    if args.command in ("drill", "drills"):
+        from pgdr import drill
+
+        if args.command == "drills":
+            return drill.list_drills(storage, cluster.name)
+        from pgdr.results import utcnow
+
+        params = {"backup": args.backup, "target_time": args.target_time, "validations": args.validations}
+        if args.heapallindexed is not None:
+            params["heapallindexed"] = True
+        if args.keep_minutes is not None:
+            params["keep_minutes"] = args.keep_minutes
+        plan = drill.plan_drill(cluster, args.run_id or "cli-" + utcnow().strftime("%Y%m%dT%H%M%SZ"), params,
+                                light=args.light)
+        report = drill.run_drill(cluster, conn, storage, plan,
+                                 config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"))
+        args._exit = 0 if report.ok else 1
+        return report
     from pgdr.repository import Repository
 
     repo = Repository(storage, cluster.name)
@@ -317,6 +348,12 @@ def _human(result) -> str:
 
     if isinstance(result, KeygenResult):
         return result.entry
+    from pgdr.drill import DrillHistory, DrillReport, render_history, render_summary
+
+    if isinstance(result, DrillReport):
+        return render_summary(result)
+    if isinstance(result, DrillHistory):
+        return render_history(result)
     if isinstance(result, (WalFetchResult, WalPushResult)):
         return ""  # archive_command / restore_command: the log line on stderr says it all
     if isinstance(result, CheckReport):

@@ -217,8 +217,7 @@ def test_tar_extractor_writes_the_tree(tmp_path):
 
     payload = os.urandom(300_000)
     raw = _tar([("global", tarfile.DIRTYPE, b""), ("global/pg_control", tarfile.REGTYPE, payload),
-                ("base/1/" + "n" * 120, tarfile.REGTYPE, b"long name"), ("pg_wal", tarfile.DIRTYPE, b""),
-                ("link", tarfile.SYMTYPE, b"global/pg_control")])
+                ("base/1/" + "n" * 120, tarfile.REGTYPE, b"long name"), ("pg_wal", tarfile.DIRTYPE, b"")])
     x = TarExtractor(tmp_path)
     for i in range(0, len(raw), 4099):
         x.feed(raw[i:i + 4099])
@@ -226,7 +225,6 @@ def test_tar_extractor_writes_the_tree(tmp_path):
     assert (tmp_path / "global" / "pg_control").read_bytes() == payload
     assert (tmp_path / "global" / "pg_control").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "base" / "1" / ("n" * 120)).read_bytes() == b"long name"
-    assert os.readlink(tmp_path / "link") == "global/pg_control"
 
 
 @pytest.mark.parametrize("name,kind", [("../escape", tarfile.REGTYPE), ("/etc/passwd", tarfile.REGTYPE),

@@ -81,7 +81,7 @@ def test_dag_integrity(monkeypatch, tmp_path):
             "pgdr_app_retention"} <= set(bag.dag_ids)
     for dag_id, dag in bag.dags.items():
         assert "pgdr" in dag.tags and dag.doc_md, dag_id
-        assert dag.max_active_runs == 1 and dag.catchup is False
+        assert dag.max_active_runs == (2 if dag_id.endswith("_wal") else 1) and dag.catchup is False
         for task in dag.tasks:
             assert task.retries >= 2, f"{dag_id}.{task.task_id}"
             assert task.on_failure_callback, f"{dag_id}.{task.task_id} has no failure alert"
@@ -209,7 +209,7 @@ def test_wal_dag_streams_then_checks_lag(airflow_db, monkeypatch, workdir, tmp_p
                     "rpo_seconds": 30}}})
         mod = load_dag_module(monkeypatch, config, "pgdr_wal")
         dag = mod.pgdr_app_wal
-        assert dag.max_active_runs == 1 and dag.timetable.expression == "*/5 * * * *"
+        assert dag.max_active_runs == 2 and dag.timetable.expression == "*/5 * * * *"  # runs overlap at handover
         pg.psql("create table t as select generate_series(1, 1000) g")
         run = dag.test(run_conf={"duration_seconds": 3})
         assert run.state == "success"
@@ -265,7 +265,7 @@ def test_invalidated_slot_triggers_a_full_backup_and_alerts(airflow_db, monkeypa
         states = {ti.task_id: ti.state for ti in run.get_task_instances()}
         assert states["stream"] == "skipped" and states["trigger_full_backup"] == "success"
         assert states["archive_gap"] == "failed"
-        assert pg.psql("select count(*) from pg_replication_slots where slot_name = 'pgdr_app'") == "0"
+        assert pg.psql("select wal_status from pg_replication_slots where slot_name = 'pgdr_app'") != "lost"
         with create_session() as session:
             triggered = session.query(DagRun).filter(DagRun.dag_id == "pgdr_app_backup").all()
         assert any(r.run_id.startswith("pgdr_gap__") for r in triggered)

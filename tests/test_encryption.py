@@ -134,14 +134,15 @@ def test_tampered_ciphertext_is_caught_at_restore_and_verification(encrypted, wo
         code, report, _ = pgdr("--json", "verify", "--cluster", "app", "--backup", "latest", "--no-pg-verify",
                                config=config, env=env)
         fails = [(f["object"], f["check"], f["detail"]) for f in report["backups"][0]["failures"]]
-        assert code == 1 and fails[0][:2] == (part, "decrypt") and "fails authentication" in fails[0][2]
+        # Caught by the manifest's (authenticated) per-chunk SHA-256 before anything is decrypted.
+        assert code == 1 and fails[0][:2] == (part, "sha256") and "does not match its SHA-256" in fails[0][2]
         seg = seg_key.rsplit("/", 1)[-1][:24]
         assert any(f["object"] == seg and "fails authentication" in f["detail"] for f in report["wal"]["failures"])
         dest = workdir / f"enc-tampered-{next(_n)}"
         before = repo_snapshot(storage)
         code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, config=config, env=env)
         assert code == 1 and out["error"] == "integrity" and part in out["message"]
-        assert "fails authentication" in out["message"] and not dest.exists() and repo_snapshot(storage) == before
+        assert "does not match its SHA-256" in out["message"] and not dest.exists() and repo_snapshot(storage) == before
     finally:
         for key, data in originals.items():
             storage.put_bytes(key, data)
@@ -218,7 +219,7 @@ def test_substitution_is_caught_swapped_wal_and_a_manifest_stripped_of_encryptio
         storage.put_bytes(mkey, json.dumps(m).encode())
         dest = workdir / f"enc-stripped-{next(_n)}"
         code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, config=config, env=env)
-        assert code == 1 and "is not encrypted, but this repository's configuration requires" in out["message"]
+        assert code == 1 and f"manifest.json of backup {backup['label']} fails authentication" in out["message"]
         assert not dest.exists()
     finally:
         for key, data in originals.items():

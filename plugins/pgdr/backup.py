@@ -24,7 +24,7 @@ from pgdr.postgres import ConnInfo, server_info
 from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.storage import Storage
-from pgdr.streams import CHUNK, ChunkReader, Digest, Prefetch, read_pipe
+from pgdr.streams import CHUNK, ChunkDigests, ChunkReader, Prefetch, read_pipe
 from pgdr.tarstream import TarWatcher
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, a
         try:
             eof = False
             while not eof:
-                stored = Digest()
+                stored = ChunkDigests()  # SHA-256 per few MiB as stored: restore checks each before use
                 state = {"eof": False, "raw": 0}
 
                 def raw_chunks():
@@ -217,7 +217,8 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, a
                 if state["raw"] == 0 and files:
                     storage.delete(key)  # the stream ended exactly on a part boundary
                     break
-                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest))
+                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest,
+                                        stored.chunk_size, stored.finish()))
                 log.info("stored %s: %.1f MB -> %.1f MB", name, state["raw"] / 1e6, stored.size / 1e6)
             rc = proc.wait()
         except BaseException:

@@ -35,7 +35,7 @@ class CatalogReport(JsonResult):
 
 def list_backups(repo: Repository) -> CatalogReport:
     out = []
-    for entry in repo.catalog():
+    for entry in repo.catalog(unchecked_ok=True):
         m = entry.manifest
         if m is None:
             status = "unfinished" if entry.error and entry.error.startswith("unfinished") else "unreadable"
@@ -44,7 +44,8 @@ def list_backups(repo: Repository) -> CatalogReport:
         out.append(BackupSummary(
             label=m.label, status=m.status, type=m.type, pg_version=m.pg_version_text, timeline=m.timeline,
             start_lsn=m.start_lsn, stop_lsn=m.stop_lsn, start_time=m.start_time, stop_time=m.stop_time,
-            size=m.size, stored_size=m.stored_size, verification=_verification(repo, m.label), key_id=m.key_id))
+            size=m.size, stored_size=m.stored_size, verification=_verification(repo, m.label), key_id=m.key_id,
+            detail=entry.unchecked))
     return CatalogReport(cluster=repo.cluster, repository=repo.storage.describe(), backups=out)
 
 

@@ -115,11 +115,25 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("--count", type=int, default=4)
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
     cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
-    ws = cmd("wal-stream", "stream WAL into the repository (pg_receivewal on a replication slot)")
-    ws.add_argument("--spool", required=True, help="local directory for the segment being received")
+    ws = cmd("wal-stream", "stream WAL into the repository on a replication slot (the slot advances only "
+                           "past what the repository holds)")
+    ws.add_argument("--spool", help="ignored: nothing is kept on local disk (accepted for old command lines)")
     ws.add_argument("--duration", type=float, help="stop after this many seconds (default: until interrupted)")
     ws.add_argument("--partial-interval", type=float, default=5.0,
                     help="seconds between uploads of the segment being written (default 5)")
+    dr = cmd("drill", "DR drill: mark the moment, restore into a scratch cluster, validate, measure RTO and RPO")
+    dr.add_argument("--backup", default="latest", help="label or 'latest' (default)")
+    dr.add_argument("--target-time", metavar="ISO8601",
+                    help="restore to this point in time instead of a fresh mark (no RPO measured)")
+    dr.add_argument("--validations", default=",".join(("amcheck", "read_all", "checks", "canary")),
+                    help="comma-separated: amcheck, read_all, checks, canary (default: all)")
+    dr.add_argument("--heapallindexed", action="store_true", default=None,
+                    help="pg_amcheck also checks every heap tuple has its index entries (slower)")
+    dr.add_argument("--keep-minutes", type=int, help="keep the scratch server up this long before tearing down")
+    dr.add_argument("--light", action="store_true", help="the newest backup to its end, started and queried "
+                                                         "(no mark, no amcheck or full read)")
+    dr.add_argument("--run-id", help="name of this drill run (default: cli-<UTC time>)")
+    cmd("drills", "the drill history: each drill's result, RTO and RPO, oldest first")
     return p
 
 
@@ -163,6 +177,24 @@ def run(args) -> object:
         from pgdr.backup import run_backup
 
         return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout)
+    if args.command in ("drill", "drills"):
+        from pgdr import drill
+
+        if args.command == "drills":
+            return drill.list_drills(storage, cluster.name)
+        from pgdr.results import utcnow
+
+        params = {"backup": args.backup, "target_time": args.target_time, "validations": args.validations}
+        if args.heapallindexed is not None:
+            params["heapallindexed"] = True
+        if args.keep_minutes is not None:
+            params["keep_minutes"] = args.keep_minutes
+        plan = drill.plan_drill(cluster, args.run_id or "cli-" + utcnow().strftime("%Y%m%dT%H%M%SZ"), params,
+                                light=args.light)
+        report = drill.run_drill(cluster, conn, storage, plan,
+                                 config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"))
+        args._exit = 0 if report.ok else 1
+        return report
     from pgdr.repository import Repository
 
     repo = Repository(storage, cluster.name)
@@ -207,6 +239,10 @@ def run(args) -> object:
 
         archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
         if args.command == "wal-push":
+            from pgdr.wal import SEGMENT, require_supported_segment_size, segment_size_of_file
+
+            if SEGMENT.match(os.path.basename(args.path)):
+                require_supported_segment_size(segment_size_of_file(args.path), args.path)
             return archive.push(args.path)
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
@@ -242,7 +278,9 @@ def run(args) -> object:
             signal.signal(signal.SIGINT, lambda *a: stop.set())
             return WalStreamer(cluster, conn, storage, args.spool, args.partial_interval).run(args.duration, stop)
         backups = repo.backups()
-        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)))
+        report = archive.check(*(_lsn_tli(backups[0]) if backups else (None, None)),
+                               *(_stop_lsn_tli(backups[-1]) if backups else (None, None)),
+                               until_what=f"backup {backups[-1].label}" if backups else "")
         if not report.ok:
             args._exit = 1
         return report
@@ -307,6 +345,12 @@ def _lsn_tli(manifest):
     return parse_lsn(manifest.start_lsn), manifest.timeline
 
 
+def _stop_lsn_tli(manifest):
+    from pgdr.lsn import parse_lsn
+
+    return parse_lsn(manifest.stop_lsn), manifest.timeline
+
+
 def _human(result) -> str:
     from pgdr.catalog import CatalogReport
     from pgdr.check import CheckReport
@@ -314,6 +358,12 @@ def _human(result) -> str:
 
     if isinstance(result, KeygenResult):
         return result.entry
+    from pgdr.drill import DrillHistory, DrillReport, render_history, render_summary
+
+    if isinstance(result, DrillReport):
+        return render_summary(result)
+    if isinstance(result, DrillHistory):
+        return render_history(result)
     if isinstance(result, (WalFetchResult, WalPushResult)):
         return ""  # archive_command / restore_command: the log line on stderr says it all
     if isinstance(result, CheckReport):

@@ -98,6 +98,40 @@ class WalConfig:
 
 
 @dataclass(frozen=True)
+class DrillCheck:
+    """A user check run on the drill's restored copy: the first column of the first row must equal ``expected``."""
+
+    name: str
+    database: str
+    sql: str
+    expected: str
+
+
+@dataclass(frozen=True)
+class DrillCanary:
+    """A row written on the source just before the drill's mark, which the restored copy must hold."""
+
+    database: str = "postgres"
+    table: str = "pgdr_drill_canary"
+
+
+@dataclass(frozen=True)
+class DrillConfig:
+    """The disaster-recovery drill: restore into a scratch cluster, validate, measure RTO and RPO."""
+
+    schedule: str = "0 0 1 1,4,7,10 *"  # quarterly: 1 January, April, July, October at 00:00 (cluster's timezone)
+    scratch_dir: str = "/var/tmp/pgdr-drill"
+    keep_minutes: int = 0  # keep the scratch server up this long after validation, for a person to look
+    checks: tuple = ()  # DrillCheck
+    canary: DrillCanary | None = None
+    on_new_backup: bool = False  # a lighter drill (restore, start, query) of every new backup
+    queue: str | None = None  # Celery/Kubernetes queue of the workers with the disk for the scratch cluster
+    heapallindexed: bool = False
+    jobs: int = 2  # parallel pg_amcheck jobs and pg_dump readers
+    timeout_minutes: int = 240
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     repository: RepositoryConfig
@@ -115,6 +149,13 @@ class ClusterConfig:
     retention_min_full: int = 2  # never fewer full backups than this
     alerts: AlertConfig = field(default_factory=AlertConfig)
     wal: WalConfig = field(default_factory=WalConfig)
+    rto_seconds: int = 3600  # the drill fails past this restore-to-validated time
+    rpo_seconds: int | None = None  # the drill fails past this WAL-archiving delay; None: wal.rpo_seconds
+    drill: DrillConfig = field(default_factory=DrillConfig)
+
+    @property
+    def rpo_target(self) -> int:
+        return self.rpo_seconds if self.rpo_seconds is not None else self.wal.rpo_seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +217,7 @@ class _Reader:
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
                 "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal",
-                "retention_window_days", "retention_min_full"}
+                "retention_window_days", "retention_min_full", "rto_seconds", "rpo_seconds", "drill"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
@@ -185,6 +226,13 @@ ENCRYPTION_KEYS = {"key_env", "conn_id", "accept_unencrypted"}
 LOCK_KEYS = {"mode", "days"}
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
+DRILL_KEYS = {"schedule", "scratch_dir", "keep_minutes", "checks", "canary", "on_new_backup", "queue",
+              "heapallindexed", "jobs", "timeout_minutes"}
+DRILL_CHECK_KEYS = {"name", "database", "sql", "expected"}
+CANARY_KEYS = {"database", "table"}
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")  # reaches a pg_ctl command line: no spaces or shell characters
+DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$")
+TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?$")
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -224,6 +272,8 @@ def parse_config(raw, path: str | os.PathLike = "<config>") -> Config:
         merged["alerts"] = {**alerts, **(defaults.get("alerts") or {}), **(body.get("alerts") or {})}
         merged["wal"] = {**(r.mapping(defaults.get("wal"), "defaults.wal", WAL_KEYS)),
                          **(r.mapping(body.get("wal"), f"{key}.wal", WAL_KEYS))}
+        merged["drill"] = {**(r.mapping(defaults.get("drill"), "defaults.drill", DRILL_KEYS)),
+                           **(r.mapping(body.get("drill"), f"{key}.drill", DRILL_KEYS))}
         clusters[name] = _cluster(r, name, merged, key)
     return Config(path=str(path), clusters=clusters)
 
@@ -257,6 +307,9 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         r.fail(f"{key}.alerts.severity", "must be critical, error, warning or info")
     window = r.integer(m, "retention_window_days", key, 30, 1, 36500)
     return ClusterConfig(
+        rto_seconds=r.integer(m, "rto_seconds", key, 3600, 1, 7 * 86400),
+        rpo_seconds=r.integer(m, "rpo_seconds", key, 0, 1, 86400) if m.get("rpo_seconds") is not None else None,
+        drill=_drill(r, m.get("drill") or {}, f"{key}.drill"),
         wal=_wal(r, m.get("wal") or {}, f"{key}.wal"),
         name=name,
         repository=_repository(r, m.get("repository"), f"{key}.repository", window),
@@ -295,6 +348,56 @@ def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
         partial_interval_seconds=r.integer(m, "partial_interval_seconds", key, 5, 1, 600),
         rpo_seconds=r.integer(m, "rpo_seconds", key, 60, 1, 86400),
         slot_retained_alert_mb=r.integer(m, "slot_retained_alert_mb", key, 4096, 16, 10_000_000),
+    )
+
+
+def _drill(r: _Reader, m: dict, key: str) -> DrillConfig:
+    schedule = r.string(m, "schedule", key, "0 0 1 1,4,7,10 *")
+    if schedule not in CRON_PRESETS and len(schedule.split()) != 5:
+        r.fail(f"{key}.schedule", f"must be a 5-field cron expression or one of {', '.join(sorted(CRON_PRESETS))}")
+    scratch = r.string(m, "scratch_dir", key, "/var/tmp/pgdr-drill")
+    if not SAFE_PATH.match(scratch) or "/../" in scratch + "/" or scratch.rstrip("/") in ("", "/"):
+        r.fail(f"{key}.scratch_dir", "must be an absolute path of letters, digits, '.', '_', '-' and '/' "
+                                     "(not / itself, no '..')")
+    checks = m.get("checks") or []
+    if not isinstance(checks, list):
+        r.fail(f"{key}.checks", "must be a list of {name, database, sql, expected}")
+    parsed, names = [], set()
+    for i, raw in enumerate(checks):
+        ck = f"{key}.checks[{i}]"
+        c = r.mapping(raw, ck, DRILL_CHECK_KEYS)
+        name = r.string(c, "name", ck, required=True)
+        if name in names:
+            r.fail(f"{ck}.name", f"duplicate check name {name!r}")
+        names.add(name)
+        db = r.string(c, "database", ck, "postgres")
+        if not DB_NAME.match(db):
+            r.fail(f"{ck}.database", f"{db!r} is not a database name")
+        if "expected" not in c or c["expected"] is None or isinstance(c["expected"], (dict, list)):
+            r.fail(f"{ck}.expected", "is required: the value the query's first column must return")
+        expected = c["expected"]
+        expected = ("t" if expected else "f") if isinstance(expected, bool) else str(expected)
+        parsed.append(DrillCheck(name=name, database=db, sql=r.string(c, "sql", ck, required=True), expected=expected))
+    canary_raw = m.get("canary")
+    canary = None
+    if canary_raw is not None and canary_raw is not False:
+        cm = r.mapping({} if canary_raw is True else canary_raw, f"{key}.canary", CANARY_KEYS)
+        db = r.string(cm, "database", f"{key}.canary", "postgres")
+        table = r.string(cm, "table", f"{key}.canary", "pgdr_drill_canary")
+        if not DB_NAME.match(db):
+            r.fail(f"{key}.canary.database", f"{db!r} is not a database name")
+        if not TABLE_NAME.match(table):
+            r.fail(f"{key}.canary.table", "must be a lowercase table name, optionally schema-qualified (schema.table)")
+        canary = DrillCanary(database=db, table=table)
+    for flag in ("on_new_backup", "heapallindexed"):
+        if not isinstance(m.get(flag, False), bool):
+            r.fail(f"{key}.{flag}", "must be true or false")
+    return DrillConfig(
+        schedule=schedule, scratch_dir=scratch.rstrip("/"),
+        keep_minutes=r.integer(m, "keep_minutes", key, 0, 0, 1440),
+        checks=tuple(parsed), canary=canary, on_new_backup=m.get("on_new_backup", False),
+        queue=r.string(m, "queue", key), heapallindexed=m.get("heapallindexed", False),
+        jobs=r.integer(m, "jobs", key, 2, 1, 64), timeout_minutes=r.integer(m, "timeout_minutes", key, 240, 1, 10080),
     )
 
 

@@ -23,12 +23,21 @@ the key new objects use (add a key at the end to rotate; keep old ones while
 backups that need them are retained). The keyring arrives in an environment
 variable (``PGDR_KEYRING`` by default; ``file:/path`` in it reads a file) or,
 under Airflow, from a connection's password.
+
+Records that stay readable (``manifest.json``, ``verify.json``) are
+*authenticated* instead: HMAC-SHA256, keyed by a key derived (HKDF-SHA256)
+from the master key, over a canonical serialization of every field and the
+record's key in the repository, recorded with the master key's id
+(:func:`sign_record`, :func:`check_record`). A rewritten checksum, size, file
+list or status, or a record moved to another backup, fails.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import json
 import os
 import re
 import struct
@@ -44,6 +53,7 @@ TAG = 16
 KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DEFAULT_ENV = "PGDR_KEYRING"
 CIPHER = "aes-256-gcm"
+AUTH = "hmac-sha256"
 
 
 class KeyUnavailable(PgdrError):
@@ -319,3 +329,63 @@ def unseal(chunks: Iterable[bytes], keyring: Keyring | None, context: str, name:
                 raise IntegrityError(f"{name}: bytes after the final encrypted chunk")
             return
         index += 1
+
+
+def _record_key(master: MasterKey) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"pgdr record authentication v1").derive(master.key)
+
+
+def _canonical(record: dict, context: str) -> bytes:
+    body = {k: v for k, v in record.items() if k != "auth"}
+    return (b"pgdr record v1\0" + context.encode() + b"\0"
+            + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+
+
+def sign_record(record: dict, keyring: Keyring | None, context: str) -> dict:
+    """``record`` with an ``auth`` entry: HMAC-SHA256 over its canonical form and ``context`` (its key in the
+    repository), keyed from the keyring's current master key."""
+    master = (keyring or Keyring()).current()
+    key = _record_key(master)
+    mac = hmac.new(key, _canonical(record, context), hashlib.sha256).hexdigest()
+    return {**{k: v for k, v in record.items() if k != "auth"},
+            "auth": {"alg": AUTH, "key_id": master.key_id, "key_check": _key_check(key), "mac": mac}}
+
+
+def _key_check(key: bytes) -> str:
+    """Commits to the derived key, so a wrong key under the right id is told apart from a rewritten record."""
+    return hmac.new(key, b"pgdr key check v1", hashlib.sha256).hexdigest()[:16]
+
+
+def check_record(record: dict, keyring: Keyring | None, context: str, what: str, required: bool) -> bool:
+    """Check a record written by :func:`sign_record`. True when it is authentic; False when it carries no
+    authentication and none is ``required``. Raises IntegrityError when it fails (or is missing where
+    required) and KeyUnavailable, naming the key id, when the keyring cannot check it."""
+    auth = record.get("auth")
+    if auth is None:
+        if required:
+            raise IntegrityError(
+                f"{what} is not authenticated, but this repository is encrypted: rewritten, or written by a pgdr "
+                "that did not authenticate it yet; refusing it (while migrating such backups, set "
+                "encryption.accept_unencrypted: true)")
+        return False
+    if not (isinstance(auth, dict) and auth.get("alg") == AUTH and isinstance(auth.get("key_id"), str)
+            and isinstance(auth.get("key_check"), str) and isinstance(auth.get("mac"), str)):
+        raise IntegrityError(f"{what} fails authentication: its 'auth' entry is malformed ({auth!r:.200})")
+    keyring = keyring or Keyring()
+    if auth["key_id"] not in keyring.by_id:
+        raise KeyUnavailable(f"{what} is authenticated with master key {auth['key_id']!r}, which is not in the "
+                             f"keyring (keys from {keyring.source}: {', '.join(keyring.by_id) or 'none'}); add "
+                             f"{auth['key_id']!r} to read it")
+    key = _record_key(keyring.by_id[auth["key_id"]])
+    if not hmac.compare_digest(_key_check(key), auth["key_check"]):
+        raise KeyUnavailable(f"{what}: master key {auth['key_id']!r} from {keyring.source} does not open it (its "
+                             "key check differs): wrong key material under that id, or a tampered record")
+    expected = hmac.new(key, _canonical(record, context), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, auth["mac"]):
+        raise IntegrityError(f"{what} fails authentication (HMAC-SHA256 keyed from master key "
+                             f"{auth['key_id']!r}): rewritten or damaged; refusing it")
+    return True

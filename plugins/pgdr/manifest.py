@@ -10,6 +10,7 @@ from pgdr.errors import IntegrityError
 from pgdr.results import JsonResult
 
 FORMAT_VERSION = 1
+MAX_CHUNK = 64 << 20  # a restore holds one chunk in memory before it is checked: bound what a manifest may ask
 
 
 @dataclass
@@ -19,13 +20,20 @@ class StoredFile(JsonResult):
     ``sha256`` and ``stored_size`` are of the bytes as stored (compressed), so
     an object is checked before anything decompresses it; ``size`` is the
     decompressed length, whose content the codec's own checksum (zstd, lz4
-    content checksum, gzip CRC) guards.
+    content checksum, gzip CRC) guards. ``chunks`` holds the SHA-256 of each
+    ``chunk_size`` bytes as stored (the last piece shorter): a restore checks
+    each piece before any of it is decrypted, decompressed or unpacked, so
+    nothing unverified is ever used and nothing is read twice. Older manifests
+    have no ``chunks``; those objects are read twice (checked
+    whole, then unpacked against digests taken on the first pass).
     """
 
     name: str
     size: int
     stored_size: int
     sha256: str
+    chunk_size: int = 0
+    chunks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +62,9 @@ class BackupManifest(JsonResult):
     format_version: int = FORMAT_VERSION
     tool: str = "pgdr"
     tool_version: str = __version__
+    # In an encrypted repository: {"alg": "hmac-sha256", "key_id": ..., "mac": ...} over every other field
+    # (pgdr.crypto.sign_record), so a rewritten checksum, size or file list is detected.
+    auth: dict | None = None
 
     @property
     def pg_major(self) -> int:
@@ -75,6 +86,12 @@ class BackupManifest(JsonResult):
                     f"{where}: format version {data.get('format_version')!r} is not one this pgdr "
                     f"({__version__}) reads ({FORMAT_VERSION})")
             data["files"] = [StoredFile(**f) for f in data.get("files", [])]
+            for f in data["files"]:
+                if f.chunks and not 0 < f.chunk_size <= MAX_CHUNK:
+                    raise IntegrityError(f"{where}: {f.name} names an impossible chunk size {f.chunk_size}")
+                if f.chunks and len(f.chunks) != -(-f.stored_size // f.chunk_size):
+                    raise IntegrityError(f"{where}: {f.name} lists {len(f.chunks)} chunk digests of "
+                                         f"{f.chunk_size} bytes for {f.stored_size} stored bytes")
             return cls.from_dict(data)
         except IntegrityError:
             raise

@@ -12,7 +12,9 @@
 A backup directory without manifest.json is an unfinished backup and is
 never offered for restore. It is a leftover to delete only when nobody can
 be writing it: its last write is old (``last_write``) and the deleter holds
-the cluster lock, which every backup holds while it writes.
+the cluster lock, which every backup holds while it writes. In an encrypted
+repository manifest.json is authenticated (HMAC-SHA256 keyed from the master
+key, pgdr.crypto.sign_record) on commit and checked on every read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from pgdr.crypto import KeyUnavailable, check_record, sign_record
 from pgdr.errors import BackupNotFound, IntegrityError, ObjectNotFound, RepositoryError
 from pgdr.labels import check_label
 from pgdr.manifest import BackupManifest
@@ -36,6 +39,7 @@ class CatalogEntry:
     label: str
     manifest: BackupManifest | None
     error: str | None = None
+    unchecked: str | None = None  # catalog(unchecked_ok=True): why its authentication could not be checked
 
 
 class Repository:
@@ -84,8 +88,11 @@ class Repository:
                 "two clusters' backups (point this cluster at a new repository path)")
 
     # catalog
-    def catalog(self) -> list[CatalogEntry]:
-        """Every backup directory, oldest first, committed or not."""
+    def catalog(self, unchecked_ok: bool = False) -> list[CatalogEntry]:
+        """Every backup directory, oldest first, committed or not.
+
+        A manifest the keyring cannot authenticate raises KeyUnavailable, unless ``unchecked_ok`` (what
+        ``pgdr list`` needs, which works without a key): then it is listed with ``unchecked`` saying why."""
         prefix = f"{self.cluster}/backup/"
         labels: dict[str, bool] = {}
         for obj in self.storage.list(prefix):
@@ -97,7 +104,13 @@ class Repository:
                 out.append(CatalogEntry(label, None, "unfinished: no manifest (backup in progress or failed)"))
                 continue
             try:
-                out.append(CatalogEntry(label, self.manifest(label)))
+                try:
+                    out.append(CatalogEntry(label, self.manifest(label)))
+                except KeyUnavailable as e:
+                    if not unchecked_ok:
+                        raise
+                    out.append(CatalogEntry(label, self.manifest(label, check=False),
+                                            unchecked=f"not authenticated: {e}"))
             except (IntegrityError, RepositoryError) as e:
                 out.append(CatalogEntry(label, None, str(e)))
         return out
@@ -106,18 +119,45 @@ class Repository:
         """Committed backups, oldest first."""
         return [e.manifest for e in self.catalog() if e.manifest is not None and e.manifest.status == "ok"]
 
-    def manifest(self, label: str) -> BackupManifest:
+    def manifest(self, label: str, check: bool = True) -> BackupManifest:
         key = self.key(label, MANIFEST)
         try:
             data = self.storage.get_bytes(key)
         except ObjectNotFound:
             raise BackupNotFound(f"no backup {label} for cluster '{self.cluster}' in {self.storage.describe()}") from None
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None  # from_json names what is wrong
+        if check and isinstance(record, dict):
+            self.check_record(record, key, f"{MANIFEST} of backup {label}")
         return BackupManifest.from_json(data, where=key)
+
+    def check_record(self, record: dict, key: str, what: str) -> bool:
+        """A readable record of this repository (manifest.json, verify.json) is authentic: required when the
+        repository is encrypted (unless ``accept_unencrypted``), checked whenever it carries authentication
+        and the keyring can check it. True when it was authenticated."""
+        storage = self.storage
+        required = storage.encrypt and not storage.accept_unencrypted
+        auth = record.get("auth")
+        held = storage.keyring.by_id if storage.keyring else {}
+        if not storage.encrypt and isinstance(auth, dict) and auth.get("key_id") not in held:
+            return False  # encryption is not configured here: nothing to check it with, nothing requires it
+        return check_record(record, storage.keyring, key, what, required)
+
+    def sign(self, record: dict, key: str) -> dict:
+        """``record`` as it is stored at ``key``: authenticated when the repository is encrypted."""
+        return sign_record(record, self.storage.keyring, key) if self.storage.encrypt else record
 
     def resolve(self, label: str) -> BackupManifest:
         """``latest`` or a label, to a committed backup's manifest."""
         if label == "latest":
-            backups = self.backups()
+            entries = self.catalog()
+            backups = [e.manifest for e in entries if e.manifest is not None and e.manifest.status == "ok"]
+            bad = [e for e in entries if e.manifest is None and not (e.error or "").startswith("unfinished")]
+            if bad and (not backups or bad[-1].label > backups[-1].label):
+                raise IntegrityError(f"the newest backup cannot be used: {bad[-1].error}; not falling back "
+                                     "silently to an older one (name it with --backup to restore it)")
             if not backups:
                 raise BackupNotFound(f"cluster '{self.cluster}' has no completed backup in {self.storage.describe()}")
             return backups[-1]
@@ -128,7 +168,10 @@ class Repository:
         return m
 
     def commit(self, manifest: BackupManifest) -> None:
-        self.storage.put_bytes(self.key(manifest.label, MANIFEST), manifest.to_json().encode(), lock=True)
+        key = self.key(manifest.label, MANIFEST)
+        record = self.sign({k: v for k, v in manifest.to_dict().items() if k != "auth"}, key)
+        manifest.auth = record.get("auth")
+        self.storage.put_bytes(key, json.dumps(record, indent=2).encode(), lock=True)
 
     def last_write(self, label: str) -> datetime | None:
         """When the newest object of this backup directory was written; None when the store does not say."""

@@ -16,20 +16,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgdr.compression import decompress_stream
 from pgdr.config import ClusterConfig
-from pgdr.crypto import DEFAULT_ENV, check_key, unseal
-from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
+from pgdr.crypto import DEFAULT_ENV
+from pgdr.errors import PgdrError, RestoreRefused
 from pgdr.lock import pid_alive
-from pgdr.manifest import BackupManifest
 from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
 from pgdr.recovery import (RecoveryPlan, RecoveryTarget, plan_recovery, query_replay_position, restore_command,
                            wait_for_recovery, write_recovery_settings)
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
 from pgdr.storage import Storage
-from pgdr.streams import Digest, Prefetch
-from pgdr.tarstream import TarExtractor
+from pgdr.unpack import pg_verifybackup as _pg_verifybackup
+from pgdr.unpack import require_key
+from pgdr.unpack import unpack as _unpack
 from pgdr.wal import PREFETCH_DIR, WalArchive
 
 log = logging.getLogger(__name__)
@@ -178,92 +177,11 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     return result
 
 
-def require_key(repo: Repository, manifest: BackupManifest) -> None:
-    """Before anything is written: the keyring must open this backup's data key (names the key id if not)."""
-    if not manifest.encryption:
-        if repo.storage.encrypt and not repo.storage.accept_unencrypted:
-            raise IntegrityError(
-                f"backup {manifest.label} is not encrypted, but this repository's configuration requires "
-                "encryption: refusing it (a manifest rewritten to drop encryption looks exactly like this). "
-                "For backups taken before encryption was turned on, set encryption.accept_unencrypted: true")
-        return
-    if not manifest.files:
-        return
-    key = repo.key(manifest.label, manifest.files[0].name)
-    stream = repo.storage.get_stream(key, chunk_size=4096)
-    try:
-        head = next(stream, b"")
-    finally:
-        stream.close()
-    check_key(head, repo.storage.keyring, f"backup {manifest.label} ({key})")
-
-
-def _unpack(repo: Repository, manifest: BackupManifest, target: Path) -> None:
-    """Stages in step, each in its own thread: read and hash | decrypt (when encrypted) | decompress | write."""
-    extractor = TarExtractor(target)
-    try:
-        for f in manifest.files:
-            key = repo.key(manifest.label, f.name)
-            stored = Digest()
-            fetched = Prefetch(stored.tap(repo.storage.get_stream(key)))
-            body = Prefetch(unseal(fetched, repo.storage.keyring, f"{manifest.label}/{f.name}", key)) \
-                if manifest.encryption else fetched
-            unpacked = Prefetch(decompress_stream(body, manifest.compression, name=key))
-            size = 0
-            try:
-                for chunk in unpacked:
-                    size += len(chunk)
-                    extractor.feed(chunk)
-            finally:
-                unpacked.close()
-                if body is not fetched:
-                    body.close()
-                fetched.close()
-            if stored.size != f.stored_size or stored.hexdigest != f.sha256:
-                raise IntegrityError(
-                    f"{key}: stored object does not match the manifest (size {stored.size} vs {f.stored_size}, "
-                    f"sha256 {stored.hexdigest} vs {f.sha256})")
-            if size != f.size:
-                raise IntegrityError(f"{key}: decompressed to {size} bytes, the manifest says {f.size}")
-            log.info("verified and unpacked %s (%.1f MB)", f.name, f.size / 1e6)
-        extractor.close()
-    except OSError as e:
-        raise PgdrError(f"cannot write the restored files into {target}: {e}") from e
-    finally:
-        extractor.member_end()
-
-
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
     os.chown(root, uid, gid)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             os.lchown(os.path.join(dirpath, name), uid, gid)
-
-
-def _pg_verifybackup(bins, target: Path, pg_major: int, checksums: bool, parse_wal: bool = True) -> str:
-    """PostgreSQL's own check of the restored directory against its backup_manifest.
-
-    By default every file must exist with its manifest size and the WAL must
-    parse; file checksums are skipped because the SHA-256 of every stored
-    object, and the codec's checksum of its content, already proved the bytes.
-    ``checksums=True`` re-reads every file and checks its CRC too.
-    """
-    if not (target / "backup_manifest").exists():
-        return "skipped: no backup_manifest in the backup"
-    same_version = bins.major == pg_major
-    cmd = [bins.tool("pg_verifybackup"), "-q"] + ([] if same_version and parse_wal else ["--no-parse-wal"])
-    cmd += [] if checksums else ["--skip-checksums"]
-    cmd.append(str(target))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise IntegrityError("pg_verifybackup rejected the restored data directory: " + "; ".join(detail[:10]))
-    what = "files, sizes, checksums" if checksums else "files, sizes"
-    if not parse_wal:
-        what += "; WAL comes from the archive at recovery"
-    else:
-        what += ", WAL" if same_version else f"; WAL not parsed by PostgreSQL {bins.major} tools"
-    return f"ok ({what})"
 
 
 def _running_check(target: Path):

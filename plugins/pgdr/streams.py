@@ -8,6 +8,7 @@ import threading
 from typing import IO, Iterable, Iterator
 
 CHUNK = 1024 * 1024
+VERIFY_CHUNK = 4 << 20  # stored bytes per recorded SHA-256: each is checked before any of it is used
 
 
 class Digest:
@@ -22,6 +23,48 @@ class Digest:
             self.sha.update(chunk)
             self.size += len(chunk)
             yield chunk
+
+    @property
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+class ChunkDigests:
+    """SHA-256 of each ``chunk_size`` bytes of a stream (the last piece shorter, an empty stream none),
+    and of the whole, of whatever passes through it: recorded at backup, re-checked piece by piece at
+    restore before a byte of a piece is decompressed, decrypted or unpacked."""
+
+    def __init__(self, chunk_size: int = VERIFY_CHUNK):
+        self.chunk_size = chunk_size
+        self.digests: list[str] = []
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._piece = hashlib.sha256()
+        self._fill = 0
+
+    def update(self, data) -> None:
+        mv = memoryview(data)
+        self.sha.update(mv)
+        self.size += len(mv)
+        while len(mv):
+            take = min(self.chunk_size - self._fill, len(mv))
+            self._piece.update(mv[:take])
+            self._fill += take
+            mv = mv[take:]
+            if self._fill == self.chunk_size:
+                self.digests.append(self._piece.hexdigest())
+                self._piece, self._fill = hashlib.sha256(), 0
+
+    def tap(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.update(chunk)
+            yield chunk
+
+    def finish(self) -> list[str]:
+        if self._fill:
+            self.digests.append(self._piece.hexdigest())
+            self._piece, self._fill = hashlib.sha256(), 0
+        return self.digests
 
     @property
     def hexdigest(self) -> str:
@@ -89,11 +132,19 @@ class ChunkReader:
     def __init__(self, chunks: Iterable[bytes]):
         self._it = iter(chunks)
         self._left = b""
+        self._off = 0
 
     def read(self, limit: int) -> bytes:
-        if not self._left:
-            self._left = next(self._it, b"")
-        out, self._left = self._left[:limit], self._left[limit:]
+        while self._off >= len(self._left):
+            nxt = next(self._it, None)
+            if nxt is None:
+                return b""
+            self._left, self._off = nxt, 0
+        if self._off == 0 and len(self._left) <= limit:
+            out, self._left = self._left, b""
+            return out
+        out = self._left[self._off:self._off + limit]  # one copy of what is returned, never of the rest
+        self._off += len(out)
         return out
 
 

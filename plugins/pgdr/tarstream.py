@@ -4,11 +4,13 @@ pg_basebackup writes one tar stream. On the way into the repository
 ``TarWatcher`` counts its members and keeps the small ones we need
 (``backup_manifest``); on the way out ``TarExtractor`` writes it into the
 target directory directly (one copy, no tar process, no pipe), refusing any
-member that would land outside it.
+member that would land outside it, write through a link, or be anything but a
+regular file or a directory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -144,41 +146,141 @@ class TarWatcher(TarParser):
             self._current = None
 
 
+KINDS = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device", b"4": "a block device",
+         b"6": "a FIFO"}
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _refuse(name: str, why: str) -> IntegrityError:
+    return IntegrityError(f"tar member {name!r} {why}; refusing it (the backup is damaged or was tampered with)")
+
+
+def member_parts(name: str) -> list[str]:
+    """The path components of a tar member, or IntegrityError: absolute, ``..``, ``.``, empty."""
+    if name.startswith("/"):
+        raise _refuse(name, "is an absolute path")
+    parts = name.rstrip("/").split("/") if name.rstrip("/") else []
+    if not parts:
+        raise _refuse(name, "has an empty name")
+    if any(p in ("", ".", "..") for p in parts):
+        raise _refuse(name, "has an empty, '.' or '..' path component: it could land outside the target")
+    return parts
+
+
+def check_kind(name: str, kind: bytes, linkname: str) -> None:
+    """Only regular files and directories: a base backup holds nothing else that we restore (pg_basebackup
+    writes symlinks only for tablespaces in pg_tblspc, which pgdr refuses to back up)."""
+    if kind in (b"0", b"\0", b"7", b"5"):
+        return
+    what = KINDS.get(kind)
+    if what is None:
+        raise _refuse(name, f"has type {kind!r}, which a base backup never holds")
+    target = f" to {linkname!r}" if kind in (b"1", b"2") else ""
+    raise _refuse(name, f"is {what}{target}, which a base backup restored by pgdr never holds")
+
+
+class TarChecker(TarParser):
+    """Applies the extractor's rules to every member without writing anything (verify --no-pg-verify)."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: dict[str, bool] = {}  # path -> is a directory
+
+    def member(self, name, kind, size, mode, linkname):
+        parts = member_parts(name)
+        check_kind(name, kind, linkname)
+        path = "/".join(parts)
+        for i in range(1, len(parts)):
+            if self._seen.get("/".join(parts[:i])) is False:
+                raise _refuse(name, f"lies under {'/'.join(parts[:i])!r}, which is not a directory")
+        earlier = self._seen.get(path)
+        if earlier is not None and not (earlier and kind == b"5"):
+            raise _refuse(name, "names a path that an earlier member already created")
+        self._seen[path] = kind == b"5"
+
+    def close(self) -> None:
+        if self._header or self._remaining:
+            raise IntegrityError("the backup's tar stream ends in the middle of a member")
+
+
 class TarExtractor(TarParser):
-    """Writes regular files, directories and symlinks under ``root``; nothing outside it."""
+    """Writes regular files and directories under ``root``, nothing else and nowhere else.
+
+    Every path is walked one component at a time from a descriptor of the root,
+    each directory opened with O_NOFOLLOW, and every file created with
+    O_CREAT|O_EXCL|O_NOFOLLOW: nothing is ever written through a symbolic
+    link, whoever put it there, and no member replaces another. Links,
+    devices, FIFOs, absolute paths and ``..`` are refused, naming the member.
+    """
 
     def __init__(self, root: Path):
         super().__init__()
         self.root = Path(root)
         self.bytes_written = 0
         self._fd: int | None = None
-        self._dirs: set[str] = set()
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._parent: tuple[tuple[str, ...], int] | None = None  # the last parent directory opened
 
-    def _path(self, name: str) -> str:
-        parts = name.strip("/").split("/") if name.strip("/") else []
-        if name.startswith("/") or ".." in parts or not parts:
-            raise IntegrityError(f"tar member {name!r} would land outside the target directory; refusing")
-        return os.path.join(self.root, *parts)
+    def _open_dir(self, name: str, parts: list[str]) -> int:
+        """A descriptor of the directory ``parts`` under the root, creating what is missing; never via a link."""
+        key = tuple(parts)
+        if self._parent is not None and self._parent[0] == key:
+            return self._parent[1]
+        fd = os.dup(self._root_fd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise _refuse(name, f"lies under {'/'.join(parts[:i + 1])!r}, which is not a directory "
+                                      "(a symbolic link or a file): nothing is written through it") from None
+                    raise
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        self._forget_parent()
+        self._parent = (key, fd)
+        return fd
 
-    def _parent(self, path: str) -> None:
-        parent = os.path.dirname(path)
-        if parent not in self._dirs:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            self._dirs.add(parent)
+    def _forget_parent(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
 
     def member(self, name, kind, size, mode, linkname):
-        path = self._path(name)
-        self._parent(path)
-        if kind in (b"0", b"\0", b"7"):
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode or 0o600)
-        elif kind == b"5":
-            os.makedirs(path, mode=mode or 0o700, exist_ok=True)
-            os.chmod(path, mode or 0o700)
-            self._dirs.add(path)
-        elif kind == b"2":
-            os.symlink(linkname, path)
-        else:
-            raise IntegrityError(f"tar member {name!r} has type {kind!r}, which a base backup never holds")
+        parts = member_parts(name)
+        check_kind(name, kind, linkname)
+        parent = self._open_dir(name, parts[:-1])
+        leaf = parts[-1]
+        if kind == b"5":
+            try:
+                os.mkdir(leaf, 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(leaf, DIR_FLAGS, dir_fd=parent)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refuse(name, "is a directory where an earlier member put a file or a link") from None
+                raise
+            try:
+                os.fchmod(fd, (mode & 0o750) | 0o700)
+            finally:
+                os.close(fd)
+            return
+        try:
+            self._fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               (mode & 0o640) | 0o600 if mode else 0o600, dir_fd=parent)
+        except FileExistsError:
+            raise _refuse(name, "names a path that already exists (a directory, a link or an earlier member): "
+                          "it would replace it") from None
 
     def data(self, chunk):
         if self._fd is not None:
@@ -193,6 +295,17 @@ class TarExtractor(TarParser):
             self._fd = None
 
     def close(self) -> None:
-        if self._header or self._remaining:
-            raise IntegrityError("the backup's tar stream ends in the middle of a member")
+        """The stream is complete: refuse one that ends inside a member; release every descriptor."""
+        try:
+            if self._header or self._remaining:
+                raise IntegrityError("the backup's tar stream ends in the middle of a member")
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Close every descriptor (also after a failure); idempotent."""
         self.member_end()
+        self._forget_parent()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None

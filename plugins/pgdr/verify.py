@@ -1,8 +1,11 @@
 """``pgdr verify``: prove that stored backups and WAL are what the manifests say.
 
-For a backup: every stored object exists, its size and SHA-256 match the
-manifest, it decompresses, and PostgreSQL's own ``pg_verifybackup`` accepts
-it, unpacked into a scratch directory. For the WAL: the archive is continuous
+For a backup: every stored object exists, its size and SHA-256 (per chunk of
+a few MiB, each checked before use) match the manifest, it decrypts and
+decompresses, every tar member is one a restore accepts, and PostgreSQL's own
+``pg_verifybackup`` accepts it, unpacked into a scratch directory in the same
+pass. In an encrypted repository manifest.json and verify.json are
+authenticated (pgdr.crypto.sign_record). For the WAL: the archive is continuous
 from each verified backup's start on, and every segment's checksum holds.
 Each backup's result is recorded next to it (``verify.json``) and shown by
 ``list``/``info``; every failure names the object and the check.
@@ -10,7 +13,7 @@ Each backup's result is recorded next to it (``verify.json``) and shown by
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -18,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgdr import __version__
-from pgdr.compression import decompress_stream
-from pgdr.crypto import KeyUnavailable, unseal
-from pgdr.errors import ObjectNotFound, PgdrError
+from pgdr.crypto import KeyUnavailable
+from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError
 from pgdr.lsn import parse_lsn
 from pgdr.manifest import BackupManifest
+from pgdr.pgbin import find_bin_dir
 from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
+from pgdr.tarstream import TarChecker, TarExtractor
+from pgdr.unpack import VerifiedObject, part_content, pg_verifybackup, require_key
 from pgdr.wal import SEG_SIZE, WalArchive, parse_segment, segment_name, segment_of
 
 log = logging.getLogger(__name__)
@@ -91,80 +96,87 @@ def check_lock(storage, key: str, since=None) -> VerifyFailure | None:
 
 def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = None,
                   pg_verify: bool = True) -> BackupVerification:
+    """One pass over the backup's objects: each piece checked against the manifest before it is decrypted,
+    decompressed and (with ``pg_verify``) unpacked into a scratch directory for ``pg_verifybackup``."""
     from pgdr.results import parse_iso
-    from pgdr.restore import require_key
 
     failures: list[VerifyFailure] = []
     require_key(repo, m)  # a missing or wrong key stops here, naming the key id
     stored = {o.key: o.size for o in repo.storage.list(repo.backup_prefix(m.label))}
     read = 0
-    for f in m.files:
-        key = repo.key(m.label, f.name)
-        if key not in stored:
-            failures.append(VerifyFailure(key, "exists", "the object is missing"))
-            continue
-        if stored[key] != f.stored_size:
-            failures.append(VerifyFailure(key, "size", f"{stored[key]} bytes stored, the manifest says {f.stored_size}"))
-        digest, size = hashlib.sha256(), 0
-
-        def tap(chunks):
-            nonlocal read
-            for c in chunks:
-                digest.update(c)
-                read += len(c)
-                yield c
-        unlocked = check_lock(repo.storage, key, parse_iso(m.start_time))
+    scratch = Path(tempfile.mkdtemp(prefix=f"pgdr-verify-{m.label}-", dir="/var/tmp")) if pg_verify else None
+    tar = TarExtractor(scratch) if scratch else TarChecker()  # the restore's rules for every member, either way
+    try:
+        for f in m.files:
+            key = repo.key(m.label, f.name)
+            if key not in stored:
+                failures.append(VerifyFailure(key, "exists", "the object is missing"))
+                continue
+            if stored[key] != f.stored_size:
+                failures.append(VerifyFailure(key, "size", f"{stored[key]} bytes stored, the manifest says "
+                                              f"{f.stored_size}"))
+            unlocked = check_lock(repo.storage, key, parse_iso(m.start_time))
+            if unlocked:
+                failures.append(unlocked)
+            obj = VerifiedObject(repo.storage, key, f)
+            size, intact = 0, not failures  # once the tar stream is broken, later parts are only checked
+            try:
+                for chunk in part_content(repo, m, f, obj):
+                    size += len(chunk)
+                    if intact:
+                        try:
+                            tar.feed(chunk)
+                        except IntegrityError as e:
+                            e.check = "unpack"
+                            raise
+            except KeyUnavailable:
+                raise
+            except PgdrError as e:
+                failures.append(VerifyFailure(key, getattr(e, "check", "decompress"), str(e)))
+                continue
+            except OSError as e:
+                raise PgdrError(f"cannot unpack backup {m.label} into the scratch directory {scratch}: {e}") from e
+            finally:
+                read += obj.bytes_read
+            if size != f.size:
+                failures.append(VerifyFailure(key, "content_size", f"decompresses to {size} bytes, not {f.size}"))
+        if not failures:
+            try:
+                tar.close()
+            except IntegrityError as e:
+                failures.append(VerifyFailure(repo.key(m.label, m.files[-1].name if m.files else MANIFEST),
+                                              "unpack", str(e)))
+        unlocked = check_lock(repo.storage, repo.key(m.label, MANIFEST), parse_iso(m.start_time))
         if unlocked:
             failures.append(unlocked)
-
-        def opened(chunks):
+        pg_result = "skipped"
+        if scratch and not failures:
             try:
-                yield from unseal(chunks, repo.storage.keyring, f"{m.label}/{f.name}", key)
+                bins = find_bin_dir(m.pg_major, pg_bin_dir, tool="pg_verifybackup")
+                pg_result = pg_verifybackup(bins, scratch, m.pg_major, checksums=True, parse_wal=m.wal_included)
             except PgdrError as e:
-                e.check = "decrypt"
-                raise
-        try:
-            body = tap(repo.storage.get_stream(key))
-            for chunk in decompress_stream(opened(body) if m.encryption else body, m.compression, name=key):
-                size += len(chunk)
-        except KeyUnavailable:
-            raise
-        except PgdrError as e:
-            failures.append(VerifyFailure(key, getattr(e, "check", "decompress"), str(e)))
-            continue
-        if digest.hexdigest() != f.sha256:
-            failures.append(VerifyFailure(key, "sha256", f"{digest.hexdigest()} stored, the manifest says {f.sha256}"))
-        elif size != f.size:
-            failures.append(VerifyFailure(key, "content_size", f"decompresses to {size} bytes, not {f.size}"))
-    unlocked = check_lock(repo.storage, repo.key(m.label, MANIFEST), parse_iso(m.start_time))
-    if unlocked:
-        failures.append(unlocked)
-    pg_result = "skipped"
-    if pg_verify and not failures:
-        pg_result = _pg_verify_scratch(repo, m, pg_bin_dir, failures)
+                failures.append(VerifyFailure(repo.key(m.label, "backup_manifest"), "pg_verifybackup", str(e)))
+                pg_result = "failed"
+    finally:
+        if isinstance(tar, TarExtractor):
+            tar.release()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     result = BackupVerification(label=m.label, ok=not failures, verified_at=iso(utcnow()), tool_version=__version__,
                                 objects_checked=len(m.files), bytes_read=read, pg_verifybackup=pg_result,
                                 failures=[f.to_dict() for f in failures])
-    repo.storage.put_bytes(repo.key(m.label, RESULT), result.to_json().encode())
+    key = repo.key(m.label, RESULT)
+    repo.storage.put_bytes(key, json.dumps(repo.sign(result.to_dict(), key), indent=2).encode())
     log.info("backup %s: %s (%d objects, %.1f MB read)", m.label, "verified" if result.ok else
              f"{len(failures)} FAILURE(S)", len(m.files), read / 1e6)
     return result
 
 
-def _pg_verify_scratch(repo, m, pg_bin_dir, failures) -> str:
-    from pgdr.pgbin import find_bin_dir
-    from pgdr.restore import _pg_verifybackup, _unpack
-
-    scratch = Path(tempfile.mkdtemp(prefix=f"pgdr-verify-{m.label}-", dir="/var/tmp"))
-    try:
-        bins = find_bin_dir(m.pg_major, pg_bin_dir, tool="pg_verifybackup")
-        _unpack(repo, m, scratch)
-        return _pg_verifybackup(bins, scratch, m.pg_major, checksums=True, parse_wal=m.wal_included)
-    except PgdrError as e:
-        failures.append(VerifyFailure(repo.key(m.label, "backup_manifest"), "pg_verifybackup", str(e)))
-        return "failed"
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def unreadable_backup(repo: Repository, label: str, error: str) -> BackupVerification:
+    """A committed backup whose manifest.json cannot be trusted (fails authentication, unreadable)."""
+    return BackupVerification(label=label, ok=False, verified_at=iso(utcnow()), tool_version=__version__,
+                              objects_checked=0, bytes_read=0, pg_verifybackup="skipped",
+                              failures=[VerifyFailure(repo.key(label, MANIFEST), "manifest", error).to_dict()])
 
 
 def verify_wal(archive: WalArchive, backups: list[BackupManifest], incremental: bool = False) -> WalVerification:
@@ -173,7 +185,6 @@ def verify_wal(archive: WalArchive, backups: list[BackupManifest], incremental: 
     ``incremental``: read only segments newer than the last clean verification
     (continuity is still checked over the whole listing, which costs no reads).
     """
-    import json
 
     failures, read, checked = [], 0, 0
     segs = archive.segments()
@@ -217,24 +228,45 @@ def verify_wal(archive: WalArchive, backups: list[BackupManifest], incremental: 
 
 
 def last_verification(repo: Repository, label: str) -> dict | None:
-    import json
-
+    """The last ``verify.json`` of a backup, None when never verified. One that fails authentication (or
+    cannot be read) is reported as a failed verification naming it, with ``"authenticated": false``."""
+    key = repo.key(label, RESULT)
     try:
-        return json.loads(repo.storage.get_bytes(repo.key(label, RESULT)))
-    except (ObjectNotFound, ValueError):
+        record = json.loads(repo.storage.get_bytes(key))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        try:
+            repo.check_record(record, key, f"{RESULT} of backup {label}")
+        except KeyUnavailable:  # pgdr list without the key: shown, marked as not checked
+            return {**record, "authenticated": None}
+        return record
+    except ObjectNotFound:
         return None
+    except (ValueError, IntegrityError) as e:
+        return {"ok": False, "verified_at": None, "tool_version": None, "authenticated": False,
+                "failures": [VerifyFailure(key, "authentication" if isinstance(e, IntegrityError) else "unreadable",
+                                           str(e)).to_dict()]}
 
 
 def run_verify(cluster, storage, which: str = "latest", pg_verify: bool = True, wal: bool = True) -> VerifyReport:
     repo = Repository(storage, cluster.name)
-    backups = repo.backups()
+    entries = repo.catalog()
+    backups = [e.manifest for e in entries if e.manifest is not None and e.manifest.status == "ok"]
+    # A manifest that fails authentication or cannot be read is a failure of its own, never skipped quietly.
+    damaged = [] if which not in ("all", "new") else [
+        unreadable_backup(repo, e.label, e.error) for e in entries
+        if e.manifest is None and not (e.error or "").startswith("unfinished")]
     if which == "all":
         chosen = backups
-    elif which == "new":  # not verified yet: what a new-backup trigger needs to read
-        chosen = [m for m in backups if last_verification(repo, m.label) is None]
+    elif which == "new":  # not verified yet (or its record is not authentic): what a new-backup trigger reads
+        chosen = []
+        for m in backups:
+            v = last_verification(repo, m.label)
+            if v is None or v.get("authenticated") is False:
+                chosen.append(m)
     else:
         chosen = [repo.resolve(which)]
-    results = [verify_backup(repo, m, cluster.pg_bin_dir, pg_verify) for m in chosen]
+    results = damaged + [verify_backup(repo, m, cluster.pg_bin_dir, pg_verify) for m in chosen]
     wal_result = verify_wal(WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level),
                             backups, incremental=which == "new") if wal else None
     read = sum(r.bytes_read for r in results) + (wal_result.bytes_read if wal_result else 0)

@@ -86,6 +86,25 @@ def segment_header(data: bytes) -> tuple[str, int]:
     return str(sysid), seg_size
 
 
+def require_supported_segment_size(seg_size: int, where: str) -> None:
+    """pgdr names, plans and archives WAL in 16 MiB segments: refuse any other size, clearly."""
+    if seg_size != SEG_SIZE:
+        raise PgdrError(
+            f"{where}: wal_segment_size is {seg_size} bytes ({seg_size / 2**20:g} MiB); pgdr supports only 16 MiB WAL "
+            "segments (the default of initdb --wal-segsize). Refusing rather than archive WAL it would name and "
+            "replay wrongly")
+
+
+def segment_size_of_file(path: str | os.PathLike) -> int:
+    """The segment size a WAL segment file's first page header declares (reads 40 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(40)
+    except OSError as e:
+        raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+    return segment_header(head)[1]
+
+
 @dataclass
 class WalPushResult(JsonResult):
     cluster: str
@@ -244,6 +263,35 @@ class WalArchive:
             "uploaded_at": iso(utcnow())}).encode())
         return key
 
+    def push_segment(self, name: str, data: bytes, system_identifier: str | None = None) -> WalPushResult:
+        """Archive a completed segment held in memory (streaming): checked as ``push`` checks a file."""
+        if not SEGMENT.match(name):
+            raise UsageError(f"{name!r} is not a WAL segment name")
+        sysid, seg_size = segment_header(data)
+        require_supported_segment_size(seg_size, name)
+        if len(data) != seg_size:
+            raise IntegrityError(f"{name}: {len(data)} bytes; its header says segments are {seg_size}")
+        if system_identifier is not None and sysid != system_identifier:
+            raise RepositoryError(f"{name} is WAL of system identifier {sysid}, not {system_identifier}")
+        return self._push_bytes(name, data)
+
+    def push_history(self, name: str, data: bytes) -> WalPushResult:
+        """Archive a timeline history file held in memory (streaming)."""
+        if not HISTORY.match(name):
+            raise UsageError(f"{name!r} is not a timeline history file name")
+        return self._push_bytes(name, data)
+
+    def push_partial_bytes(self, name: str, data: bytes, safe_lsn: int) -> str:
+        """Store the segment being streamed, held in memory, known good up to ``safe_lsn``."""
+        if not SEGMENT.match(name):
+            raise UsageError(f"{name!r} is not a WAL segment name")
+        key = f"{self._dir(name)}{name}.partial{self._suffix()}"
+        self.storage.put_stream(key, self._pack(data, name + ".partial"))  # replaced as it grows: never locked
+        self.storage.put_bytes(f"{self._dir(name)}{name}.partial.json", json.dumps({
+            "name": name, "safe_lsn": format_lsn(safe_lsn), "sha256": hashlib.sha256(data).hexdigest(),
+            "uploaded_at": iso(utcnow())}).encode())
+        return key
+
     @property
     def status_key(self) -> str:
         return f"{self.prefix}status.json"
@@ -347,13 +395,33 @@ class WalArchive:
         return {t: sorted(v) for t, v in sorted(out.items())}
 
     def partials(self) -> list[dict]:
+        """The metadata of every stored partial segment, each with a usable ``safe_lsn`` (others are skipped)."""
         out = []
         for obj in self.storage.list(self.prefix):
             if obj.key.endswith(".partial.json"):
                 try:
-                    out.append(json.loads(self.storage.get_bytes(obj.key)))
-                except (ValueError, ObjectNotFound):
+                    meta = json.loads(self.storage.get_bytes(obj.key))
+                    if not SEGMENT.match(str(meta.get("name"))):
+                        continue
+                    parse_lsn(meta["safe_lsn"])
+                except (ValueError, KeyError, TypeError, AttributeError, ObjectNotFound):
+                    log.warning("ignoring unreadable partial segment metadata %s", obj.key)
                     continue
+                out.append(meta)
+        return out
+
+    def partial_reach(self, tli: int, partials: list[dict] | None = None) -> dict[int, int]:
+        """{segment number: LSN its partial is known good up to} on ``tli``.
+
+        A partial counts only up to its safe LSN, never as a whole segment; a safe LSN
+        outside its own segment is not trusted beyond the segment's end."""
+        out: dict[int, int] = {}
+        for p in self.partials() if partials is None else partials:
+            p_tli, segno = parse_segment(p["name"])
+            if p_tli != tli:
+                continue
+            safe = min(max(parse_lsn(p["safe_lsn"]), segno * SEG_SIZE), (segno + 1) * SEG_SIZE)
+            out[segno] = max(safe, out.get(segno, 0))
         return out
 
     def history_files(self) -> list[str]:
@@ -363,15 +431,23 @@ class WalArchive:
     def newest_lsn(self, tli: int | None = None) -> int | None:
         """The newest LSN safely in the archive (on ``tli`` when given): the end of the newest
         segment, or a newer partial's safe LSN."""
-        ends = [(segs[-1][0] + 1) * SEG_SIZE for t, segs in self.segments().items()
-                if segs and (tli is None or t == tli)]
-        ends += [parse_lsn(p["safe_lsn"]) for p in self.partials()
-                 if tli is None or p["name"][:8] == f"{tli:08X}"]
+        segs, partials = self.segments(), self.partials()
+        ends = [(items[-1][0] + 1) * SEG_SIZE for t, items in segs.items() if items and (tli is None or t == tli)]
+        for t in {parse_segment(p["name"])[0] for p in partials}:
+            if tli is None or t == tli:
+                ends += self.partial_reach(t, partials).values()
         return max(ends, default=None)
 
-    def check(self, from_lsn: int | None = None, from_tli: int | None = None) -> WalCheckReport:
-        """Archived ranges per timeline, and every gap from ``from_lsn`` (oldest backup start) on."""
+    def check(self, from_lsn: int | None = None, from_tli: int | None = None,
+              until_lsn: int | None = None, until_tli: int | None = None, until_what: str = "the newest backup") \
+            -> WalCheckReport:
+        """Archived ranges per timeline, and every gap from ``from_lsn`` (oldest backup start) on.
+
+        ``until_lsn`` (the newest backup's end): an archive that does not reach it is a gap too,
+        so backups with no WAL archived after them are never ``ok``. A partial segment counts
+        only up to its safe LSN."""
         segs = self.segments()
+        partials = self.partials()
         ranges, gaps = [], []
         for tli, items in segs.items():
             run_start = prev = None
@@ -386,15 +462,34 @@ class WalArchive:
                 prev = (segno, name)
             if prev is not None:
                 ranges.append(_range(tli, run_start, prev))
+                reach = self.partial_reach(tli, partials)
+                newer = [s for s in reach if s > prev[0] + 1]
+                if newer:
+                    gaps.append(WalGap(tli, prev[1], segment_name(tli, prev[0] + 1), segment_name(tli, min(newer) - 1),
+                                       "segments missing before the partial segment being streamed"))
         if from_lsn is not None:
             tli = from_tli or 1
             first_needed = segment_of(from_lsn)
-            have = [s for s, _ in segs.get(tli, [])]
+            have = [s for s, _ in segs.get(tli, [])] + list(self.partial_reach(tli, partials))
             if have and min(have) > first_needed:
                 gaps.insert(0, WalGap(tli, None, segment_name(tli, first_needed), segment_name(tli, min(have) - 1),
                                       "the oldest backup needs WAL that is not archived"))
+            elif not have and until_lsn is None:
+                gaps.insert(0, WalGap(tli, None, segment_name(tli, first_needed), segment_name(tli, first_needed),
+                                      "no WAL is archived since the oldest backup: is WAL capture running?"))
+        if until_lsn is not None:
+            tli = until_tli or from_tli or 1
+            reach = self.newest_lsn(tli)
+            if reach is None or reach < until_lsn:
+                first = segment_of(reach) if reach is not None else segment_of(from_lsn or until_lsn)
+                last = segs.get(tli, [])[-1][1] if segs.get(tli) else None
+                gaps.append(WalGap(
+                    tli, last, segment_name(tli, first), segment_name(tli, segment_of(max(until_lsn - 1, 0))),
+                    (f"the archive ends at LSN {format_lsn(reach)}" if reach is not None
+                     else f"no WAL is archived on timeline {tli}")
+                    + f", before the end of {until_what} (LSN {format_lsn(until_lsn)}): is WAL capture running?"))
         newest = self.newest_lsn()
-        partial = max(self.partials(), key=lambda p: parse_lsn(p["safe_lsn"]), default=None)
+        partial = max(partials, key=lambda p: parse_lsn(p["safe_lsn"]), default=None)
         return WalCheckReport(cluster=self.cluster, ok=not gaps, ranges=ranges, gaps=gaps,
                               history=self.history_files(), newest_lsn=format_lsn(newest) if newest else None,
                               partial=partial)
@@ -443,9 +538,9 @@ class WalArchive:
     def missing_between(self, tli: int, start_lsn: int, end_lsn: int) -> list[str]:
         """Segment names on ``tli`` needed to replay from start_lsn to end_lsn that are not archived."""
         have = {s for s, _ in self.segments().get(tli, [])}
-        partial_segs = {parse_segment(p["name"])[1] for p in self.partials() if p["name"][:8] == f"{tli:08X}"}
+        reach = self.partial_reach(tli)  # a partial covers its segment only up to its safe LSN
         return [segment_name(tli, s) for s in range(segment_of(start_lsn), segment_of(max(end_lsn - 1, start_lsn)) + 1)
-                if s not in have and s not in partial_segs]
+                if s not in have and reach.get(s, -1) < min(end_lsn, (s + 1) * SEG_SIZE)]
 
 
 def _range(tli, first, last) -> WalRange:

@@ -72,11 +72,13 @@ class PgdrBackupOperator(PgdrOperator):
 
 
 class PgdrSlotCheckOperator(BaseBranchOperator):
-    """Returns the task to run next: ``stream``, or ``trigger_full_backup`` when the slot was invalidated.
+    """Returns the task to run next: ``stream``, or ``trigger_full_backup`` when WAL was lost.
 
-    An invalidated slot means WAL was removed before it was archived: the
-    archive has a gap. The slot is dropped (streaming starts afresh) and a new
-    full backup is the only way to restore past the gap.
+    WAL is lost when PostgreSQL invalidated the slot, or when the slot is missing
+    (dropped, or gone after a failover) while the archive already holds WAL the new
+    slot does not continue. The slot is created again so capture resumes with the
+    next run, the gap's LSN range goes to the ``archive_gap`` task (which fails, so
+    the alerts fire), and a new full backup is the only way to restore past it.
     """
 
     def __init__(self, *, cluster: str, config_path: str | None = None, **kwargs):
@@ -85,21 +87,25 @@ class PgdrSlotCheckOperator(BaseBranchOperator):
         self.config_path = config_path
 
     def choose_branch(self, context):
-        from pgdr.walstream import reset_invalidated_slot
+        from pgdr.walstream import prepare_slot
 
-        info = reset_invalidated_slot(PgdrHook(self.cluster, self.config_path).conn_info(), self.cluster)
-        if info.exists and info.wal_status == "lost":
-            self.log.error("slot %s was invalidated: the WAL archive of '%s' has a gap; triggering a full backup",
-                           info.name, self.cluster)
+        hook = PgdrHook(self.cluster, self.config_path)
+        state = prepare_slot(hook.cluster, hook.conn_info(), hook.storage())
+        context["ti"].xcom_push(key="slot_state", value=state.to_dict())
+        if state.status == "gap":
+            self.log.error("%s; triggering a full backup", state.detail)
             return "trigger_full_backup"
-        self.log.info("slot %s: %s", info.name, info.wal_status if info.exists else "not created yet")
+        (self.log.warning if state.status == "recreated" else self.log.info)("%s", state.detail)
         return "stream"
 
 
 class PgdrWalStreamOperator(PgdrOperator):
-    """Streams WAL for one window, then hands over to the next run (the slot keeps WAL in between)."""
+    """Streams WAL for one window and a margin, handing over to the next run as soon as it waits
+    for the slot (windows overlap; the slot keeps WAL in between, and advances only past what
+    the repository holds)."""
 
     template_fields = ("duration_seconds",)
+    HANDOVER_MARGIN = 120  # seconds past the window: the next run normally takes over before
 
     def __init__(self, *, duration_seconds=None, **kwargs):
         super().__init__(**kwargs)
@@ -113,13 +119,14 @@ class PgdrWalStreamOperator(PgdrOperator):
 
         cluster = self.hook.cluster
         duration = float(self.duration_seconds) if self.duration_seconds not in (None, "", "None") \
-            else max(cluster.wal.window_minutes * 60 - 45, 30)
+            else cluster.wal.window_minutes * 60 + self.HANDOVER_MARGIN
         self._stop = threading.Event()
-        streamer = WalStreamer(cluster, self.hook.conn_info(), self.hook.storage(), cluster.wal.spool(cluster.name),
-                               cluster.wal.partial_interval_seconds)
+        streamer = WalStreamer(cluster, self.hook.conn_info(), self.hook.storage(),
+                               partial_interval=cluster.wal.partial_interval_seconds)
         result = streamer.run(duration, self._stop)
-        self.log.info("streamed for %.0f s: %d segments archived, %d partial uploads, lag %s bytes",
-                      duration, result.segments_archived, result.partial_uploads, result.lag_bytes)
+        self.log.info("streamed %s..%s (%s): %d segments archived, %d partial uploads, slot confirmed to %s, "
+                      "lag %s bytes", result.start_lsn, result.received_lsn, result.stopped_because,
+                      result.segments_archived, result.partial_uploads, result.confirmed_lsn, result.lag_bytes)
         return result.to_dict()
 
     def on_kill(self):
@@ -128,26 +135,34 @@ class PgdrWalStreamOperator(PgdrOperator):
 
 
 class PgdrWalLagOperator(PgdrOperator):
-    """Fails (so the alerts fire) when WAL capture is behind the RPO target or the slot is unhealthy."""
+    """Fails (so the alerts fire) when WAL capture is behind the RPO target, the slot is unhealthy
+    (stream mode) or archive_command is failing (push mode, from pg_stat_archiver)."""
 
     def execute(self, context):
         from pgdr.walstream import measure_lag
 
         report = measure_lag(self.hook.cluster, self.hook.conn_info(), self.hook.storage())
-        self.log.info("server at %s, archive at %s: lag %s bytes, %s s (RPO %s s)", report.server_lsn,
-                      report.archived_lsn, report.lag_bytes, report.lag_seconds, report.rpo_seconds)
+        self.log.info("%s mode: server at %s, archive at %s: lag %s bytes, %s s (RPO %s s)", report.mode,
+                      report.server_lsn, report.archived_lsn, report.lag_bytes, report.lag_seconds,
+                      report.rpo_seconds)
+        if report.archiver:
+            self.log.info("pg_stat_archiver: %s", report.archiver)
         if not report.ok:
             raise PgdrError(f"cluster '{self.cluster}': " + "; ".join(report.problems))
         return report.to_dict()
 
 
 class PgdrArchiveGapOperator(PgdrOperator):
-    """Always fails, naming the gap: the alert that follows an invalidated slot."""
+    """Always fails, naming the gap the slot check found: the alert that follows lost WAL."""
 
     def execute(self, context):
-        raise PgdrError(f"cluster '{self.cluster}': the replication slot was invalidated, so the WAL archive has a "
-                        "gap; point-in-time restore across it is impossible. A full backup was triggered; until it "
-                        "completes, restores can only reach the last archived WAL.")
+        state = context["ti"].xcom_pull(task_ids="slot", key="slot_state") or {}
+        detail = state.get("detail") or "the replication slot was invalidated or missing"
+        where = (f" (WAL {state.get('gap_from') or 'before'}..{state.get('gap_to')} is not archived)"
+                 if state.get("gap_to") else "")
+        raise PgdrError(f"cluster '{self.cluster}': the WAL archive has a gap{where}: {detail}. Point-in-time "
+                        "restore across it is impossible. A full backup was triggered; until it completes, "
+                        "restores can only reach the WAL before the gap.")
 
 
 def recovery_target_from_params(params: dict):

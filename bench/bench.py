@@ -153,7 +153,8 @@ def main() -> int:
 
         config = work / "pgdr.yaml"
         config.write_text(json.dumps({"clusters": {"bench": {
-            "dsn": src.dsn, "repository": f"file://{work / 'repo-pgdr'}", "pg_bin_dir": PG15}}}))
+            "dsn": src.dsn, "repository": f"file://{work / 'repo-pgdr'}", "pg_bin_dir": PG15,
+            "restore_roots": [str(work)]}}}))
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
         row("pgdr backup (zstd level 3)", measure(pgdr + ["backup", "--cluster", "bench"]))
         target = work / "restore-pgdr"
@@ -172,7 +173,7 @@ def main() -> int:
         enc_env = {**os.environ, "PGDR_KEYRING": generate_key("bench")}
         enc_config = work / "pgdr-enc.yaml"
         enc_config.write_text(json.dumps({"clusters": {"bench": {
-            "dsn": src.dsn, "pg_bin_dir": PG15,
+            "dsn": src.dsn, "pg_bin_dir": PG15, "restore_roots": [str(work)],
             "repository": {"url": f"file://{work / 'repo-pgdr-enc'}", "encryption": True}}}}))
         pgdr_enc = [sys.executable, "-m", "pgdr", "--config", str(enc_config), "-q", "--json"]
         row("pgdr backup, encrypted (zstd 3 + AES-256-GCM)", measure(pgdr_enc + ["backup", "--cluster", "bench"],

@@ -4,15 +4,24 @@
 Trigger with **Trigger DAG w/ config**: the form is validated before any task
 runs (a malformed label, time or LSN never reaches one).
 
-- **backup** — `latest` or a label (`20261125-020000F`).
+- **backup** — `latest` or a label (`20261125-020000F`; safety backups end in `S`).
 - **target** — `end_of_backup` (default), `latest` (all archived WAL),
   `immediate`, or `time` / `lsn` / `xid` / `name` with the matching field filled in.
-- **pgdata**, **port** — where the restored cluster goes on the worker, and its port.
+- **pgdata**, **port** — where the restored cluster goes on the worker, and its port. The
+  path must lie below one of the cluster's `restore_roots` (config); the form refuses
+  anything else, and so does the core.
+- **listen_addresses** — `127.0.0.1` (default): the restored server is reachable from
+  the worker only.
 - **dry_run** — on by default: prints the plan (which backup, which WAL range,
   how many bytes, where) and writes nothing.
 - **replace** + **confirm_cluster** — a destination holding data or a running
-  server is refused unless both are set; its contents then go into a safety
-  backup in the repository first, named in the result.
+  server is refused unless both are set. Then the backup, its key, the WAL
+  and free space are checked and the destination's contents go into a safety
+  backup (a real backup, listed by `pgdr list`, label ending in `S`) before
+  anything in it is stopped or touched.
+
+A refusal (bad path, no such backup, unreachable target, occupied destination)
+fails the task at once, without retries, naming the reason.
 
 Every run, dry or real, refused or done, leaves an audit record in the
 repository (`<cluster>/reports/restore/`): who, which parameters, the result.
@@ -27,6 +36,8 @@ import pendulum
 from airflow.sdk import DAG, Param
 
 from pgdr.config import load_config
+from pgdr.paths import roots_pattern
+from pgdr.server import LISTEN
 from pgdr_airflow.notifiers import failure_notifiers
 from pgdr_airflow.operators import PgdrRestoreOperator
 
@@ -44,7 +55,7 @@ for cluster in load_config().clusters.values():
         tags=["pgdr", "restore", cluster.name],
         doc_md=__doc__,
         params={
-            "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}F(_\d{8}-\d{6}I)?)$",
+            "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$",
                             description="'latest' or a backup label like 20261125-020000F"),
             "target": Param("end_of_backup", type="string",
                             enum=["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"],
@@ -58,13 +69,18 @@ for cluster in load_config().clusters.values():
                                  description="For target=name: a restore point made with pg_create_restore_point()"),
             "target_action": Param("promote", type="string", enum=["promote", "pause", "shutdown"]),
             "target_exclusive": Param(False, type="boolean", description="Stop just before the target"),
-            "pgdata": Param(f"/var/lib/postgresql/pgdr-restore-{cluster.name}", type="string", pattern=r"^/.+",
-                            description="Destination data directory on the worker (absolute)"),
+            "pgdata": Param(f"{cluster.restore_roots[0]}/{cluster.name}", type="string", maxLength=1024,
+                            pattern=roots_pattern(cluster.restore_roots),
+                            description="Destination data directory on the worker, below "
+                                        + " or ".join(cluster.restore_roots)),
             "port": Param(5499, type="integer", minimum=1024, maximum=65535),
             "start": Param(True, type="boolean", description="Start the restored server (archiving off)"),
+            "listen_addresses": Param("127.0.0.1", type="string", pattern=LISTEN.pattern, maxLength=256,
+                                      description="Where the started server listens (default: loopback only)"),
             "dry_run": Param(True, type="boolean", description="Only print the plan"),
             "replace": Param(False, type="boolean", description="Allow replacing a non-empty destination"),
-            "confirm_cluster": Param("", type="string", description=f"Type '{cluster.name}' to confirm a replace"),
+            "confirm_cluster": Param(None, type=["null", "string"], maxLength=40,
+                                     description=f"Type '{cluster.name}' to confirm a replace"),
         },
         default_args={
             "retries": 2,

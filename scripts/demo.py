@@ -72,6 +72,7 @@ def main() -> int:
             "    conn_id: pgdr_demo\n"
             f"    dsn: \"{source.dsn}\"\n"
             f"    repository: file://{demo / 'repo'}\n"
+            f"    restore_roots: [{scratch}]\n"
         )
         airflow_home = demo / "airflow"
         env = {

@@ -301,7 +301,7 @@ def test_restore_dag_dry_run_real_refused_and_replaced(airflow_db, monkeypatch, 
     run = dag.test(run_conf={"pgdata": str(dest)})
     assert run.state == "success" and not dest.exists()
     (audit,) = read_audit(storage, "app", "restore")
-    assert audit["outcome"] == "dry_run" and audit["result"]["plan"]["backup"] == backup["label"]
+    assert audit["outcome"] == "dry_run" and audit["result"]["backup"] == backup["label"]
     assert audit["params"]["dry_run"] is True and audit["triggered_by"]
 
     # A real restore, started, holding exactly the backed-up data.
@@ -318,7 +318,7 @@ def test_restore_dag_dry_run_real_refused_and_replaced(airflow_db, monkeypatch, 
                                  "confirm_cluster": "wrong"})
         assert run.state == "failed"
         assert restored.psql("select count(*) from marker_from_first_restore") == "0"
-        assert read_audit(storage, "app", "restore")[-1]["outcome"] == "failed"
+        assert read_audit(storage, "app", "restore")[-1]["outcome"] == "refused"
 
         # Confirmed: the running cluster is stopped and kept in a safety backup, then replaced.
         run = dag.test(run_conf={"pgdata": str(dest), "port": port, "dry_run": False, "replace": True,
@@ -326,16 +326,10 @@ def test_restore_dag_dry_run_real_refused_and_replaced(airflow_db, monkeypatch, 
         assert run.state == "success"
         last = read_audit(storage, "app", "restore")[-1]
         safety = last["result"]["safety_backup"]
-        assert last["outcome"] == "restored" and safety["stopped_server"] is True
-        assert storage.exists(safety["key"]) and safety["key"].startswith("app/safety/")
+        assert last["outcome"] == "restored" and safety["server_was_running"] is True
         assert table_hashes(restored) == before  # the marker table is gone: a fresh restore
-        import subprocess
-
-        from pgdr.compression import decompress_stream
-
-        listing = subprocess.run(["tar", "-t", "-f", "-"], input=b"".join(
-            decompress_stream(storage.get_stream(safety["key"]), "zstd")), capture_output=True).stdout.decode()
-        assert "./PG_VERSION" in listing and "./backup_label.old" in listing
+        code, listing, _ = pgdr("--json", "list", "--cluster", "app", config=cli)
+        assert {b["label"]: b["type"] for b in listing["backups"]}[safety["label"]] == "safety"
     finally:
         restored.destroy()
 

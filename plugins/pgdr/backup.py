@@ -109,7 +109,7 @@ def choose_type(requested: str, backups: list[BackupManifest], policy, now, supp
     ok, why = support
     if not ok:
         return TypeDecision("full", None, f"falling back to a full backup: {why}")
-    base = [b for b in backups if b.status == "ok" and not b.label.endswith("S")
+    base = [b for b in backups if b.status == "ok" and b.type in ("full", "incr") and not b.label.endswith("S")
             and (system_identifier is None or b.system_identifier == system_identifier)
             and (pg_major is None or b.pg_major == pg_major)]
     if not base:

@@ -61,9 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     cmd("list", "list the backups in the repository")
     i = cmd("info", "show one backup's manifest")
     i.add_argument("--backup", required=True, help="label or 'latest'")
-    r = cmd("restore", "restore a backup into an empty data directory")
-    r.add_argument("--backup", default="latest", help="label or 'latest' (default)")
-    r.add_argument("--pgdata", required=True, help="target data directory: new or empty")
+    r = cmd("restore", "restore a backup into an empty data directory (below the cluster's restore_roots)")
+    r.add_argument("--backup", default="latest", help="label or 'latest' (default); safety backups by label only")
+    r.add_argument("--pgdata", required=True, help="target data directory: new or empty, below one of the "
+                                                   "cluster's restore_roots (absolute; letters, digits, _ + - .)")
+    r.add_argument("--replace", action="store_true",
+                   help="replace a destination holding a data directory of this cluster (running or not), after "
+                        "every check and a safety backup of it into the repository; needs --confirm CLUSTER")
+    r.add_argument("--confirm", metavar="CLUSTER", help="the cluster's name again, to confirm --replace")
+    r.add_argument("--listen", metavar="ADDRESSES", default="127.0.0.1",
+                   help="listen_addresses of the started server (default 127.0.0.1: loopback only)")
     r.add_argument("--start", action="store_true", help="start the restored server (archiving off unless "
                                                         "--keep-archiving)")
     r.add_argument("--port", type=int, help="port for the started server")
@@ -289,15 +296,26 @@ def run(args) -> object:
             args._exit = 1
         return report
     if args.command == "restore":
-        from pgdr.restore import run_restore
+        import getpass
+
+        from pgdr.paths import check_path
+        from pgdr.replace import restore_request
 
         if args.port is not None and not 1 <= args.port <= 65535:
             raise UsageError(f"--port {args.port} is not a TCP port")
-        return run_restore(cluster, storage, args.backup, args.pgdata, start=args.start, port=args.port,
-                           socket_dir=args.socket_dir, run_as=args.run_as,
-                           verify_checksums=args.verify_checksums, recovery_target=_target(args),
-                           config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
-                           dry_run=args.dry_run, timeout=args.timeout, keep_archiving=args.keep_archiving)
+        socket_dir = str(check_path(args.socket_dir, "--socket-dir")) if args.socket_dir else None
+        if args.confirm and not args.replace:
+            raise UsageError("--confirm only goes with --replace")
+        result = restore_request(
+            cluster, storage, args.backup, args.pgdata, replace=args.replace, confirm=args.confirm,
+            dry_run=args.dry_run, recovery_target=_target(args),
+            requested_by={"triggered_by": f"cli:{getpass.getuser()}", "params": {
+                k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("json", "quiet")}},
+            start=args.start, port=args.port, socket_dir=socket_dir, run_as=args.run_as,
+            verify_checksums=args.verify_checksums,
+            config_path=getattr(args, "config", None) or os.environ.get("PGDR_CONFIG"),
+            timeout=args.timeout, keep_archiving=args.keep_archiving, listen=args.listen)
+        return _Done(result) if isinstance(result, dict) else result
     raise UsageError(f"unknown command {args.command}")
 
 

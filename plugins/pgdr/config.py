@@ -28,6 +28,7 @@ SSE_MODES = {"AES256", "aws:kms"}
 SECRET_KEYS = re.compile(r"(password|passwd|secret|token|private_key|access_key|credential)", re.I)
 DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", re.I)
 CRON_PRESETS = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
+DEFAULT_RESTORE_ROOTS = ("/var/lib/pgdr/restore",)  # restores (and replaces) only go below these
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -155,6 +156,7 @@ class ClusterConfig:
     checkpoint: str = "fast"
     run_as: str = "postgres"
     backup_wal: str = "embed"  # embed: WAL inside the backup; archive: taken from the WAL archive
+    restore_roots: tuple = DEFAULT_RESTORE_ROOTS  # restores (and replaces) write only below these
     retention_window_days: int = 30  # any point in this many days stays restorable
     retention_min_full: int = 2  # never fewer full backups than this
     alerts: AlertConfig = field(default_factory=AlertConfig)
@@ -237,6 +239,7 @@ REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id"
              "object_lock"}
 ENCRYPTION_KEYS = {"key_env", "conn_id", "accept_unencrypted"}
 LOCK_KEYS = {"mode", "days"}
+CLUSTER_KEYS = CLUSTER_KEYS | {"restore_roots"}  # where restores may write: pgdr.paths
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 ALERT_KEYS = {"slack_conn_id", "pagerduty_conn_id", "severity"}
 DRILL_KEYS = {"schedule", "scratch_dir", "keep_minutes", "checks", "canary", "on_new_backup", "queue",
@@ -311,6 +314,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     checkpoint = r.string(m, "checkpoint", key, "fast")
     if checkpoint not in ("fast", "spread"):
         r.fail(f"{key}.checkpoint", "must be 'fast' or 'spread'")
+    restore_roots = _restore_roots(r, m.get("restore_roots", list(DEFAULT_RESTORE_ROOTS)), f"{key}.restore_roots")
     backup_wal = r.string(m, "backup_wal", key, "embed")
     if backup_wal not in ("embed", "archive"):
         r.fail(f"{key}.backup_wal", "must be 'embed' (WAL inside each backup) or 'archive' (from the WAL archive)")
@@ -334,6 +338,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         schedule=schedule,
         timezone=tz,
         pg_bin_dir=r.string(m, "pg_bin_dir", key),
+        restore_roots=restore_roots,
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
         backup_wal=backup_wal,
@@ -434,6 +439,27 @@ def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:
     if not isinstance(accept, bool):
         r.fail(f"{key}.accept_unencrypted", "must be true or false")
     return EncryptionConfig(key_env=env, conn_id=r.string(m, "conn_id", key), accept_unencrypted=accept)
+
+
+def _restore_roots(r: _Reader, raw, key: str) -> tuple:
+    """Absolute directories a restore may write into (strictly below them); ``replace`` only there too."""
+    from pgdr.errors import UsageError
+    from pgdr.paths import check_path
+
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        r.fail(key, "must be a non-empty list of absolute directories")
+    roots = []
+    for i, item in enumerate(raw):
+        try:
+            path = check_path(item, "restore root")
+        except UsageError as e:
+            r.fail(f"{key}[{i}]", str(e))
+        if str(path) == "/":
+            r.fail(f"{key}[{i}]", "'/' cannot be a restore root: name the directory restores go into")
+        roots.append(str(path))
+    return tuple(roots)
 
 
 def _object_lock(r: _Reader, raw, key: str, url: str, window_days: int) -> ObjectLockConfig | None:

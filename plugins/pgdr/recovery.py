@@ -103,9 +103,13 @@ class RecoveryPlan(JsonResult):
 def _reachable(backups: list[BackupManifest], archived: int | None) -> str:
     if not backups:
         return "nothing (no backups)"
-    end = format_lsn(archived) if archived is not None else backups[-1].stop_lsn
+    newest = backups[-1].stop_lsn
+    if archived is None or archived <= parse_lsn(newest):  # no WAL archived after the newest backup
+        end = f"{newest} (end of the newest backup {backups[-1].label}; no WAL archived after it)"
+    else:
+        end = f"{format_lsn(archived)} (newest archived WAL)"
     return (f"from {backups[0].stop_time} (LSN {backups[0].stop_lsn}, end of the oldest backup "
-            f"{backups[0].label}) to LSN {end} (newest archived WAL)")
+            f"{backups[0].label}) to LSN {end}")
 
 
 def plan_recovery(backups: list[BackupManifest], archive: WalArchive, target: RecoveryTarget | None,

@@ -116,8 +116,13 @@ class Repository:
         return out
 
     def backups(self) -> list[BackupManifest]:
-        """Committed backups, oldest first."""
-        return [e.manifest for e in self.catalog() if e.manifest is not None and e.manifest.status == "ok"]
+        """Committed backups of the cluster, oldest first: the bases for restore and WAL replay.
+
+        Safety backups (type ``safety``: what a confirmed replace found in its destination) are not
+        among them: they are restored only by their own label and are never a base for replaying the
+        cluster's archived WAL."""
+        return [e.manifest for e in self.catalog()
+                if e.manifest is not None and e.manifest.status == "ok" and e.manifest.type != "safety"]
 
     def manifest(self, label: str, check: bool = True) -> BackupManifest:
         key = self.key(label, MANIFEST)

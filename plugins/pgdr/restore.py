@@ -25,6 +25,8 @@ from pgdr.recovery import (RecoveryPlan, RecoveryTarget, plan_recovery, query_re
                            wait_for_recovery, write_recovery_settings)
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
+from pgdr.paths import confine
+from pgdr.server import check_listen, start_server
 from pgdr.storage import Storage
 from pgdr.unpack import pg_verifybackup as _pg_verifybackup
 from pgdr.incremental import chain_of, restore_chain
@@ -55,6 +57,7 @@ class RestoreResult(JsonResult):
     port: int | None
     recovery: dict | None = None  # target restores: the plan and what recovery reached
     chain: list | None = None  # an incremental: the labels applied, full first
+    safety_backup: dict | None = None  # a confirmed replace: the backup of what the destination held
 
 
 def check_target(pgdata: Path) -> None:
@@ -95,9 +98,10 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
                 run_as: str | None = None, verify_checksums: bool = False,
                 recovery_target: RecoveryTarget | None = None, config_path: str | None = None,
                 dry_run: bool = False, timeout: float = 3600,
-                keep_archiving: bool = False) -> RestoreResult | RecoveryPlan:
+                keep_archiving: bool = False, listen: str | None = None) -> RestoreResult | RecoveryPlan:
     t0 = time.monotonic()
-    target = Path(pgdata).absolute()
+    target = confine(pgdata, cluster.restore_roots)  # absolute, no '..', safe characters, inside restore_roots
+    listen = check_listen(listen)
     owner = run_as or cluster.run_as
     repo = Repository(storage, cluster.name)
     plan = manifest = None
@@ -159,7 +163,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
         user = owner if uid_gid else None
         bins = reachable_by(server_bins, user)
         _start(bins, target, port, socket_dir, user, wait=recovery_target is None, keep_archiving=keep_archiving,
-               env=_server_env(cluster, storage))
+               env=_server_env(cluster, storage), listen=listen)
         started = True
         if recovery_target is not None:
             outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
@@ -215,36 +219,57 @@ def _running_check(target: Path):
     return running
 
 
-def _server_env(cluster: ClusterConfig, storage: Storage) -> dict | None:
-    """The restored server's environment: its restore_command (pgdr wal-fetch) must reach the repository
-    as this process does (credentials and endpoint from an Airflow connection, say) and needs the keyring to
-    open encrypted WAL. Both live in the server's environment only, never in a file of the data directory."""
-    extra = storage.process_env()
+# What a restored server may inherit from the worker: its restore_command (``python -m pgdr wal-fetch``)
+# needs a PATH, a locale, certificates, where pgdr's config is; nothing else of the worker's environment
+# (no Airflow metadata URL, no Fernet key, no unrelated credentials) reaches it.
+SERVER_ENV_PASS = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONPATH", "PGDR_CONFIG", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                   "REQUESTS_CA_BUNDLE")
+# The AWS credential chain's variables: passed on only for an S3 repository, whose wal-fetch reads them.
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+           "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL",
+           "AWS_ENDPOINT_URL_S3", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
+           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+           "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_CA_BUNDLE")
+
+
+def _server_env(cluster: ClusterConfig, storage: Storage) -> dict:
+    """The restored server's whole environment: what its restore_command needs and nothing else.
+
+    Its restore_command (pgdr wal-fetch) must reach the repository as this process does (credentials and
+    endpoint from an Airflow connection, say: ``storage.process_env()``) and needs the keyring to open
+    encrypted WAL. Both live in the server's process environment only, never in a file: the server runs
+    as its own system user, and Linux lets only that user (and root) read /proc/<pid>/environ."""
+    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV_PASS or k.startswith("LC_")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    if cluster.repository.kind == "s3":
+        env.update({k: v for k, v in os.environ.items() if k in AWS_ENV})
+    env.update(storage.process_env())
     if storage.keyring:
         enc = cluster.repository.encryption
-        extra[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
-    return {**os.environ, **extra} if extra else None
+        env[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
+    return env
 
 
 def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True,
-           keep_archiving: bool = False, env: dict | None = None) -> None:
+           keep_archiving: bool = False, env: dict | None = None, listen: str = "127.0.0.1") -> None:
     if not (target / "postgresql.conf").exists():
         # Debian keeps postgresql.conf in /etc; give the restored cluster a minimal one.
         (target / "postgresql.conf").write_text("# written by pgdr restore: the backup held no postgresql.conf\n")
         if user:
             os.chown(target / "postgresql.conf", *user_ids(user))
     # Archiving off unless asked: a test restore must never push a new timeline into the
-    # repository. Logging to our file: recovery progress is read from it.
-    opts = f"-p {port} -c logging_collector=off -c log_destination=stderr"
+    # repository. Logging to our file: recovery progress is read from it. Loopback only unless asked.
+    # postgres itself, no pg_ctl: nothing here passes through a shell.
+    settings = {"listen_addresses": listen, "logging_collector": "off", "log_destination": "stderr"}
     if not keep_archiving:
-        opts += " -c archive_mode=off"
-    if socket_dir:
-        opts += f" -k {socket_dir}"
+        settings["archive_mode"] = "off"
     log_file = target / "pgdr-restore-start.log"
-    cmd = as_user([bins.tool("pg_ctl"), "-D", str(target), "-w" if wait else "-W", "-t", "300", "-l", str(log_file),
-                   "-o", opts, "start"], user)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else proc.stderr
-        raise PgdrError(f"{target} is restored and verified, but the server did not start "
-                        f"(pg_ctl exit {proc.returncode}): {tail.strip()}")
+    try:
+        start_server(bins.tool("postgres"), target, port, user=user, log_file=log_file, settings=settings,
+                     socket_dir=socket_dir, env=env if env is not None else _minimal_env(), wait=wait)
+    except PgdrError as e:
+        raise PgdrError(f"{target} is restored and verified, but the server did not start: {e}") from None
+
+
+def _minimal_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k in SERVER_ENV_PASS or k.startswith("LC_")}

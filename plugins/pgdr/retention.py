@@ -51,6 +51,7 @@ class CatalogItem:
     pinned_until: datetime | None = None  # datetime.max: pinned with no end
     verified_ok: bool = False
     parent: str | None = None  # an incremental: the backup it needs to restore
+    kind: str = "full"  # full | safety (taken by a confirmed replace; never a base for WAL replay)
 
 
 @dataclass
@@ -76,7 +77,8 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
     if bad:
         raise IntegrityError(f"retention stopped before deleting anything: unreadable backup(s) {', '.join(bad)}")
     window_start = now - timedelta(days=policy.window_days)
-    done = sorted((i for i in items if i.status == "ok"), key=lambda i: i.label)
+    safety = {i.label: i for i in items if i.status == "ok" and i.kind == "safety"}
+    done = sorted((i for i in items if i.status == "ok" and i.label not in safety), key=lambda i: i.label)
     reasons: dict[str, str] = {}
     for i in done:
         if i.stop_time >= window_start:
@@ -102,9 +104,18 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
             parent = by_label.get(i.parent)
             if parent is not None and parent.status == "ok":
                 reasons.setdefault(i.parent, f"kept: kept incremental {i.label} is built on it")
+    for i in safety.values():
+        # A safety backup stands alone (its WAL is inside it): kept for the window like the point it
+        # captured, never counted among the full backups, never a reason to keep archived WAL.
+        if i.pinned_until and i.pinned_until > now:
+            reasons[i.label] = "kept: pinned safety backup"
+        elif i.stop_time >= window_start:
+            reasons[i.label] = "kept: safety backup inside the recovery window"
     decisions = []
     for i in sorted(items, key=lambda i: i.label):
-        if i.status == "ok":
+        if i.label in safety and i.label not in reasons:
+            decisions.append(Decision(i.label, "expire", "expired: safety backup older than the recovery window"))
+        elif i.status == "ok":
             if i.label in reasons:
                 decisions.append(Decision(i.label, "keep", reasons[i.label]))
             else:
@@ -136,7 +147,7 @@ def catalog_items(repo) -> list[CatalogItem]:
         pin = pinned_until(repo, m.label)
         v = last_verification(repo, m.label)
         out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"]),
-                               parent=m.parent))
+                               kind="safety" if m.type == "safety" else "full", parent=m.parent))
     return out
 
 

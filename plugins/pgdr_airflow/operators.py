@@ -179,6 +179,8 @@ def recovery_target_from_params(params: dict):
     kind = params.get("target") or "end_of_backup"
     if kind == "end_of_backup":
         return None
+    if kind not in ("latest", "immediate", "time", "lsn", "xid", "name"):
+        raise UsageError(f"target {kind!r} is not one of end_of_backup, latest, immediate, time, lsn, xid, name")
     value = None
     if kind in ("time", "lsn", "xid", "name"):
         value = params.get(f"target_{kind}")
@@ -190,74 +192,47 @@ def recovery_target_from_params(params: dict):
 
 
 class PgdrRestoreOperator(PgdrOperator):
-    """A restore from the Params form: a plan on dry runs; otherwise guarded, audited, real.
+    """A restore from the Params form: one call to the core's guarded restore (``pgdr.replace``).
 
-    A destination that holds data or a running server is refused unless the
-    form says ``replace`` and repeats the cluster name; then a safety backup of
-    what is there goes into the repository first.
+    A dry run (the default) logs and returns the plan. A destination holding data or a running server is
+    refused unless the form says ``replace`` and repeats the cluster name; the core then checks everything
+    and takes a safety backup before touching it. A refusal (bad path, no such backup, unreachable target,
+    occupied destination) fails the task at once with its one-line reason: retrying cannot change it.
     """
 
     def execute(self, context):
-        from pathlib import Path
-
-        from pgdr.audit import write_audit
-        from pgdr.errors import RestoreRefused
-        from pgdr.restore import check_target, run_restore
+        from pgdr.errors import BackupNotFound, RestoreRefused, UsageError
+        from pgdr.replace import restore_request
 
         params = dict(context["params"])
-        cluster = self.hook.cluster
-        storage = self.hook.storage()
         dag_run = context["dag_run"]
         who = getattr(dag_run, "triggering_user_name", None) or str(getattr(dag_run, "run_type", "unknown"))
-        record = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id, "triggered_by": who, "params": params}
-        pgdata = Path(params["pgdata"])
+        requested_by = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id, "triggered_by": who, "params": params}
+        cluster = self.hook.cluster
+        storage = self.hook.storage()
         try:
-            target = recovery_target_from_params(params)
-            confirmed = bool(params.get("replace")) and params.get("confirm_cluster") == cluster.name
-            try:
-                check_target(pgdata)
-                refused = None
-            except RestoreRefused as e:
-                refused = e
-            if params.get("dry_run"):
-                from pgdr.recovery import plan_recovery
-                from pgdr.repository import Repository
-                from pgdr.wal import WalArchive
+            result = restore_request(
+                cluster, storage, params.get("backup") or "latest", params.get("pgdata"),
+                replace=bool(params.get("replace")), confirm=params.get("confirm_cluster"),
+                dry_run=bool(params.get("dry_run")), recovery_target=recovery_target_from_params(params),
+                requested_by=requested_by, start=bool(params.get("start")), port=params.get("port"),
+                config_path=self.hook.config_path or None, listen=params.get("listen_addresses"))
+        except (RestoreRefused, UsageError, BackupNotFound) as e:
+            self.log.error("restore refused: %s", e)
+            raise _fail(f"restore refused: {e}") from None
+        if isinstance(result, dict):
+            self.log.info("DRY RUN, nothing written. Plan: %s", result["summary"])
+            return result
+        return result.to_dict()
 
-                repo = Repository(storage, cluster.name)
-                manifest, plan = plan_recovery(repo.backups(), WalArchive(storage, cluster.name), target,
-                                               params["backup"])
-                destination = ("empty or new" if refused is None else
-                               "holds data: would be replaced after a safety backup" if confirmed else
-                               f"would be refused: {refused}")
-                self.log.info("DRY RUN — nothing written. Plan: restore backup %s (%.1f MB stored, %.1f MB on disk) "
-                              "into %s (%s), then replay WAL from %s to %s", plan.backup, manifest.stored_size / 1e6,
-                              manifest.size / 1e6, pgdata, destination, plan.wal_from,
-                              plan.wal_to or "the newest archived")
-                result = {"dry_run": True, "plan": plan.to_dict(), "destination": str(pgdata),
-                          "destination_state": destination, "stored_bytes": manifest.stored_size,
-                          "restored_bytes": manifest.size}
-                write_audit(storage, cluster.name, "restore", {**record, "outcome": "dry_run", "result": result})
-                return result
-            safety = None
-            if refused is not None:
-                if not confirmed:
-                    raise RestoreRefused(f"{refused} To replace it, set 'replace' and type the cluster name "
-                                         f"'{cluster.name}' in 'confirm_cluster'.") from None
-                from pgdr.safety import take_safety_backup
 
-                safety = take_safety_backup(storage, cluster.name, pgdata, cluster.run_as, cluster.pg_bin_dir,
-                                            cluster.compression, cluster.compression_level)
-                self.log.warning("destination replaced; its previous contents are in %s", safety.key)
-            result = run_restore(cluster, storage, params["backup"], pgdata, start=bool(params.get("start")),
-                                 port=params.get("port"), recovery_target=target,
-                                 config_path=self.hook.config_path or None).to_dict()
-            result["safety_backup"] = safety.to_dict() if safety else None
-        except Exception as e:
-            write_audit(storage, cluster.name, "restore", {**record, "outcome": "failed", "error": str(e)})
-            raise
-        write_audit(storage, cluster.name, "restore", {**record, "outcome": "restored", "result": result})
-        return result
+def _fail(message: str):
+    """Airflow's "fail now, do not retry" exception (the Task SDK's in Airflow 3)."""
+    try:
+        from airflow.sdk.exceptions import AirflowFailException
+    except ImportError:  # Airflow 2
+        from airflow.exceptions import AirflowFailException
+    return AirflowFailException(message)
 
 
 class PgdrVerifyOperator(PgdrOperator):

@@ -71,6 +71,21 @@ def write_config(ui: Path, dsn: str) -> Path:
     return config
 
 
+def _stop(airflow: subprocess.Popen) -> None:
+    """airflow standalone stops its components on SIGINT, but has been seen to hang afterwards with all of
+    them gone: give it a minute, then SIGTERM, then SIGKILL."""
+    for sig, wait in ((None, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        if airflow.poll() is not None:
+            return
+        if sig is not None:
+            print(f"airflow standalone did not stop; sending {signal.Signals(sig).name}", file=sys.stderr)
+            airflow.send_signal(sig)
+        try:
+            airflow.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def main() -> int:
     port = int(os.environ.get("PGDR_UI_PORT", "8080"))
     ui = ROOT / ".demo" / "ui"
@@ -102,19 +117,16 @@ Trigger. The CLI sees the same repository:
 Ctrl-C stops Airflow and the throwaway cluster.
 """, flush=True)
         airflow = subprocess.Popen(["airflow", "standalone"], env=env)
+        # A SIGTERM to us becomes the SIGINT airflow standalone needs to stop its components cleanly.
         signal.signal(signal.SIGTERM, lambda *a: airflow.send_signal(signal.SIGINT))
         try:
             return airflow.wait()
         except KeyboardInterrupt:
-            airflow.send_signal(signal.SIGINT)  # airflow standalone stops cleanly only on SIGINT
-            return airflow.wait()
+            pass  # Ctrl-C reached airflow standalone too (same process group): let it stop
+        return 130
     finally:
-        if airflow and airflow.poll() is None:
-            airflow.send_signal(signal.SIGINT)
-            try:
-                airflow.wait(60)
-            except subprocess.TimeoutExpired:
-                airflow.kill()
+        if airflow:
+            _stop(airflow)
         source.destroy()
         shutil.rmtree(scratch, ignore_errors=True)
 

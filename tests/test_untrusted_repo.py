@@ -424,3 +424,32 @@ def test_without_the_key_manifests_cannot_be_checked(encrypted_repo, tmp_path):
         assert code == 2 and out["error"] == "key_unavailable", (args, out)
         assert "'k1'" in out["message"]
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK])
+def test_chunk_digests_and_their_check_agree_at_every_boundary(tmp_path, size):
+    """What backup records (any write sizes) is what restore checks (any read sizes); one byte more, less or
+    different is caught, naming the chunk."""
+    from pgdr.manifest import StoredFile
+    from pgdr.storage.file import FileStorage
+    from pgdr.streams import ChunkDigests
+    from pgdr.unpack import VerifiedObject
+
+    data = os.urandom(size)
+    rec = ChunkDigests()
+    for piece in (data[i:i + 999_999] for i in range(0, size, 999_999)):
+        rec.update(piece)
+    digests = rec.finish()
+    assert digests == chunk_digests(data) and rec.hexdigest == hashlib.sha256(data).hexdigest()
+    f = StoredFile("obj", size, size, rec.hexdigest, CHUNK, digests)
+    storage = FileStorage(tmp_path)
+    storage.put_bytes("obj", data)
+    assert b"".join(VerifiedObject(storage, "obj", f)) == data
+    if size:
+        flipped = bytearray(data)
+        flipped[-1] ^= 1
+        for bad, needle in ((bytes(flipped), f"chunk {len(digests) - 1} of"), (data[:-1], "obj: "),
+                            (data + b"x", "obj: ")):
+            storage.put_bytes("obj", bad)
+            with pytest.raises(IntegrityError, match=needle):
+                b"".join(VerifiedObject(storage, "obj", f))

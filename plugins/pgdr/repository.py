@@ -120,9 +120,15 @@ class Repository:
 
         Safety backups (type ``safety``: what a confirmed replace found in its destination) are not
         among them: they are restored only by their own label and are never a base for replaying the
-        cluster's archived WAL."""
-        return [e.manifest for e in self.catalog()
-                if e.manifest is not None and e.manifest.status == "ok" and e.manifest.type != "safety"]
+        cluster's archived WAL. One whose manifest cannot be read or fails authentication is left out,
+        and the log names it."""
+        out = []
+        for e in self.catalog():
+            if e.manifest is None and not (e.error or "").startswith("unfinished"):
+                log.warning("backup %s is left out: %s", e.label, e.error)
+            elif e.manifest is not None and e.manifest.status == "ok" and e.manifest.type != "safety":
+                out.append(e.manifest)
+        return out
 
     def manifest(self, label: str, check: bool = True) -> BackupManifest:
         key = self.key(label, MANIFEST)

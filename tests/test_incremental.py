@@ -208,6 +208,8 @@ def test_expire_over_a_chain_keeps_what_a_kept_incremental_needs(chain, workdir)
 
     copy = workdir / f"incr-expire-repo-{next(_n)}"
     shutil.copytree(chain["repo"].removeprefix("file://"), copy)
+    for result in (copy / "app" / "backup").glob("*/verify.json"):
+        result.unlink()  # another test's verification would keep the newest incremental (and so its chain)
     config = write_config(workdir / "incr-expire.yaml", {"app": {"dsn": chain["pg"].dsn,
                                                                  "repository": {"url": f"file://{copy}"}}})
     b = [x["label"] for x in chain["backups"]]

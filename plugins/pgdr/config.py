@@ -70,6 +70,7 @@ class RepositoryConfig:
     sse: str | None = None
     kms_key_id: str | None = None
     part_size_mb: int = 64
+    transfer_concurrency: int = 4  # S3: multipart parts / ranged GETs in flight per transfer (memory-bounded)
     encryption: EncryptionConfig | None = None
     object_lock: ObjectLockConfig | None = None
 
@@ -236,7 +237,7 @@ POLICY_KEYS = {"full_every_days", "max_chain"}
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
-             "object_lock"}
+             "object_lock", "transfer_concurrency"}
 ENCRYPTION_KEYS = {"key_env", "conn_id", "accept_unencrypted"}
 LOCK_KEYS = {"mode", "days"}
 CLUSTER_KEYS = CLUSTER_KEYS | {"restore_roots"}  # where restores may write: pgdr.paths
@@ -507,6 +508,7 @@ def _repository(r: _Reader, raw, key: str, window_days: int = 30) -> RepositoryC
         sse=sse,
         kms_key_id=kms,
         part_size_mb=r.integer(m, "part_size_mb", key, 64, 5, 5120),
+        transfer_concurrency=r.integer(m, "transfer_concurrency", key, 4, 1, 16),
         encryption=_encryption(r, m.get("encryption"), f"{key}.encryption"),
         object_lock=_object_lock(r, m.get("object_lock"), f"{key}.object_lock", url, window_days),
     )

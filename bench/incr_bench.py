@@ -37,10 +37,11 @@ from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: 
 
 
 def change_one_percent(src: SandboxCluster, step: int) -> None:
-    """Update ~1% of pgbench_accounts' rows, spread over ~1% of its pages."""
+    """Update 1% of pgbench_accounts' rows, a contiguous range: ~1% of its pages (and as many new ones)."""
     n = int(src.psql("select count(*) from pgbench_accounts"))
-    src.psql(f"update pgbench_accounts set abalance = abalance + {step} where aid % 100 = {step % 100}"
-             f" and aid <= {n}")
+    first = (step * 7919 % 90) * n // 100
+    src.psql(f"update pgbench_accounts set abalance = abalance + {step} where aid > {first} "
+             f"and aid <= {first + n // 100}")
     src.psql("checkpoint")
 
 
@@ -85,7 +86,8 @@ def main() -> int:
         repo = work / "repo"
         config = work / "pgdr.yaml"
         config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "repository": f"file://{repo}",
-                                                             "pg_bin_dir": bins.path}}}))
+                                                             "pg_bin_dir": bins.path,
+                                                             "restore_roots": [str(work)]}}}))
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
 
         def backup(kind, label):
@@ -157,6 +159,7 @@ def s3_rows(args, work, src, bins, row) -> None:
                 Bucket=bucket)
             config = work / f"pgdr-s3-{conc}.yaml"
             config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "pg_bin_dir": bins.path,
+                                                                 "restore_roots": [str(work)],
                                                                  "repository": {
                                                                      "url": f"s3://{bucket}/r",
                                                                      "endpoint_url": proxy.url,

@@ -202,8 +202,11 @@ class ChainApplier(TarExtractor):
     directories); unlike it, a member may replace the file the parent left there.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, base: bool = False, skip_wal: bool = False):
         super().__init__(root)
+        self.base = base  # the chain's full: unpacked into an empty target, holds no INCREMENTAL. file
+        self.skip_wal = skip_wal  # not the chain's last member: its WAL is never used (the last one's is)
+        self._skip = False
         self.files: set[str] = set()  # paths (relative, reconstructed names) this member holds
         self.dirs: set[str] = set()
         self.reconstructed: dict[str, int] = {}  # path -> length
@@ -220,6 +223,11 @@ class ChainApplier(TarExtractor):
             return
         leaf = parts[-1]
         incremental = leaf.startswith(PREFIX)
+        if incremental and self.base:
+            raise IntegrityError(f"tar member {name!r}: a full backup holds no incremental file; refusing it")
+        if self.skip_wal and parts[0] == "pg_wal":
+            self._skip = True  # like pg_combinebackup: only the newest member's WAL goes into the result
+            return
         if incremental:
             leaf = leaf[len(PREFIX):]
             if not leaf or leaf in (".", ".."):
@@ -258,6 +266,8 @@ class ChainApplier(TarExtractor):
                                  "refusing it") from None
 
     def data(self, chunk):
+        if self._skip:
+            return
         if self._inc is not None:
             self._inc.feed(chunk)
         elif self._label is not None:
@@ -268,6 +278,9 @@ class ChainApplier(TarExtractor):
             super().data(chunk)
 
     def member_end(self):
+        if self._skip:
+            self._skip = False
+            return
         if self._inc is not None:
             inc, self._inc = self._inc, None
             try:
@@ -326,13 +339,13 @@ def strip_incremental_lines(text: bytes) -> bytes:
                     if not line.decode("utf-8", "replace").startswith(LABEL_DROP))
 
 
-def apply_incremental(repo: Repository, m: BackupManifest, target: Path) -> tuple[int, dict[str, int]]:
-    """One incremental, every object checked before use (pgdr.unpack), applied in place on ``target``.
-
-    Returns the bytes read from the repository and {path: length} of the files it reconstructed."""
+def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False,
+                 last: bool = True) -> tuple[int, dict[str, int]]:
+    """One chain member, every object checked before use (pgdr.unpack), applied in place on ``target`` (the
+    full: unpacked into it). Returns the bytes read and {path: length} of the files it reconstructed."""
     from pgdr.unpack import VerifiedObject, part_content
 
-    applier = ChainApplier(target)
+    applier = ChainApplier(target, base=base, skip_wal=not last)
     read = 0
     try:
         for f in m.files:
@@ -348,12 +361,15 @@ def apply_incremental(repo: Repository, m: BackupManifest, target: Path) -> tupl
             if size != f.size:
                 raise IntegrityError(f"{key}: decompressed to {size} bytes, the manifest says {f.size}")
         applier.close()
-        removed = applier.prune()
+        removed = 0 if base else applier.prune()
     except OSError as e:
         raise PgdrError(f"cannot apply incremental backup {m.label} to {target}: {e}") from e
     finally:
         applier.release()
     changed = sum(1 for v in applier.reconstructed.values() if v >= 0)
+    if base:
+        log.info("restored full backup %s, the base of the chain", m.label)
+        return read, applier.reconstructed
     log.info("applied incremental %s: %d relation files updated in place, %d whole files, %d removed",
              m.label, changed, len(applier.files) - changed, removed)
     return read, applier.reconstructed
@@ -361,13 +377,9 @@ def apply_incremental(repo: Repository, m: BackupManifest, target: Path) -> tupl
 
 def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -> int:
     """The full into ``target``, then every incremental in order, in place. Returns the bytes read."""
-    from pgdr.unpack import unpack
-
-    read = unpack(repo, chain[0], target)
-    log.info("restored full backup %s, the base of the chain of %d", chain[0].label, len(chain))
-    reconstructed: dict[str, int] = {}
-    for m in chain[1:]:
-        got, reconstructed = apply_incremental(repo, m, target)
+    read, reconstructed = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1)
+    for i, m in enumerate(chain[1:], start=2):
+        got, reconstructed = apply_member(repo, m, target, last=i == len(chain))
         read += got
     if len(chain) > 1:
         rewrite_backup_manifest(target, reconstructed)

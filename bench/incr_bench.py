@@ -2,7 +2,7 @@
 and S3 transfers behind 30 ms of latency per request (moto + bench/latency_proxy.py), sequential against
 parallel. Peak RSS of every measured pgdr process is printed too (target: under 256 MB).
 
-    .venv/bin/python bench/incr_bench.py                       # pgbench scale 40 (~600 MB)
+    .venv/bin/python bench/incr_bench.py                       # pgbench scale 40 + 200 MB random (~850 MB)
     .venv/bin/python bench/incr_bench.py --scale 10 --s3-mb 0  # a quick look, no S3 rows
 
 Rows:
@@ -53,6 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=40, help="pgbench scale (40 ≈ 600 MB)")
     ap.add_argument("--chain", type=int, default=6)
+    ap.add_argument("--random-mb", type=int, default=200, help="MB of incompressible rows (what S3 moves)")
     ap.add_argument("--s3-mb", type=int, default=1, help="0: skip the S3 rows")
     ap.add_argument("--latency-ms", type=float, default=30)
     ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
@@ -80,6 +81,12 @@ def main() -> int:
         print(f"building: pgbench scale {args.scale} …", flush=True)
         subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p",
                         str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
+        src.psql("create table noise (id int primary key, payload bytea)")
+        src.psql("alter table noise alter column payload set storage external")
+        rows = args.random_mb * 128  # 8 KiB each (no pgcrypto in the embedded build: 128 random SHA-512s)
+        for start in range(0, rows, 4096):
+            src.psql(f"insert into noise select g, (select string_agg(sha512((random() + x + g)::text::bytea), ''::bytea) "
+                     f"from generate_series(1, 128) x) from generate_series({start + 1}, {min(start + 4096, rows)}) g")
         src.psql("checkpoint")
         size = int(src.psql("select sum(pg_database_size(datname)) from pg_database"))
         print(f"cluster size: {size / 1e6:.0f} MB", flush=True)

@@ -69,7 +69,7 @@ class RepositoryConfig:
     aws_conn_id: str | None = None
     sse: str | None = None
     kms_key_id: str | None = None
-    part_size_mb: int = 64
+    part_size_mb: int = 16  # S3 multipart part size: transfer_concurrency of them in flight (memory-bounded)
     transfer_concurrency: int = 4  # S3: multipart parts / ranged GETs in flight per transfer (memory-bounded)
     encryption: EncryptionConfig | None = None
     object_lock: ObjectLockConfig | None = None
@@ -507,7 +507,7 @@ def _repository(r: _Reader, raw, key: str, window_days: int = 30) -> RepositoryC
         aws_conn_id=r.string(m, "aws_conn_id", key),
         sse=sse,
         kms_key_id=kms,
-        part_size_mb=r.integer(m, "part_size_mb", key, 64, 5, 5120),
+        part_size_mb=r.integer(m, "part_size_mb", key, 16, 5, 5120),
         transfer_concurrency=r.integer(m, "transfer_concurrency", key, 4, 1, 16),
         encryption=_encryption(r, m.get("encryption"), f"{key}.encryption"),
         object_lock=_object_lock(r, m.get("object_lock"), f"{key}.object_lock", url, window_days),

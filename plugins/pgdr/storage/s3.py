@@ -115,8 +115,9 @@ class S3Storage(Storage):
                         upload_id = self.client.create_multipart_upload(
                             Bucket=self.bucket, Key=k, ChecksumAlgorithm=CHECKSUM, **extra)["UploadId"]
                         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="pgdr-s3-put")
-                    body = bytes(buf[: self.part_size])
-                    del buf[: self.part_size]
+                    # Hand the buffer over as the part (no copy of it): only the overshoot is copied.
+                    body, buf = buf, bytearray(buf[self.part_size:])
+                    del body[self.part_size:]
                     while len(pending) >= limit:  # bounded: wait for the oldest part before reading more
                         parts.append(pending.popleft().result())
                     n = len(parts) + len(pending) + 1

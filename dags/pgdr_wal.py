@@ -4,7 +4,7 @@
 One DAG per cluster. In `wal.mode: stream` (the default) each run streams WAL
 on the physical slot `pgdr_<cluster>` for one window (`wal.window_minutes`)
 and hands over to the next run: runs overlap, the next one waits for the slot
-and the running one releases it within `wal.partial_interval_seconds`. The slot
+and the running one releases it within two seconds. The slot
 advances only past what the repository holds, so a run that dies loses
 nothing and the next one, on any worker, starts where the repository ends.
 

@@ -24,7 +24,7 @@ class Source:
     """A throwaway source cluster archiving into its own repository, with one backup taken."""
 
     def __init__(self, workdir: Path, major: int, s3_server: str | None = None, drill: dict | None = None,
-                 setup=None, top: dict | None = None, archive_timeout: int = 1):
+                 setup=None, top: dict | None = None, archive_timeout: int = 2):
         from conftest import _bins
 
         self.tag = f"drill{major}-{next(_n)}"
@@ -88,12 +88,17 @@ def assert_nothing_left(report: dict, scratch: Path):
     from pgdr.drill import server_processes
 
     assert report["teardown"]["scratch_removed"] is True, report["teardown"]
+    assert report["teardown"]["socket_dir_removed"] is True
     assert not any(scratch.glob("app/*")), list(scratch.glob("app/*"))
     assert server_processes(scratch) == []
 
 
-def pgbench(pg, *args, **kw):
-    return [pg.bins.tool("pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", *args, "app"]
+def pgbench(pg, script: Path, *args):
+    """pgbench writing into the source all along (small: updates and inserts on the test's own tables)."""
+    script.write_text("\\set id random(1, 1000)\nupdate t set note = 'bench ' || :id where id = :id;\n"
+                      "insert into bench_log (id) values (:id);\n")
+    return [pg.bins.tool("pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-n", "-f", str(script),
+            *args, "app"]
 
 
 @pytest.mark.parametrize("major, backend", [(15, "file"), (18, "s3")], ids=["pg15-file", "pg18-s3"])
@@ -101,11 +106,12 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
     s3 = request.getfixturevalue("s3_server") if backend == "s3" else None
     src = sources(major, s3, drill={"canary": {"database": "app"}, "checks": [
         {"name": "rows", "database": "app", "sql": "select count(*) from t", "expected": 1000}]},
-        setup=lambda s: subprocess.run(pgbench(s.pg, "-i", "-q", "-s", "1"), check=True, capture_output=True))
-    bench = subprocess.Popen(pgbench(src.pg, "-c", "2", "-T", "120", "-R", "40", "-n"),
+        setup=lambda s: s.pg.psql("create table bench_log (id int, at timestamptz default now())", dbname="app"),
+        archive_timeout=4)  # fewer, fuller segments while pgbench writes: less to push and to replay
+    bench = subprocess.Popen(pgbench(src.pg, src.workdir / f"{src.tag}.pgbench", "-c", "2", "-T", "120", "-R", "50"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        time.sleep(1)
         code, report, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "quarterly-1", config=src.cli)
         assert bench.poll() is None, "pgbench kept writing during the drill"
     finally:
@@ -113,6 +119,7 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
         bench.wait(10)
     assert code == 0, err
     assert report["ok"] is True and report["failures"] == []
+    assert int(src.pg.psql("select count(*) from bench_log", dbname="app")) > 0
     assert report["backup"]["label"] == src.backup["label"]
     mark = report["mark"]
     assert mark["method"] == "restore_point" and mark["name"].startswith("pgdr-drill-quarterly-1")
@@ -134,14 +141,17 @@ def test_drill_passes_while_pgbench_writes(sources, major, backend, request):
     assert stored["run_id"] == "quarterly-1" and stored["ok"] is True
     assert src.pg.psql("select count(*) from pgdr_drill_canary where run_id = 'quarterly-1'", dbname="app") == "1"
 
-    # A second drill whose user check is wrong: exit 1, the cause named; the history lists both, in order.
+    # A second, light drill (the backup itself, started and queried) whose user check is wrong: exit 1, the
+    # cause named; the history lists both, in order.
     wrong = src.config("wrong", drill={"checks": [{"name": "rows", "database": "app", "sql": "select count(*) from t",
                                                    "expected": 999}]})
-    code, failed, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "quarterly-2",
-                             "--validations", "checks", config=wrong)
+    code, failed, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "quarterly-2", "--light",
+                             config=wrong)
     assert code == 1 and failed["ok"] is False, err
     assert failed["failures"][0]["cause"] == "check:rows" and "expected '999', got '1000'" in \
         failed["failures"][0]["message"]
+    assert failed["light"] is True and failed["mark"]["method"] == "none" and failed["rpo"]["seconds"] is None
+    assert [v["name"] for v in failed["validations"]] == ["server", "target_reached", "check:rows"]
     assert_nothing_left(failed, src.scratch)
     code, history, _ = pgdr("--json", "drills", "--cluster", "app", config=src.cli)
     assert code == 0
@@ -215,7 +225,7 @@ def test_fault_fails_the_drill_names_the_cause_and_alerts(fault, airflow_db, sou
     src = sources(spec["major"], drill=spec.get("drill"), top=spec.get("top"),
                   setup=corrupt_heap_page if fault == "heap" else None)
     if fault == "wal":
-        corrupt_wal_after_backup(src)
+        spec = {**spec, "text": corrupt_wal_after_backup(src)}  # the message names the damaged segment
     connections(monkeypatch, src.pg, capture_url=capture.url)
     dag = load_dag_module(monkeypatch, src.config("dag", dag=True), "pgdr_drill").pgdr_app_drill
     for t in dag.tasks:
@@ -257,6 +267,16 @@ def test_dag_drill_passes_and_hands_state_between_tasks(airflow_db, sources, mon
     assert report["rto"]["ok"] is True and set(report["rto"]["phases"]) == {
         "restore", "replay", "start_and_promotion", "validation"}
     assert_nothing_left(report, src.scratch)
+
+    # drill.on_new_backup: the lighter drill of each new backup (restored to its end, started, queried).
+    light = load_dag_module(monkeypatch, src.config("dag-light", dag=True, drill={"on_new_backup": True, "checks": [
+        {"name": "rows", "database": "app", "sql": "select count(*) from t", "expected": 1000}]}),
+        "pgdr_drill").pgdr_app_drill_new_backup
+    assert light.test().state == "success"
+    latest = src.reports()[-1]
+    assert latest["light"] is True and latest["ok"] and latest["mark"]["method"] == "none"
+    assert [v["name"] for v in latest["validations"]] == ["server", "target_reached", "check:rows"]
+    assert_nothing_left(latest, src.scratch)
 
 
 def test_dag_schedule_is_quarterly_in_the_cluster_timezone_and_the_form_is_validated(airflow_db, monkeypatch,  # noqa: F811
@@ -313,6 +333,10 @@ def test_config_and_plan_refuse_bad_drill_settings(tmp_path):
     for bad in ({"backup": "../x"}, {"validations": ["nope"]}, {"keep_minutes": True}, {"target_time": "noon"}):
         with pytest.raises(UsageError):
             plan_drill(c, "r1", bad)
+    config = write_config(tmp_path / "c.yaml", {"app": {"repository": f"file://{tmp_path}/r"}})
+    code, out, _ = pgdr("--json", "drill", "--cluster", "app", "--validations", "amcheck,nope", config=config)
+    assert code == 2 and out["error"] == "usage" and "nope" in out["message"]
+    assert not (tmp_path / "r").exists()  # refused before anything was touched
 
 
 def test_teardown_removes_only_the_drills_own_directory(tmp_path):
@@ -354,3 +378,35 @@ def test_report_from_failed_steps_names_the_first_cause():
     assert report.rto["ok"] is None and report.rto["phases"]["restore"] == 1.5
     assert "failed: restore at step restore: restore failed: boom" in summary_line(report)
     assert "FAILED" in render_summary(report) and json.loads(report.to_json())["rpo"]["seconds"] == 0.5
+
+
+def test_scratch_server_is_socket_only_archiving_off_and_torn_down_by_steps(sources):
+    """The step API the DAG uses, in-process: a light drill's scratch server refuses TCP clients (even on
+    loopback), does not archive, listens on loopback only; a teardown after a failed step stops it."""
+    from pgdr import drill
+    from pgdr.config import load_config
+    from pgdr.errors import PgdrError
+
+    src = sources(15, archive_timeout=0)
+    cluster = load_config(src.cli).cluster("app")
+    plan = drill.plan_drill(cluster, "steps-1", {}, light=True)
+    mark = drill.mark_moment(cluster, None, src.storage(), plan)
+    assert mark["method"] == "none"
+    restored = drill.restore_scratch(cluster, src.storage(), plan, mark, config_path=str(src.cli))
+    try:
+        assert restored["backup"]["label"] == src.backup["label"]
+        scratch = SandboxCluster(src.pg.bins, Path(restored["pgdata"]), restored["port"])
+        with pytest.raises(PgdrError, match="pg_hba.conf"):
+            scratch.psql("select 1")  # TCP on 127.0.0.1: no pg_hba.conf entry
+        s = drill._Scratch(cluster, plan, restored, 15)
+        with s.connect("app") as c:
+            assert c.execute("show archive_mode").fetchone()[0] == "off"
+            assert c.execute("show listen_addresses").fetchone()[0] == "127.0.0.1"
+            assert c.execute("select count(*) from t").fetchone()[0] == 1000
+        assert drill.server_processes(restored["pgdata"]) != []
+    finally:
+        # as after a validation that crashed: the teardown alone cleans up
+        record = drill.teardown(cluster, plan, restored=restored)
+    assert record["server"].startswith("stopped") and record["scratch_removed"] and record["socket_dir_removed"]
+    assert drill.server_processes(restored["pgdata"]) == [] and not Path(plan.scratch).exists()
+    assert not Path(restored["socket_dir"]).exists()

@@ -1,4 +1,4 @@
-"""Streaming WAL capture, for real: pg_receivewal on a slot, killed mid-segment and
+"""Streaming WAL capture, for real: pgdr's replication client on a slot, killed mid-segment and
 started again, and a restore to the newest point gets every committed row."""
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ def test_kill_restart_no_gap_and_latest_restore_has_every_row(streamed, workdir)
         pg.psql("select pg_switch_wal()")
         pg.psql("insert into stream_rows select g, 'B' from generate_series(1001, 2000) g")  # mid-segment
         wait_archived(config, pg.psql("select pg_current_wal_lsn()"))
-        os.kill(streamer.pid, signal.SIGKILL)  # no goodbye; pg_receivewal dies with it
+        os.kill(streamer.pid, signal.SIGKILL)  # no goodbye: the slot still holds what was not archived
         streamer.wait(10)
 
         pg.psql("insert into stream_rows select g, 'C' from generate_series(2001, 3000) g")  # while down
         pg.psql("select pg_switch_wal()")
         pg.psql("insert into stream_rows select g, 'D' from generate_series(3001, 4000) g")
 
-        streamer = start_streamer(config, spool)  # same spool: resumes from its .partial
+        streamer = start_streamer(config, spool)  # resumes from the slot (the spool argument is ignored)
         wait_archived(config, pg.psql("select pg_current_wal_lsn()"))
         streamer.send_signal(signal.SIGTERM)
         out, err = streamer.communicate(timeout=60)
@@ -89,7 +89,7 @@ def test_kill_restart_no_gap_and_latest_restore_has_every_row(streamed, workdir)
         result = json.loads(out)
         assert result["stopped_because"] == "stopped" and result["lag_bytes"] is not None
 
-        # A worker that lost its spool starts from the slot: nothing lost, nothing archived twice.
+        # Another worker starts from the slot: nothing lost, nothing archived twice.
         again = start_streamer(config, spool.with_name(spool.name + "-new"), "--duration", "3")
         out, err = again.communicate(timeout=60)
         assert again.returncode == 0, err

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                        "the server's OS user in push mode)")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
+    wp.add_argument("--batch", type=int, default=8, metavar="N",
+                    help="also archive up to N further segments PostgreSQL marked ready, in parallel, so their own "
+                         "archive_command calls return at once (default 8; 0: off)")
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
@@ -257,7 +260,13 @@ def run(args) -> object:
 
             if SEGMENT.match(os.path.basename(args.path)):
                 require_supported_segment_size(segment_size_of_file(args.path), args.path)
-            return archive.push(args.path)
+            result = archive.push(args.path)
+            if args.batch > 0 and SEGMENT.match(os.path.basename(args.path)):
+                from pgdr.walpush import push_identity, push_ready_batch
+
+                push_ready_batch(archive, args.path, args.batch,
+                                 push_identity(args.cluster, getattr(args, "config", None)))
+            return result
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
 
@@ -436,6 +445,10 @@ def _human(result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pgdr.walpush import answer_from_marker
+
+    if answer_from_marker(sys.argv[1:] if argv is None else argv):
+        return 0  # archive_command for a segment an earlier call archived (verified): no imports, no repository
     parser = _parser()
     args = parser.parse_args(argv)
     as_json = getattr(args, "json", False)

@@ -384,9 +384,16 @@ def _drill(r: _Reader, m: dict, key: str) -> DrillConfig:
     if schedule not in CRON_PRESETS and len(schedule.split()) != 5:
         r.fail(f"{key}.schedule", f"must be a 5-field cron expression or one of {', '.join(sorted(CRON_PRESETS))}")
     scratch = r.string(m, "scratch_dir", key, "/var/tmp/pgdr-drill")
-    if not SAFE_PATH.match(scratch) or "/../" in scratch + "/" or scratch.rstrip("/") in ("", "/"):
+    if not SAFE_PATH.match(scratch) or scratch.rstrip("/") in ("", "/"):
         r.fail(f"{key}.scratch_dir", "must be an absolute path of letters, digits, '.', '_', '-' and '/' "
-                                     "(not / itself, no '..')")
+                                     "(not / itself)")
+    from pgdr.errors import UsageError
+    from pgdr.paths import check_path
+
+    try:
+        scratch = str(check_path(scratch, "scratch_dir"))
+    except UsageError as e:
+        r.fail(f"{key}.scratch_dir", str(e))
     checks = m.get("checks") or []
     if not isinstance(checks, list):
         r.fail(f"{key}.checks", "must be a list of {name, database, sql, expected}")

@@ -28,10 +28,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,8 +40,9 @@ from pgdr import __version__
 from pgdr.config import ClusterConfig
 from pgdr.errors import PgdrError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
-from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
+from pgdr.pgbin import find_bin_dir, reachable_by, user_ids
 from pgdr.results import JsonResult, iso, utcnow
+from pgdr.server import server_env, start_server, stop_server
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ class DrillPlan(JsonResult):
 
     @property
     def socket_dir(self) -> Path:
-        return Path(self.scratch) / "sock"
+        """Short, beside /tmp: a Unix socket's path must fit in 107 bytes, and scratch paths can be long."""
+        return Path("/tmp") / f"pgdr-drill-{hashlib.sha256(self.scratch.encode()).hexdigest()[:12]}"
 
     @property
     def server_log(self) -> Path:
@@ -226,12 +229,27 @@ def prepare_scratch(cluster: ClusterConfig, plan: DrillPlan) -> Path:
             raise DrillFailed("restore", f"{run} exists and is not a drill's scratch directory; refusing to use it")
         _stop_server(cluster, plan)  # an earlier try of the same run: start afresh
         _remove_tree(run)
+    _remove_socket_dir(plan)
     run.mkdir(mode=0o700)
     (run / MARKER).write_text(plan.run_id + "\n")
+    plan.socket_dir.mkdir(mode=0o700)
     if os.geteuid() == 0:
         uid, gid = user_ids(cluster.run_as)
         os.chown(run, uid, gid)
+        os.chown(plan.socket_dir, uid, gid)
     return run
+
+
+def _remove_socket_dir(plan: DrillPlan) -> None:
+    """The run's socket directory in /tmp: removed only when it is a plain directory of sockets and lock files."""
+    sock = plan.socket_dir
+    if not os.path.lexists(sock):
+        return
+    if sock.is_symlink() or not sock.is_dir() or \
+            any(not p.name.startswith(".s.PGSQL.") for p in sock.iterdir()):
+        raise PgdrError(f"{sock} is not a drill's socket directory (a symlink, a file or foreign content); "
+                        "not touching it")
+    shutil.rmtree(sock)
 
 
 def check_free_space(where: Path, need: int) -> dict:
@@ -264,7 +282,7 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
     run = prepare_scratch(cluster, plan)
     port = free_port()
     record: dict = {"scratch": str(run), "pgdata": str(plan.pgdata), "port": port, "socket_dir": str(plan.socket_dir),
-                    "pid": None, "phases": {}}
+                    "host": socket.gethostname(), "pid": None, "phases": {}}
     if on_scratch:
         on_scratch(dict(record))
     try:
@@ -273,7 +291,9 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
         record["disk"] = check_free_space(run, int((manifest.size + wal_bytes) * 1.1) + (64 << 20))
         target = _recovery_target(plan, mark)
         t0 = time.monotonic()
-        result = run_restore(cluster, storage, plan.backup, plan.pgdata, start=False, recovery_target=target,
+        # The drill restores only into its own scratch directory: that is its restore root, and the only one.
+        confined = replace(cluster, restore_roots=(str(Path(cluster.drill.scratch_dir) / cluster.name),))
+        result = run_restore(confined, storage, plan.backup, plan.pgdata, start=False, recovery_target=target,
                              config_path=config_path, timeout=plan.timeout_seconds)
         record["phases"]["restore"] = round(time.monotonic() - t0, 3)
         plan_ = (result.recovery or {}).get("plan") or {}
@@ -288,20 +308,22 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
     try:
         record.update(_start_and_recover(cluster, storage, plan, port, target, manifest.pg_major))
     except PgdrError as e:
-        record.update(getattr(e, "record", {}))
-        raise DrillFailed("recovery", f"the restored server did not recover to the mark: {e}", record) from None
+        fetch = [ln.split(" ERROR ", 1)[-1].strip() for ln in _read(plan.server_log).splitlines()
+                 if "pgdr ERROR" in ln]  # what restore_command (pgdr wal-fetch) said: the damaged segment
+        record["wal_fetch_errors"] = fetch[-5:]
+        why = f"; WAL fetch failed: {fetch[-1]}" if fetch else ""
+        raise DrillFailed("recovery", f"the restored server did not recover to the mark: {e}{why}", record) \
+            from None
     return record
 
 
 def _start_and_recover(cluster, storage, plan: DrillPlan, port: int, target, major: int) -> dict:
     """Start the restored data directory loopback-only, socket-only, archiving off; wait for promotion."""
-    from pgdr.crypto import DEFAULT_ENV
     from pgdr.recovery import wait_for_recovery
 
     user = cluster.run_as if os.geteuid() == 0 else None
     bins = reachable_by(find_bin_dir(major, cluster.pg_bin_dir, tool="postgres", exact=True), user)
     pgdata, sock, hba = plan.pgdata, plan.socket_dir, Path(plan.scratch) / "pg_hba.conf"
-    sock.mkdir(mode=0o700, exist_ok=True)
     # Only the server's user (and root) can reach the socket directory; no TCP client is accepted at all.
     hba.write_text("# pgdr drill: socket only (the socket directory is private to the server's user)\n"
                    "local all all trust\n")
@@ -309,20 +331,16 @@ def _start_and_recover(cluster, storage, plan: DrillPlan, port: int, target, maj
         (pgdata / "postgresql.conf").write_text("# written by pgdr drill: the backup held no postgresql.conf\n")
     if user:
         ids = user_ids(user)
-        for p in (sock, hba, pgdata / "postgresql.conf"):
+        for p in (hba, pgdata / "postgresql.conf"):
             os.chown(p, *ids)
-    opts = (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c archive_mode=off -c hba_file={hba} "
-            "-c logging_collector=off -c log_destination=stderr -c log_timezone=UTC -c log_line_prefix=%m: "
-            "-c primary_conninfo= -c shared_preload_libraries=")
-    env = {**os.environ, **storage.process_env()}
-    if storage.keyring:
-        enc = cluster.repository.encryption
-        env[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
+    # postgres itself, no pg_ctl (whose command line goes through /bin/sh), with the same minimal
+    # environment a restored server gets: what its restore_command needs, nothing else of the worker's.
+    settings = {"listen_addresses": "127.0.0.1", "archive_mode": "off", "hba_file": str(hba),
+                "logging_collector": "off", "log_destination": "stderr", "log_timezone": "UTC",
+                "log_line_prefix": "%m: ", "primary_conninfo": "", "shared_preload_libraries": ""}
     launched = time.time()
-    proc = subprocess.run(as_user([bins.tool("pg_ctl"), "-D", str(pgdata), "-W", "-l", str(plan.server_log),
-                                   "-o", opts, "start"], user), capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise PgdrError(f"pg_ctl start failed: {(proc.stderr or proc.stdout).strip()[-1000:]}")
+    start_server(bins.tool("postgres"), pgdata, port, user=user, log_file=plan.server_log, settings=settings,
+                 socket_dir=str(sock), env=server_env(cluster, storage), wait=False)
 
     def running() -> bool:
         pid = _pid(pgdata)
@@ -425,11 +443,9 @@ class _Scratch:
     def _superuser(self, cluster) -> str:
         import psycopg
 
-        from pgdr.postgres import ConnInfo
-
         dsn_user = dict(p.split("=", 1) for p in (cluster.dsn or "").split() if "=" in p).get("user")
         last = None
-        for candidate in dict.fromkeys(u for u in ("postgres", cluster.run_as, dsn_user, ConnInfo().env.get("PGUSER"))
+        for candidate in dict.fromkeys(u for u in ("postgres", cluster.run_as, dsn_user, os.environ.get("PGUSER"))
                                        if u):
             try:
                 with self.connect("postgres", candidate) as c:
@@ -441,6 +457,7 @@ class _Scratch:
 
 def validate_scratch(cluster: ClusterConfig, plan: DrillPlan, mark: dict, restored: dict) -> dict:
     """Every validation, each with its outcome; fails (naming the causes) when any failed."""
+    same_host(restored)
     t0 = time.monotonic()
     results: list[dict] = []
     major = int((Path(restored["pgdata"]) / "PG_VERSION").read_text().strip())
@@ -598,17 +615,11 @@ def _stop_server(cluster: ClusterConfig, plan: DrillPlan) -> str:
     pid = _pid(pgdata)
     if pid is None or not pid_alive(pid):
         return "not running"
-    user = cluster.run_as if os.geteuid() == 0 else None
     try:
-        major = int((pgdata / "PG_VERSION").read_text().strip())
-        bins = reachable_by(find_bin_dir(major, cluster.pg_bin_dir, tool="pg_ctl", exact=True), user)
-        for mode in ("fast", "immediate"):
-            subprocess.run(as_user([bins.tool("pg_ctl"), "-D", str(pgdata), "-m", mode, "-w", "-t", "60", "stop"],
-                                   user), capture_output=True, timeout=90)
-            if not pid_alive(pid):
-                return f"stopped ({mode})"
-    except (PgdrError, OSError, ValueError, subprocess.SubprocessError) as e:
-        log.warning("pg_ctl stop failed (%s); killing the postmaster", e)
+        if stop_server(pgdata, timeout=60):  # fast, then immediate; signals only the postmaster of pgdata
+            return "stopped"
+    except (PgdrError, OSError) as e:
+        log.warning("the scratch server did not stop (%s); killing the postmaster", e)
     cmdline = _read(Path(f"/proc/{pid}/cmdline")).replace("\0", " ")
     if "postgres" in cmdline and str(pgdata) in cmdline:
         os.kill(pid, signal.SIGKILL)
@@ -627,8 +638,17 @@ def _remove_tree(run: Path) -> None:
     shutil.rmtree(run)
 
 
-def teardown(cluster: ClusterConfig, plan: DrillPlan, wait=time.sleep) -> dict:
+def same_host(restored: dict | None) -> None:
+    """The scratch server lives on the worker that restored it: a step elsewhere would see nothing there."""
+    host = (restored or {}).get("host")
+    if host and host != socket.gethostname():
+        raise PgdrError(f"this step runs on {socket.gethostname()}, but the scratch server is on {host}: route the "
+                        "drill's tasks to one worker (drill.queue served by a single worker)")
+
+
+def teardown(cluster: ClusterConfig, plan: DrillPlan, wait=time.sleep, restored: dict | None = None) -> dict:
     """Stop the scratch server and remove the run's directory — only the drill's own (fails closed)."""
+    same_host(restored)
     run = Path(plan.scratch)
     base = Path(cluster.drill.scratch_dir).resolve()
     record: dict = {"scratch": str(run), "kept_minutes": 0}
@@ -638,6 +658,8 @@ def teardown(cluster: ClusterConfig, plan: DrillPlan, wait=time.sleep) -> dict:
         record["kept_minutes"] = plan.keep_minutes
         wait(plan.keep_minutes * 60)
     record["server"] = _stop_server(cluster, plan) if run.exists() else "not running"
+    _remove_socket_dir(plan)
+    record["socket_dir_removed"] = not os.path.lexists(plan.socket_dir)
     if not run.exists():
         record["scratch_removed"] = True
         return record

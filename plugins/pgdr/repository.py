@@ -164,7 +164,8 @@ class Repository:
         """``latest`` or a label, to a committed backup's manifest."""
         if label == "latest":
             entries = self.catalog()
-            backups = [e.manifest for e in entries if e.manifest is not None and e.manifest.status == "ok"]
+            backups = [e.manifest for e in entries
+                       if e.manifest is not None and e.manifest.status == "ok" and e.manifest.type != "safety"]
             bad = [e for e in entries if e.manifest is None and not (e.error or "").startswith("unfinished")]
             if bad and (not backups or bad[-1].label > backups[-1].label):
                 raise IntegrityError(f"the newest backup cannot be used: {bad[-1].error}; not falling back "

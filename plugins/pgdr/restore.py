@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.config import ClusterConfig
-from pgdr.crypto import DEFAULT_ENV
 from pgdr.errors import PgdrError, RestoreRefused
 from pgdr.lock import pid_alive
 from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
@@ -26,7 +25,7 @@ from pgdr.recovery import (RecoveryPlan, RecoveryTarget, plan_recovery, query_re
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
 from pgdr.paths import confine
-from pgdr.server import check_listen, start_server
+from pgdr.server import SERVER_ENV_PASS, check_listen, server_env, start_server
 from pgdr.storage import Storage
 from pgdr.unpack import pg_verifybackup as _pg_verifybackup
 from pgdr.incremental import chain_of, restore_chain
@@ -163,7 +162,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
         user = owner if uid_gid else None
         bins = reachable_by(server_bins, user)
         _start(bins, target, port, socket_dir, user, wait=recovery_target is None, keep_archiving=keep_archiving,
-               env=_server_env(cluster, storage), listen=listen)
+               env=server_env(cluster, storage), listen=listen)
         started = True
         if recovery_target is not None:
             outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
@@ -217,37 +216,6 @@ def _running_check(target: Path):
         return pid_alive(state["pid"])
 
     return running
-
-
-# What a restored server may inherit from the worker: its restore_command (``python -m pgdr wal-fetch``)
-# needs a PATH, a locale, certificates, where pgdr's config is; nothing else of the worker's environment
-# (no Airflow metadata URL, no Fernet key, no unrelated credentials) reaches it.
-SERVER_ENV_PASS = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONPATH", "PGDR_CONFIG", "SSL_CERT_FILE", "SSL_CERT_DIR",
-                   "REQUESTS_CA_BUNDLE")
-# The AWS credential chain's variables: passed on only for an S3 repository, whose wal-fetch reads them.
-AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-           "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL",
-           "AWS_ENDPOINT_URL_S3", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
-           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-           "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_CA_BUNDLE")
-
-
-def _server_env(cluster: ClusterConfig, storage: Storage) -> dict:
-    """The restored server's whole environment: what its restore_command needs and nothing else.
-
-    Its restore_command (pgdr wal-fetch) must reach the repository as this process does (credentials and
-    endpoint from an Airflow connection, say: ``storage.process_env()``) and needs the keyring to open
-    encrypted WAL. Both live in the server's process environment only, never in a file: the server runs
-    as its own system user, and Linux lets only that user (and root) read /proc/<pid>/environ."""
-    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV_PASS or k.startswith("LC_")}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    if cluster.repository.kind == "s3":
-        env.update({k: v for k, v in os.environ.items() if k in AWS_ENV})
-    env.update(storage.process_env())
-    if storage.keyring:
-        enc = cluster.repository.encryption
-        env[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
-    return env
 
 
 def _start(bins, target: Path, port: int, socket_dir: str | None, user: str | None, wait: bool = True,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pgdr.errors import PgdrError, UsageError
 from pgdr.lock import pid_alive
+from pgdr.crypto import DEFAULT_ENV
 from pgdr.pgbin import as_user
 
 LISTEN = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.:%-]*)(,(\*|[A-Za-z0-9][A-Za-z0-9.:%-]*))*$")
@@ -107,3 +108,34 @@ def stop_server(pgdata: Path, timeout: float = 120) -> bool:
                 return True
             time.sleep(0.1)
     raise PgdrError(f"the server in {pgdata} (pid {pid}) did not stop; nothing was changed in it")
+
+
+# What a restored server may inherit from the worker: its restore_command (``python -m pgdr wal-fetch``)
+# needs a PATH, a locale, certificates, where pgdr's config is; nothing else of the worker's environment
+# (no Airflow metadata URL, no Fernet key, no unrelated credentials) reaches it.
+SERVER_ENV_PASS = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONPATH", "PGDR_CONFIG", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                   "REQUESTS_CA_BUNDLE")
+# The AWS credential chain's variables: passed on only for an S3 repository, whose wal-fetch reads them.
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+           "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL",
+           "AWS_ENDPOINT_URL_S3", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
+           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+           "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_CA_BUNDLE")
+
+
+def server_env(cluster, storage) -> dict:
+    """The restored server's whole environment: what its restore_command needs and nothing else.
+
+    Its restore_command (pgdr wal-fetch) must reach the repository as this process does (credentials and
+    endpoint from an Airflow connection, say: ``storage.process_env()``) and needs the keyring to open
+    encrypted WAL. Both live in the server's process environment only, never in a file: the server runs
+    as its own system user, and Linux lets only that user (and root) read /proc/<pid>/environ."""
+    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV_PASS or k.startswith("LC_")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    if cluster.repository.kind == "s3":
+        env.update({k: v for k, v in os.environ.items() if k in AWS_ENV})
+    env.update(storage.process_env())
+    if storage.keyring:
+        enc = cluster.repository.encryption
+        env[enc.key_env if enc else DEFAULT_ENV] = storage.keyring.serialize()
+    return env

@@ -13,8 +13,8 @@ first segment), and re-reads the segment being written.
 
 Handover between runs: a run waiting for the slot makes itself visible on the
 server (``application_name`` ``pgdr_wal_waiting_<cluster>``); the running
-stream sees it within ``partial_interval`` seconds, uploads what it holds and
-releases the slot, and the waiting run takes it at once.
+stream sees it within two seconds, uploads what it holds and releases the
+slot, and the waiting run takes it at once.
 
 A missing slot is never quietly created again once the archive holds WAL: that
 is a gap (a dropped slot, or one lost in a failover), reported with its LSN
@@ -42,6 +42,7 @@ from pgdr.wal import (HISTORY, SEG_SIZE, SEGMENT, WalArchive, parse_segment, req
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 10.0  # seconds between standby status updates (wal_sender_timeout is 60 s by default)
+WAITER_CHECK_INTERVAL = 2.0  # seconds between looks for a run waiting to take the slot over
 HANDOVER_TIMEOUT = 300.0  # how long a run waits for the previous one to release the slot
 UPLOAD_RETRY_FOR = 300.0  # how long a failing segment upload is retried (the server keeps the WAL meanwhile)
 _STATUS = struct.Struct(">cQQQqB")  # 'r', write, flush, apply, client clock, reply requested
@@ -260,9 +261,14 @@ class ReplicationStream:
         now = time.monotonic()
         if not force and now - self._last_status < STATUS_INTERVAL:
             return
+        from psycopg import OperationalError
+
         clock = int(time.time() * 1_000_000) - _PG_EPOCH_US
-        self.pg.put_copy_data(_STATUS.pack(b"r", self.write_lsn, self.flush_lsn, 0, clock, 0))
-        self.pg.flush()
+        try:
+            self.pg.put_copy_data(_STATUS.pack(b"r", self.write_lsn, self.flush_lsn, 0, clock, 0))
+            self.pg.flush()
+        except OperationalError as e:
+            raise PostgresError(f"WAL streaming connection failed: {str(e).strip()}") from None
         self._last_status = now
 
     def confirm(self, lsn: int) -> None:
@@ -372,6 +378,7 @@ class WalStreamer:
             if tli > 1:
                 self._archive_history(stream, tli)
             next_partial = time.monotonic() + self.partial_interval
+            next_waiter_check = time.monotonic() + WAITER_CHECK_INTERVAL
             while True:
                 if stop.is_set():
                     because = "stopped"
@@ -402,12 +409,23 @@ class WalStreamer:
                     if pos > uploaded_to:
                         self._partial(segno, tli, buf, pos, stop, stream)
                         uploaded_to = pos
+                    next_partial = time.monotonic() + self.partial_interval
+                if time.monotonic() >= next_waiter_check:
                     if self._someone_waiting(status_conn):
                         because = "handed over to the next run"
                         break
-                    next_partial = time.monotonic() + self.partial_interval
+                    next_waiter_check = time.monotonic() + WAITER_CHECK_INTERVAL
             if pos > uploaded_to:  # the handover keeps the data at risk at seconds
                 self._partial(segno, tli, buf, pos, stop, stream)
+        except PostgresError:
+            if pos > uploaded_to:  # the server went away: what was received still narrows the gap to restore
+                try:
+                    name = segment_name(tli, segno)
+                    self.archive.push_partial_bytes(name, bytes(buf), pos)
+                    self._note_progress(pos)
+                except PgdrError as e:
+                    log.error("could not upload the partial segment after the stream failed: %s", e)
+            raise
         finally:
             stream.close()
             status_conn.close()

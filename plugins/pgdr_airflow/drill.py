@@ -48,8 +48,11 @@ class PgdrDrillStepOperator(PgdrDrillOperator):
             if self.step == "mark":
                 out = drill.mark_moment(cluster, self.hook.conn_info(), self.hook.storage(), plan)
             elif self.step == "restore":
+                from pgdr.config import config_path
+
+                # restore_command (pgdr wal-fetch, run by the scratch server) reads the same file, by absolute path
                 out = drill.restore_scratch(cluster, self.hook.storage(), plan, ti.xcom_pull(task_ids="mark"),
-                                            self.hook.config_path or None,
+                                            str(config_path(self.hook.config_path).absolute()),
                                             on_scratch=lambda r: ti.xcom_push(key="scratch", value=r))
                 self.log.info("scratch server up on port %s (socket %s), restored from backup %s",
                               out["port"], out["socket_dir"], out["backup"]["label"])
@@ -75,7 +78,9 @@ class PgdrDrillTeardownOperator(PgdrDrillOperator):
         from pgdr.drill import teardown
 
         try:
-            return teardown(self.hook.cluster, self.plan(context))
+            ti = context["ti"]
+            restored = ti.xcom_pull(task_ids="restore") or ti.xcom_pull(task_ids="restore", key="scratch")
+            return teardown(self.hook.cluster, self.plan(context), restored=restored)
         except Exception as e:
             context["ti"].xcom_push(key="failure", value={"error": type(e).__name__, "cause": "teardown",
                                                           "message": str(e)})

@@ -277,3 +277,18 @@ def test_an_encrypted_chain_on_s3_backs_up_and_restores(chain, workdir, s3_serve
         assert restored.table_hashes(DBS) == expected
     finally:
         restored.destroy()
+
+
+def test_the_drill_restores_a_chain_through_the_same_path(chain, workdir):
+    """A drill of the newest incremental: restored through run_restore (the chain applied in place), replayed
+    to the drill's mark, validated."""
+    scratch = workdir / f"incr-drill-{next(_n)}"
+    scratch.mkdir()
+    scratch.chmod(0o755)
+    config = write_config(workdir / "incr-drill.yaml", {"app": {
+        "dsn": chain["pg"].dsn, "repository": chain["repo"], "drill": {"scratch_dir": str(scratch)}}})
+    config.chmod(0o644)
+    code, report, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "chain-1", config=config)
+    assert code == 0, err
+    assert report["ok"] is True and report["failures"] == [], report["failures"]
+    assert report["backup"]["label"] == chain["backups"][-1]["label"]

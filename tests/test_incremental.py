@@ -288,7 +288,14 @@ def test_the_drill_restores_a_chain_through_the_same_path(chain, workdir):
     config = write_config(workdir / "incr-drill.yaml", {"app": {
         "dsn": chain["pg"].dsn, "repository": chain["repo"], "drill": {"scratch_dir": str(scratch)}}})
     config.chmod(0o644)
-    code, report, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "chain-1", config=config)
+    pg = chain["pg"]
+    pg.psql("alter system set archive_timeout = 2")  # the drill's mark must reach the archive soon
+    pg.psql("select pg_reload_conf()")
+    try:
+        code, report, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "chain-1", config=config)
+    finally:
+        pg.psql("alter system reset archive_timeout")
+        pg.psql("select pg_reload_conf()")
     assert code == 0, err
     assert report["ok"] is True and report["failures"] == [], report["failures"]
     assert report["backup"]["label"] == chain["backups"][-1]["label"]

@@ -299,3 +299,34 @@ def test_the_drill_restores_a_chain_through_the_same_path(chain, workdir):
     assert code == 0, err
     assert report["ok"] is True and report["failures"] == [], report["failures"]
     assert report["backup"]["label"] == chain["backups"][-1]["label"]
+
+
+def test_the_policy_decides_full_or_incremental_per_run():
+    from pgdr.backup import choose_type
+    from pgdr.config import BackupTypePolicy
+    from pgdr.manifest import BackupManifest
+
+    def m(label, parent=None):
+        return BackupManifest(cluster="app", label=label, type="incr" if parent else "full", status="ok",
+                              pg_version=180001, pg_version_text="18.1", system_identifier="1", timeline=1,
+                              start_lsn="0/1000000", stop_lsn="0/2000000", start_time="", stop_time="",
+                              compression="zstd", compression_level=3, parent=parent,
+                              full=chain_full(label) if parent else None)
+
+    policy = BackupTypePolicy(full_every_days=7, max_chain=2)
+    ok = (True, "summarize_wal = on")
+    f = "20261101-020000F"
+    day = lambda d: datetime(2026, 11, d, 2, tzinfo=timezone.utc)  # noqa: E731
+    assert choose_type("auto", [], policy, day(2), ok).type == "full"
+    d = choose_type("auto", [m(f)], policy, day(2), ok)
+    assert d.type == "incr" and d.parent.label == f
+    chain2 = [m(f), m(f + "_20261102-020000I", f), m(f + "_20261103-020000I", f + "_20261102-020000I")]
+    d = choose_type("auto", chain2, policy, day(4), ok)
+    assert d.type == "full" and "max_chain 2" in d.reason
+    d = choose_type("auto", chain2[:2], policy, day(8), ok)
+    assert d.type == "full" and "7 day(s) old" in d.reason
+    assert choose_type("auto", [m(f)], None, day(2), ok).type == "full"  # no policy: always full
+    assert choose_type("incr", chain2, policy, day(4), ok).type == "incr"  # asked for: the policy's limits aside
+    d = choose_type("incr", [m(f)], policy, day(2), (False, "summarize_wal = off: …"))
+    assert d.type == "full" and d.reason.startswith("falling back to a full backup: summarize_wal = off")
+    assert choose_type("incr", [m(f)], policy, day(2), ok, pg_major=17).type == "full"  # another major

@@ -114,7 +114,7 @@ def test_wrong_or_missing_key_names_the_key_and_touches_nothing(encrypted, workd
     name = next(o.key for o in storage_of(config).list("app/wal/00000001/")).rsplit("/", 1)[-1][:24]
     code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", name, workdir / f"x-{next(_n)}", "--prefetch", 0,
                         config=config, env=env)
-    assert code == 2 and out["error"] == "key_unavailable" and "'k1'" in out["message"]
+    assert code == 200 and out["error"] == "key_unavailable" and "'k1'" in out["message"]  # stops recovery
 
 
 def test_tampered_ciphertext_is_caught_at_restore_and_verification(encrypted, workdir):
@@ -212,7 +212,7 @@ def test_substitution_is_caught_swapped_wal_and_a_manifest_stripped_of_encryptio
         storage.put_bytes(b, originals[a])
         code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", a.rsplit("/", 1)[-1][:24],
                             workdir / f"swap-{next(_n)}", "--prefetch", 0, config=config, env=env)
-        assert code == 1 and "another object put in its place" in out["message"]
+        assert code == 200 and "another object put in its place" in out["message"]  # stops recovery
         # A manifest rewritten to say "not encrypted" is refused, not trusted.
         m = json.loads(originals[mkey])
         m["encryption"] = None

@@ -1,7 +1,8 @@
 """The ``pgdr`` command: everything a restore needs, with Airflow down.
 
 Exit codes: 0 ok, 1 the operation failed or was refused, 2 usage or config
-error. With ``--json`` the result (or the error) is one JSON document on
+error. ``wal-fetch`` (PostgreSQL's restore_command) is the exception: 1 only
+for "not in the archive", 200 for every other failure (recovery must stop). With ``--json`` the result (or the error) is one JSON document on
 stdout: a stable contract. Logs go to stderr.
 """
 
@@ -270,7 +271,7 @@ def run(args) -> object:
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
 
-            if SEGMENT.match(args.name) and take_prefetched(args.name, args.dest):
+            if SEGMENT.match(args.name) and _take_prefetched(take_prefetched, args.name, args.dest):
                 result = archive.result_for(args.name, args.dest)
             else:
                 result = archive.fetch(args.name, args.dest)
@@ -363,8 +364,17 @@ def _ensure_prefetcher(args, directory) -> None:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         (directory / "prefetcher.pid").write_text(str(proc.pid))
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - the segment is in place: nothing here may fail the fetch
         log.warning("could not start WAL prefetch: %s", e)
+
+
+def _take_prefetched(take, name, dest) -> bool:
+    """A prefetched copy, if there is a good one; a broken spool just means the foreground fetch does the work."""
+    try:
+        return take(name, dest)
+    except Exception as e:  # noqa: BLE001
+        log.warning("ignoring the prefetch spool for %s: %s", name, e)
+        return False
 
 
 def _spawn_prefetch(args, directory) -> None:
@@ -378,7 +388,7 @@ def _spawn_prefetch(args, directory) -> None:
     try:
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - prefetch is an optimisation: the foreground fetch does the work
         log.warning("could not start WAL prefetch: %s", e)
 
 
@@ -445,12 +455,42 @@ def _human(result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "wal-fetch" in argv:
+        return _wal_fetch_main(argv)
+    return _main(argv)
+
+
+def _wal_fetch_main(argv: list[str]) -> int:
+    """``pgdr wal-fetch`` is PostgreSQL's restore_command, which reads its exit status: 0 restored; 1 (any
+    status up to 125) "not in the archive", so recovery may end there; above 125 abort recovery (FATAL). Only
+    a file the archive does not hold may exit 1: every other failure — repository unreachable, checksum or
+    decryption failure, missing key, bad configuration or usage, an unexpected exception — exits
+    FETCH_FAILED (200), so a fetch error never ends recovery early as if the WAL had ended there."""
+    FETCH_FAILED = 200  # pgdr.errors.WAL_FETCH_FAILED, spelled out: nothing may fail before the try
+
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except SystemExit as e:  # argparse: 2 on a usage error, 0 for --help
+        if e.code in (0, None):
+            return 0
+        print(f"pgdr wal-fetch: exit {FETCH_FAILED} (fetch failed; recovery must stop)", file=sys.stderr)
+        return FETCH_FAILED
+    except BaseException as e:  # noqa: BLE001 - anything at all must stop recovery, never end it
+        log.exception("wal-fetch failed unexpectedly (%s); exit %d: recovery must stop", e, FETCH_FAILED)
+        return FETCH_FAILED
+    return code
+
+
+def _main(argv: list[str]) -> int:
     from pgdr.walpush import answer_from_marker
 
-    if answer_from_marker(sys.argv[1:] if argv is None else argv):
+    if answer_from_marker(argv):
         return 0  # archive_command for a segment an earlier call archived (verified): no imports, no repository
     parser = _parser()
     args = parser.parse_args(argv)
+    fetching = args.command == "wal-fetch"
     as_json = getattr(args, "json", False)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(asctime)s pgdr %(levelname)s %(message)s", stream=sys.stderr)
@@ -458,11 +498,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except PgdrError as e:
-        log.error("%s", e)
+        code = e.exit_code
+        if fetching:
+            from pgdr.errors import WAL_FETCH_FAILED, WAL_NOT_ARCHIVED
+            from pgdr.wal import WalNotFound
+
+            code = WAL_NOT_ARCHIVED if isinstance(e, WalNotFound) else WAL_FETCH_FAILED
+        log.error("%s%s", e, f" (exit {code}: recovery must stop)" if fetching and code != 1 else "")
         if as_json:
             print(json.dumps({**e.to_dict(), "command": args.command}, indent=2))
-        return e.exit_code
+        return code
     except KeyboardInterrupt:
+        if fetching:
+            raise  # wal-fetch: interrupted is a failure (200), never "not archived"
         log.error("interrupted; nothing half-written is visible in the repository")
         return 1
     text = result.to_json() if as_json else _human(result)

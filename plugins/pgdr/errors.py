@@ -6,6 +6,12 @@ configuration mistakes, 1 for an operation that failed or was refused.
 
 from __future__ import annotations
 
+# ``pgdr wal-fetch`` (restore_command) exit statuses. PostgreSQL reads any status from 1 to 125 as "not in
+# the archive" (recovery may end there) and a status above 125, or death by a signal, as a fatal error that
+# aborts recovery. Only a file the archive does not hold may end recovery.
+WAL_NOT_ARCHIVED = 1
+WAL_FETCH_FAILED = 200
+
 
 class PgdrError(Exception):
     """Base class of every error pgdr raises on purpose."""
@@ -78,3 +84,22 @@ class RestoreRefused(PgdrError):
 
 class ObjectNotFound(RepositoryError):
     kind = "object_not_found"
+
+
+class RecoveryShort(PgdrError):
+    """Recovery ended (or was stopped) short of what the restore plan promised: a WAL segment could not
+    be fetched, or the server stopped before the archived end or the target. The restore is a failure; the
+    target directory has been emptied (a new one removed) and no server is left running."""
+
+    kind = "recovery_short"
+
+    def __init__(self, message: str, *, reached_lsn: str | None = None, expected_lsn: str | None = None,
+                 segment: str | None = None):
+        self.reached_lsn = reached_lsn
+        self.expected_lsn = expected_lsn
+        self.segment = segment
+        super().__init__(message)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "reached_lsn": self.reached_lsn, "expected_lsn": self.expected_lsn,
+                "segment": self.segment}

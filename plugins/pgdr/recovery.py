@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pgdr.errors import PgdrError, RestoreRefused, UsageError
+from pgdr.errors import PgdrError, RecoveryShort, RestoreRefused, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
 from pgdr.manifest import BackupManifest
-from pgdr.results import JsonResult, parse_iso
-from pgdr.wal import SEG_SIZE, WalArchive, segment_of
+from pgdr.results import JsonResult, iso, parse_iso
+from pgdr.wal import SEG_SIZE, WalArchive, parse_segment, segment_name, segment_of
 
 KINDS = ("time", "lsn", "xid", "name", "immediate", "latest")
 ACTIONS = ("promote", "pause", "shutdown")
@@ -98,6 +98,8 @@ class RecoveryPlan(JsonResult):
     archived_lsn: str | None
     reachable: str
     target: dict | None = None
+    expected_lsn: str | None = None  # latest: the newest archived LSN on the followed timeline (measured after)
+    archived_by: str | None = None  # upper bound of every commit time in the archived WAL on that timeline
 
 
 def _reachable(backups: list[BackupManifest], archived: int | None) -> str:
@@ -170,6 +172,16 @@ def plan_recovery(backups: list[BackupManifest], archive: WalArchive, target: Re
             except PgdrError as e:
                 raise RestoreRefused(f"target timeline {to_tli}: {e}") from None
         archived = archive.newest_lsn(to_tli) if to_tli != chosen.timeline else archived
+    expected = _expected_end(archive, to_tli, chosen)
+    bound = None
+    if target is not None and target.kind == "time":
+        bound = _newest_commit_bound(archive, to_tli, chosen)
+        if bound is not None and target.when > bound:
+            raise RestoreRefused(
+                f"target time {target.value} is after the newest archived WAL: everything archived on "
+                f"timeline {to_tli} (up to LSN {format_lsn(expected)}) was archived by {iso(bound)}, so no "
+                f"transaction after that can be replayed; reachable: from {backups[0].stop_time} (end of the "
+                f"oldest backup {backups[0].label}) to {iso(bound)} at the latest; nothing was written")
     end = parse_lsn(target.value) if target and target.kind == "lsn" else archived
     wal_to = None
     if target is not None and target.kind != "immediate" and end is not None and end > stop:
@@ -185,7 +197,67 @@ def plan_recovery(backups: list[BackupManifest], archive: WalArchive, target: Re
         backup=chosen.label, backup_stop_lsn=chosen.stop_lsn, backup_stop_time=chosen.stop_time,
         timeline=to_tli, wal_from=chosen.stop_lsn, wal_to=wal_to,
         archived_lsn=format_lsn(archived) if archived is not None else None, reachable=reachable,
-        target=target.to_dict() if target else None)
+        target=target.to_dict() if target else None, expected_lsn=format_lsn(expected),
+        archived_by=iso(bound) if bound else None)
+
+
+def _expected_end(archive: WalArchive, tli: int, chosen: BackupManifest) -> int:
+    """Where replaying all archived WAL on ``tli`` must get to: its newest archived LSN (a partial's safe LSN
+    included); on a new timeline with nothing archived yet, its switch point; never before the backup's end."""
+    end = archive.newest_lsn(tli)
+    if end is None and tli != chosen.timeline:
+        history = archive.timeline_history(tli)
+        if history:
+            parent, switch = history[-1]
+            parent_end = archive.newest_lsn(parent)
+            end = min(switch, parent_end) if parent_end is not None else switch
+    return max(end or 0, parse_lsn(chosen.stop_lsn))
+
+
+def _newest_commit_bound(archive: WalArchive, tli: int, chosen: BackupManifest) -> datetime | None:
+    """No transaction in the archived WAL on ``tli`` committed after this time (None: not recorded)."""
+    newest = archive.archived_by(tli)
+    if newest is None:
+        if archive.newest_lsn(tli) is not None:
+            return None  # WAL archived before pgdr recorded archive times: unknown, PostgreSQL will tell
+        return parse_iso(chosen.stop_time)  # nothing archived: the backup's own WAL ends at its stop time
+    return max(newest[1], parse_iso(chosen.stop_time))
+
+
+def measure_recovery(plan: RecoveryPlan, target: RecoveryTarget, outcome: "RecoveryOutcome") -> None:
+    """Compare what recovery reached with what the plan promised; RecoveryShort when it fell short.
+
+    latest: recovery must have replayed into the last archived segment (or partial) of the followed
+    timeline. time, xid, name: PostgreSQL must have said it stopped at the target ("recovery stopping
+    before/after …"). lsn: that, or a replay position at or past the target. immediate: consistency."""
+    reached = parse_lsn(outcome.reached_lsn) if outcome.reached_lsn else None
+    expected = parse_lsn(plan.expected_lsn) if plan.expected_lsn else None
+    if target.kind == "latest":
+        if expected is None:
+            return
+        want_seg = segment_of(expected - 1)
+        if reached is not None and segment_of(max(reached - 1, 0)) >= want_seg:
+            return
+        stop_seg = segment_of(max(reached - 1, 0)) if reached is not None else None
+        raise RecoveryShort(
+            f"recovery ended at LSN {outcome.reached_lsn or 'unknown'}"
+            + (f" in segment {segment_name(plan.timeline, stop_seg)}" if stop_seg is not None else "")
+            + f", short of the newest archived WAL at LSN {plan.expected_lsn} (segment "
+            f"{segment_name(plan.timeline, want_seg)}): the segments after where it stopped were not restored",
+            reached_lsn=outcome.reached_lsn, expected_lsn=plan.expected_lsn,
+            segment=segment_name(plan.timeline, stop_seg + 1) if stop_seg is not None else None)
+    if outcome.stopped_at:
+        return
+    if target.kind == "lsn" and reached is not None and reached >= parse_lsn(target.value):
+        return
+    if target.kind == "immediate" and reached is not None and reached >= parse_lsn(plan.backup_stop_lsn):
+        return
+    what = f"{target.kind} {target.value}" if target.value else target.kind
+    raise RecoveryShort(
+        f"recovery ended at LSN {outcome.reached_lsn or 'unknown'} without PostgreSQL reporting that it stopped "
+        f"at the target ({what})",
+        reached_lsn=outcome.reached_lsn,
+        expected_lsn=target.value if target.kind == "lsn" else plan.expected_lsn)
 
 
 def restore_command(config_path: str | None, cluster: str) -> str:
@@ -258,9 +330,37 @@ def wait_for_recovery(log_file: Path, action: str, is_running, timeout: float = 
             if action == "shutdown" and "shutdown at recovery target" in text:
                 outcome.state = "shut down"
                 return outcome
+            _raise_short(text, fatal, outcome)
             raise PgdrError("recovery failed: " + ("; ".join(fatal[-3:]) or text[-1500:].strip()))
         time.sleep(0.3)
     raise PgdrError(f"recovery did not reach its target within {timeout:.0f} s; see {log_file}")
+
+
+FETCH_FAILED = re.compile(r'could not restore file "([^"/]+)" from archive')
+NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+def _raise_short(text: str, fatal: list[str], outcome: RecoveryOutcome) -> None:
+    """The server stopped during recovery: name the WAL segment it could not fetch (wal-fetch exit 200
+    makes PostgreSQL abort recovery there), or say that the archived WAL ended before the target."""
+    failed = [m.group(1) for m in FETCH_FAILED.finditer(text)]
+    pgdr_errors = [ln.split(" ERROR ", 1)[-1].strip() for ln in text.splitlines() if "pgdr ERROR" in ln]
+    if failed:
+        segment = failed[-1]
+        why = f" ({pgdr_errors[-1]})" if pgdr_errors else ""
+        if not re.fullmatch(r"[0-9A-F]{24}", segment):  # a timeline history file
+            raise RecoveryShort(f"recovery stopped: {segment} could not be fetched from the archive{why}",
+                                reached_lsn=outcome.reached_lsn, segment=segment)
+        tli, segno = parse_segment(segment)
+        at_most = format_lsn(segno * SEG_SIZE)
+        raise RecoveryShort(
+            f"recovery stopped: WAL segment {segment} could not be fetched from the archive{why}"
+            f"; replay reached at most LSN {at_most}, the start of that segment",
+            reached_lsn=outcome.reached_lsn or at_most, segment=segment)
+    if any(NOT_REACHED in ln for ln in fatal):
+        raise RecoveryShort(
+            f"recovery ended at LSN {outcome.reached_lsn or 'unknown'} before the target was reached: the archived "
+            "WAL holds no transaction at or after the target", reached_lsn=outcome.reached_lsn)
 
 
 def query_replay_position(psql: str, user: str | None, port: int, socket_dir: str | None) -> tuple | None:

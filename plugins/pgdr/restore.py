@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.config import ClusterConfig
-from pgdr.errors import PgdrError, RestoreRefused
+from pgdr.errors import PgdrError, RecoveryShort, RestoreRefused
 from pgdr.lock import pid_alive
 from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
-from pgdr.recovery import (RecoveryPlan, RecoveryTarget, plan_recovery, query_replay_position, restore_command,
-                           wait_for_recovery, write_recovery_settings)
+from pgdr.lsn import parse_lsn
+from pgdr.recovery import (RecoveryPlan, RecoveryTarget, measure_recovery, plan_recovery, query_replay_position,
+                           restore_command, wait_for_recovery, write_recovery_settings)
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
 from pgdr.paths import confine
@@ -138,6 +139,8 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
                  manifest.label, " -> ".join(m.label for m in chain))
     for member in chain:
         require_key(repo, member)
+    if recovery_target is not None and start:
+        _check_restore_command(config_path, cluster.name, owner if uid_gid else None, server_env(cluster, storage))
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -160,22 +163,26 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     recovery = {"plan": plan.to_dict(), "state": "configured: start the server to recover"} if plan else None
     if start:
         user = owner if uid_gid else None
-        bins = reachable_by(server_bins, user)
-        _start(bins, target, port, socket_dir, user, wait=recovery_target is None, keep_archiving=keep_archiving,
-               env=server_env(cluster, storage), listen=listen)
-        started = True
-        if recovery_target is not None:
-            outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
-                                        _running_check(target), timeout)
-            if outcome.state in ("promoted", "paused"):
-                pos = query_replay_position(bins.tool("psql"), user, port, socket_dir)
-                if pos:
-                    outcome.reached_lsn = outcome.reached_lsn or pos[0]
-                    outcome.reached_time = outcome.reached_time or pos[1]
-            recovery = {"plan": plan.to_dict(), **outcome.to_dict()}
-            shutil.rmtree(target / "pg_wal" / PREFETCH_DIR, ignore_errors=True)
-            log.info("recovery %s at LSN %s (last transaction %s)", outcome.state, outcome.reached_lsn,
-                     outcome.reached_time)
+        try:
+            bins = reachable_by(server_bins, user)
+            _start(bins, target, port, socket_dir, user, wait=recovery_target is None,
+                   keep_archiving=keep_archiving, env=server_env(cluster, storage), listen=listen)
+            started = True
+            if recovery_target is not None:
+                recovery = _recover(bins, target, plan, recovery_target, user, port, socket_dir, timeout)
+        except BaseException as e:
+            # Never leave a half-recovered server running, nor its data directory looking restored.
+            _stop_server(target)
+            _empty(target, created)
+            state = "removed" if created else "emptied"
+            log.error("restore into %s failed after writing; server stopped, directory %s", target, state)
+            if isinstance(e, RecoveryShort):
+                e.args = (f"{e.args[0]}; restore failed: {target} was {state} and no server is left running",)
+                if e.expected_lsn is None and plan is not None and recovery_target is not None:
+                    e.expected_lsn = recovery_target.value if recovery_target.kind == "lsn" else plan.expected_lsn
+            elif isinstance(e, PgdrError):
+                e.args = (f"{e.args[0]}; {target} was {state} and no server is left running",)
+            raise
     duration = max(time.monotonic() - t0, 1e-6)
     result = RestoreResult(
         cluster=cluster.name, label=manifest.label, pgdata=str(target), repository=storage.describe(),
@@ -190,6 +197,102 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
              manifest.label, target, result.parts_verified, verify, result.duration_seconds,
              f", server started on port {port}" if started else "")
     return result
+
+
+def _recover(bins, target: Path, plan: RecoveryPlan, recovery_target: RecoveryTarget, user, port, socket_dir,
+             timeout: float) -> dict:
+    """Wait for recovery to end, then measure it against the plan (RecoveryShort when it fell short)."""
+    outcome = wait_for_recovery(target / "pgdr-restore-start.log", recovery_target.action,
+                                _running_check(target), timeout)
+    if outcome.state in ("promoted", "paused"):
+        pos = query_replay_position(bins.tool("psql"), user, port, socket_dir)
+        if pos:
+            # The end of the last record replayed (PostgreSQL's "redo done at" is its start): the larger.
+            known = [x for x in (outcome.reached_lsn, pos[0]) if x]
+            outcome.reached_lsn = max(known, key=parse_lsn) if known else None
+            outcome.reached_time = outcome.reached_time or pos[1]
+    measure_recovery(plan, recovery_target, outcome)
+    shutil.rmtree(target / "pg_wal" / PREFETCH_DIR, ignore_errors=True)
+    log.info("recovery %s at LSN %s (last transaction %s); expected %s", outcome.state, outcome.reached_lsn,
+             outcome.reached_time, plan.expected_lsn)
+    return {"plan": plan.to_dict(), **outcome.to_dict(), "expected_lsn": plan.expected_lsn}
+
+
+def _check_restore_command(config_path: str | None, cluster: str, user: str | None, env: dict | None) -> None:
+    """Before anything is written: the restored server's restore_command (pgdr wal-fetch, as the server's
+    user, with its environment) must be able to start, read the configuration and reach the repository.
+    It is asked for a file no archive holds (timeline 0's history); only "not archived" (1) is the answer of
+    a working command — anything else would stop recovery at its first segment."""
+    import sys
+
+    cmd = [sys.executable, "-m", "pgdr"] + (["--config", str(Path(config_path).absolute())] if config_path else [])
+    cmd += ["-q", "wal-fetch", "--cluster", cluster, "--prefetch", "0", "00000000.history", "/nonexistent/pgdr-check"]
+    try:
+        proc = subprocess.run(as_user(cmd, user), capture_output=True, text=True, env=env, cwd="/", timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RestoreRefused(f"the restored server's restore_command cannot run: {e}; nothing was written") from None
+    if proc.returncode != 1:
+        detail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise RestoreRefused(
+            f"the restored server's restore_command (pgdr wal-fetch{f' as user {user}' if user else ''}) fails: "
+            f"exit {proc.returncode}: {detail}; recovery could not fetch any WAL. Make pgdr and its configuration "
+            "readable by that user; nothing was written")
+
+
+def _server_processes(target: Path) -> list[int]:
+    """The restored server's processes: PostgreSQL's, and pgdr's restore_command (wal-fetch and its
+    prefetchers), running as the directory's owner with their working directory in it (the postmaster and its
+    children chdir into the data directory; restore_command starts there). Nobody else's."""
+    out, target = [], target.resolve()
+    try:
+        owner = target.stat().st_uid
+    except OSError:
+        return out
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            uid = entry.stat().st_uid
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (cwd == target or target in cwd.parents) and uid == owner and (b"postgres" in cmdline
+                                                                           or b"pgdr" in cmdline):
+            out.append(int(entry.name))
+    return out
+
+
+def _stop_server(target: Path, timeout: float = 60) -> None:
+    """Stop whatever runs in ``target`` (immediate shutdown of the postmaster, then anything left)."""
+    import signal
+
+    try:
+        pid = int((target / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        pid = 0
+    if pid and pid_alive(pid) and pid in _server_processes(target):
+        try:
+            os.kill(pid, signal.SIGQUIT)  # PostgreSQL's immediate shutdown
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = _server_processes(target)
+        for p in left:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            left = [p for p in left if pid_alive(p)]
+            time.sleep(0.1)
+        if not left:
+            return
+    raise PgdrError(f"could not stop the processes still working in {target}: {left}")
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -1,7 +1,8 @@
 """The WAL archive: every completed segment, timeline history files, and the
 newest partial segment, each stored once, compressed, with its SHA-256.
 
-    <cluster>/wal/<TLI>/<SEGMENT>.<sha256>.<ext>     a completed 16 MiB segment
+    <cluster>/wal/<TLI>/<SEGMENT>.<sha256>.<archived>.<ext>   a completed 16 MiB segment, and when it was
+                                                     archived (older archives: without that time)
     <cluster>/wal/<TLI>/<SEGMENT>.partial.<ext>      the segment being written (streaming), replaced as it grows
     <cluster>/wal/<TLI>/<SEGMENT>.partial.json       how far that partial is known good (LSN, time)
     <cluster>/wal/history/<TLI>.history.<sha256>     timeline history
@@ -23,8 +24,10 @@ import logging
 import os
 import re
 import struct
+import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pgdr.compression import SUFFIX, compress_stream, decompress_stream
@@ -32,7 +35,7 @@ from pgdr.crypto import seal, unseal
 from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, RepositoryError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
 from pgdr.repository import Repository
-from pgdr.results import JsonResult, iso, utcnow
+from pgdr.results import JsonResult, iso, parse_iso, utcnow
 from pgdr.storage import Storage
 from pgdr.storage.file import fsync_dir
 
@@ -41,7 +44,11 @@ log = logging.getLogger(__name__)
 SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 PROMOTED_PARTIAL = re.compile(r"^[0-9A-F]{24}\.partial$")  # the old timeline's last segment, after a promotion
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$|^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")  # timeline / backup history
-ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<ext>zst|lz4|gz))?(?P<enc>\.enc)?$")
+# <name>.<sha256>[.<archived-by time>][.<ext>][.enc]; the time (UTC, 20261125T140300Z) is when the segment
+# was archived: every commit in it happened before it, so a target time after the newest one is unreachable.
+ARCHIVED = re.compile(r"^(?P<name>.+)\.(?P<sha>[0-9a-f]{64})(?:\.(?P<at>\d{8}T\d{6}Z))?"
+                      r"(?:\.(?P<ext>zst|lz4|gz))?(?P<enc>\.enc)?$")
+ARCHIVED_AT = "%Y%m%dT%H%M%SZ"
 ENC = ".enc"
 CODEC_OF_EXT = {suffix.lstrip("."): codec for codec, suffix in SUFFIX.items() if suffix}  # "zst" -> "zstd"
 SEG_SIZE = 16 * 1024 * 1024
@@ -245,7 +252,8 @@ class WalArchive:
                 f"{name} is already archived with DIFFERENT content ({existing[0]}); refusing to overwrite. "
                 "Two servers may be archiving into one repository, or a restored cluster is pushing "
                 "into the original's archive")
-        key = f"{self._dir(name)}{name}.{sha}{self._suffix()}"
+        stamp = f".{archive_stamp(utcnow())}" if SEGMENT.match(name) else ""
+        key = f"{self._dir(name)}{name}.{sha}{stamp}{self._suffix()}"
         stored = self.storage.put_stream(key, self._pack(data, name), lock=True)
         log.info("archived %s (%.1f MB -> %.1f MB)", name, len(data) / 1e6, stored / 1e6)
         return WalPushResult(self.cluster, name, "archived", len(data), stored, sha, key)
@@ -327,23 +335,47 @@ class WalArchive:
                 self._check_segment(name, data, key)
             return data, "history" if HISTORY.match(name) else "segment", key
         if allow_partial and SEGMENT.match(name):
-            meta_key = f"{self._dir(name)}{name}.partial.json"
+            found = self._read_partial(name)
+            if found:
+                return found
+        raise WalNotFound(f"{name} is not in the archive of cluster '{self.cluster}'")
+
+    def _read_partial(self, name: str, attempts: int = 3) -> tuple[bytes, str, str] | None:
+        """The streamed partial of ``name``, verified; None when there is none. The streamer replaces it
+        (data, then metadata) as it grows and removes it once the full segment is archived, so a
+        mismatch is read again before it counts as damage."""
+        meta_key = f"{self._dir(name)}{name}.partial.json"
+        stem = f"{self._dir(name)}{name}.partial"
+        problem = ""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(0.5 * attempt)
+                keys = self.find(name)
+                if keys:  # completed meanwhile
+                    return self.read(name, allow_partial=False)
             try:
                 meta = json.loads(self.storage.get_bytes(meta_key))
             except ObjectNotFound:
-                meta = None
-            if meta:
-                stem = f"{self._dir(name)}{name}.partial"
-                keys = [o.key for o in self.storage.list(stem)
-                        if o.key[len(stem):] in {s + e for s in SUFFIX.values() for e in ("", ENC)}]
-                if not keys:
-                    raise WalNotFound(f"{name}: partial metadata without data")
-                key = keys[0]
+                return None
+            except ValueError:
+                problem = f"{meta_key} is not valid JSON"
+                continue
+            keys = [o.key for o in self.storage.list(stem)
+                    if o.key[len(stem):] in {s + e for s in SUFFIX.values() for e in ("", ENC)}]
+            if not keys:
+                problem = f"{name}: partial segment metadata ({meta_key}) without its data"
+                continue
+            key = keys[0]
+            try:
                 data = self._unpack(key, name + ".partial")
-                if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                    raise IntegrityError(f"{key}: partial segment does not match its recorded SHA-256")
-                return data, "partial", key
-        raise WalNotFound(f"{name} is not in the archive of cluster '{self.cluster}'")
+            except ObjectNotFound:
+                problem = f"{key} disappeared while being read"
+                continue
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                problem = f"{key}: partial segment does not match its recorded SHA-256"
+                continue
+            return data, "partial", key
+        raise IntegrityError(problem)
 
     def _check_segment(self, name: str, data: bytes, key: str) -> None:
         _, seg_size = segment_header(data)
@@ -437,6 +469,25 @@ class WalArchive:
             if tli is None or t == tli:
                 ends += self.partial_reach(t, partials).values()
         return max(ends, default=None)
+
+    def archived_by(self, tli: int) -> tuple[int, datetime] | None:
+        """(end LSN, time) of the newest WAL archived on ``tli``, the time an upper bound of every commit
+        time in it (when it was archived; a streamed partial's upload time for its safe LSN). None when the
+        newest completed segment predates recorded archive times."""
+        keys = {n: k for n, k in self.segment_keys().items() if n[:8] == f"{tli:08X}"}
+        best = None
+        if keys:
+            name = max(keys)
+            m = ARCHIVED.match(keys[name][0].rsplit("/", 1)[-1])
+            end = (parse_segment(name)[1] + 1) * SEG_SIZE
+            best = (end, parse_archived_at(m.group("at"))) if m and m.group("at") else (end, None)
+        for p in self.partials():
+            if p.get("name", "")[:8] != f"{tli:08X}" or not p.get("uploaded_at"):
+                continue
+            lsn = parse_lsn(p["safe_lsn"])
+            if best is None or lsn > best[0]:
+                best = (lsn, parse_iso(p["uploaded_at"]))
+        return best if best and best[1] else None
 
     def check(self, from_lsn: int | None = None, from_tli: int | None = None,
               until_lsn: int | None = None, until_tli: int | None = None, until_what: str = "the newest backup") \
@@ -543,6 +594,18 @@ class WalArchive:
                 if s not in have and reach.get(s, -1) < min(end_lsn, (s + 1) * SEG_SIZE)]
 
 
+def archive_stamp(now: datetime) -> str:
+    """``now`` rounded UP to the second: still an upper bound of every commit time before it."""
+    now = now.astimezone(timezone.utc)
+    if now.microsecond:
+        now = now.replace(microsecond=0) + timedelta(seconds=1)
+    return now.strftime(ARCHIVED_AT)
+
+
+def parse_archived_at(text: str) -> datetime:
+    return datetime.strptime(text, ARCHIVED_AT).replace(tzinfo=timezone.utc)
+
+
 def _range(tli, first, last) -> WalRange:
     return WalRange(tli, first[1], last[1], format_lsn(first[0] * SEG_SIZE), format_lsn((last[0] + 1) * SEG_SIZE),
                     last[0] - first[0] + 1)
@@ -599,8 +662,9 @@ def prefetch(archive: "WalArchive", after: str, count: int, directory: Path) -> 
             tmp.write_bytes(data)
             os.replace(tmp, directory / f"{name}.{sha}")
             return name
-        except PgdrError:
-            return None  # not archived (yet): the normal fetch will say so
+        except Exception:  # noqa: BLE001 - not archived, or failed: the foreground fetch does the work and says so
+            (directory / f".{name}.tmp").unlink(missing_ok=True)
+            return None
         finally:
             (directory / f"{name}.lock").unlink(missing_ok=True)
 

@@ -67,3 +67,29 @@ def _alive(pid):
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_path):
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
+    segs = completed_segments(pg15, 2)
+    for seg in segs:
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    spool = pg_wal / ".pgdr-prefetch"
+    # The next segment is damaged in the archive before the prefetcher can take it.
+    (obj,) = [p for p in (tmp_path / "r").rglob(segs[1].name + "*") if p.is_file()]
+    obj.write_bytes(b"damaged")
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG", config=config)
+    assert code == 0, err
+    assert _wait(lambda: (spool / "prefetcher.pid").exists())
+    time.sleep(1)  # the prefetcher tried segs[1], failed, and put nothing in the spool
+    assert _ready(spool) == []
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[1].name, pg_wal / "RECOVERYXLOG", config=config)
+    assert code == 200, err
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", "000000010000FFFF000000FE", pg_wal / "RECOVERYXLOG",
+                        config=config)
+    assert code == 1, err
+    import shutil
+
+    shutil.rmtree(spool)

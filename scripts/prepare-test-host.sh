@@ -33,3 +33,14 @@ if [ "$(id -u)" = 0 ]; then
     d=$(dirname "$d")
   done
 fi
+# The Disaster recovery page's test drives a real headless Chromium (tests/test_ui_page.py).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver from Debian's packages" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'" >&2
+    exit 1
+  fi
+fi

@@ -92,10 +92,11 @@ def switch_and_wait_archived(pg, timeout: float = 30) -> None:
 
 
 def repo_snapshot(storage) -> dict:
-    """{key: sha256} of every object: to prove an operation changed nothing. Bookkeeping is left out:
-    audit records (every request, refused or not, adds one under <cluster>/reports/) and the cluster
-    lock's generations (<cluster>/lock/), which any writer takes and releases."""
+    """{key: sha256} of every object: to prove an operation changed nothing. The bookkeeping every
+    operation adds on purpose is left out: audit and other reports (<cluster>/reports/, refused operations
+    included), the catalog cache (<cluster>/catalog.json) and the cluster lock's generations
+    (<cluster>/lock/), which any writer takes and releases."""
     import hashlib
 
     return {o.key: hashlib.sha256(storage.get_bytes(o.key)).hexdigest() for o in storage.list("")
-            if "/reports/" not in o.key and "/lock/" not in o.key}
+            if "/reports/" not in o.key and "/lock/" not in o.key and not o.key.endswith("/catalog.json")}

@@ -82,3 +82,14 @@ def test_images_are_pinned_and_airflow_is_3():
     for req in reqs.split():
         name, version = req.split("==")
         assert pinned.get(name) == version, f"{req} disagrees with requirements.txt"
+
+
+def test_sentry_is_wired_through_airflows_sentry_section():
+    env = airflow_env()
+    assert env["AIRFLOW__SENTRY__SENTRY_ON"] == "${SENTRY_ON:-False}"  # off unless asked for
+    assert env["AIRFLOW__SENTRY__SENTRY_DSN"] == "${SENTRY_DSN:-}"
+    reqs = env["_PIP_ADDITIONAL_REQUIREMENTS"].split()
+    for name in ("sentry-sdk", "prometheus-client", "plotly"):  # what pgdr's plugin needs in the image
+        assert any(r.startswith(name + "==") for r in reqs), name
+    text = (ROOT / "docker-compose.yaml").read_text()
+    assert "SENTRY_DSN=https://" in text and "pgdr.error_kind" in text  # documented where it is set

@@ -369,3 +369,28 @@ def test_replace_without_the_key_that_opens_the_backup_leaves_the_destination_al
         assert [b["type"] for b in listing["backups"]] == ["full"]  # no safety backup was even started
     finally:
         server.destroy()
+
+
+def test_a_real_restore_records_its_rto_by_phase_like_a_drill(guarded, pg15):
+    """issue 11: a real restore (CLI here; the restore DAG calls the same core) records its RTO under
+    <cluster>/reports/rto/: each phase, the total against rto_seconds, what recovery reached."""
+    from pgdr.audit import read_audit
+    from pgdr.config import load_config
+    from pgdr.storage import open_storage
+
+    dest = guarded["root"] / "rto"
+    code, out, err, port = _restore(guarded["cli"], dest)
+    assert code == 0, err
+    try:
+        phases = out["phases"]
+        assert set(phases) == {"fetch_verify_unpack", "start_and_recovery", "total"}
+        assert phases["total"] >= phases["fetch_verify_unpack"] + phases["start_and_recovery"] - 0.01
+        storage = open_storage(load_config(guarded["cli"]).cluster("app").repository)
+        records = [r for r in read_audit(storage, "app", "rto") if r["pgdata"] == str(dest)]
+        assert len(records) == 1
+        rto = records[0]["rto"]
+        assert rto["phases"] == phases and rto["total_seconds"] == phases["total"]
+        assert rto["target_seconds"] == 3600 and rto["ok"] is True
+        assert records[0]["backup"]["label"] == out["label"] and records[0]["kind"] == "restore"
+    finally:
+        SandboxCluster(pg15.bins, dest, port).destroy()

@@ -216,11 +216,18 @@ def test_leftover_partial_counts_only_to_its_safe_lsn(workdir, s3_server, s3_buc
         assert {b["label"]: b["status"] for b in listing["backups"]}["20261125-020000F"] == "waiting_for_wal"
 
         # Every other segment is archived (push); the leftover partial's segment is not: a hole.
-        pg.psql("select pg_switch_wal()")
+        # WAL after the hole, whatever segment the backups left the server in (a switch in an empty
+        # segment does nothing): write, switch, and again, so a completed segment follows the hole.
+        for _ in range(2):
+            pg.psql("create table if not exists after_hole (x int); insert into after_hole values (1)")
+            pg.psql("select pg_switch_wal()")
         current = pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
+        pushed = []
         for path in sorted(p for p in (pg.datadir / "pg_wal").iterdir() if len(p.name) == 24):
             if path.name < current and path.name != seg:
-                assert pgdr("wal-push", "--cluster", "app", path, config=config)[0] == 0
+                assert pgdr("wal-push", "--batch", "0", "--cluster", "app", path, config=config)[0] == 0
+                pushed.append(path.name)
+        assert max(pushed) > seg, (pushed, seg)
         code, out, _ = pgdr("--json", "restore", "--cluster", "app", "--backup", "20261125-010000F",
                             "--pgdata", workdir / f"{name}-never", "--target", "latest", "--dry-run", config=config)
         assert code == 1 and out["error"] == "restore_refused" and seg in out["message"], out

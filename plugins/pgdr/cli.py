@@ -334,6 +334,69 @@ def run(args) -> object:
     raise UsageError(f"unknown command {args.command}")
 
 
+# Commands recorded in the cluster's audit log (pgdr.audit), by action, and those after which the catalog cache
+# the API and the Disaster recovery page read is refreshed.
+AUDITED = {"backup": "backup", "expire": "expire", "keep": "keep", "unkeep": "unkeep", "delete": "delete",
+           "restore": "restore", "verify": "verify", "drill": "drill", "rotate-key": "rotate_key"}
+REFRESHES = {"backup", "expire", "keep", "unkeep", "delete", "verify", "drill", "wal-lag"}
+
+
+def _audited(args) -> object:
+    """run(), with an audit record (the OS user, the command, its parameters, outcome, duration) and a catalog
+    refresh afterwards where the command asks for them. Neither ever changes the command's outcome."""
+    if args.command not in AUDITED and args.command not in REFRESHES:
+        return run(args)
+    import time
+
+    started = time.monotonic()
+    try:
+        result = run(args)
+    except PgdrError as e:
+        _after(args, "refused" if e.kind in ("usage", "restore_refused", "locked") else "failed", started, error=e)
+        raise
+    _after(args, "ok" if args._exit == 0 else "failed", started, result=result)
+    return result
+
+
+def _after(args, outcome: str, started: float, result=None, error: PgdrError | None = None) -> None:
+    import time
+
+    try:
+        cluster, _, storage = _context(args)
+        from pgdr.audit import repository_exists
+
+        if not repository_exists(storage, cluster.name):
+            return  # nothing to record into: never create a repository for the record's sake
+    except PgdrError:
+        return  # no configuration to say where the repository is, or it cannot be read
+    if args.command in AUDITED:
+        from pgdr.audit import os_actor, record_operation
+
+        params = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("json", "quiet")}
+        summary = None
+        if result is not None and hasattr(result, "to_dict"):
+            d = result.to_dict()
+            summary = {k: d[k] for k in ("label", "status", "ok", "dry_run", "backup_label", "deleted_backups")
+                       if isinstance(d, dict) and k in d}
+        try:
+            record_operation(storage, cluster.name, actor=os_actor(), actor_type="os", source="cli",
+                             action=AUDITED[args.command], parameters=params, outcome=outcome,
+                             duration_seconds=time.monotonic() - started, error=error.kind if error else None,
+                             message=str(error) if error else None, result=summary)
+        except Exception as e:  # noqa: BLE001 - the record never changes the command's outcome
+            log.warning("could not write the audit record: %s", e)
+    if args.command in REFRESHES and outcome != "refused" and not getattr(args, "dry_run", False):
+        from pgdr.catalog import refresh_catalog
+        from pgdr.repository import Repository
+
+        lag = result.to_dict() if args.command == "wal-lag" and result is not None else None
+        try:
+            refresh_catalog(Repository(storage, cluster.name), lag=lag)
+        except Exception as e:  # noqa: BLE001 - nor does the cache
+            log.warning("could not refresh the catalog cache (%s): the API shows older data until the next "
+                        "refresh", e)
+
+
 class _Done:
     def __init__(self, data):
         self.data = data
@@ -496,7 +559,7 @@ def _main(argv: list[str]) -> int:
                         format="%(asctime)s pgdr %(levelname)s %(message)s", stream=sys.stderr)
     args._exit = 0
     try:
-        result = run(args)
+        result = _audited(args)
     except PgdrError as e:
         code = e.exit_code
         if fetching:

@@ -170,6 +170,8 @@ class ClusterConfig:
     @property
     def rpo_target(self) -> int:
         return self.rpo_seconds if self.rpo_seconds is not None else self.wal.rpo_seconds
+    max_backup_age_hours: float = 26  # /health/backup: the newest backup must be younger (a daily schedule + slack)
+    max_drill_age_days: int = 100  # /health/backup: the last drill must be younger (quarterly drills + slack)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -234,6 +236,7 @@ CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_leve
                 "retention_window_days", "retention_min_full", "rto_seconds", "rpo_seconds", "drill",
                 "backup_type_policy"}
 POLICY_KEYS = {"full_every_days", "max_chain"}
+CLUSTER_KEYS |= {"max_backup_age_hours", "max_drill_age_days"}  # health limits (pgdr.status)
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
@@ -345,12 +348,21 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         backup_wal=backup_wal,
         retention_window_days=window,
         retention_min_full=r.integer(m, "retention_min_full", key, 2, 1, 1000),
+        max_backup_age_hours=_positive_hours(r, m, key),
+        max_drill_age_days=r.integer(m, "max_drill_age_days", key, 100, 1, 3660),
         alerts=AlertConfig(
             slack_conn_id=r.string(alerts_m, "slack_conn_id", f"{key}.alerts"),
             pagerduty_conn_id=r.string(alerts_m, "pagerduty_conn_id", f"{key}.alerts"),
             severity=severity,
         ),
     )
+
+
+def _positive_hours(r: _Reader, m: dict, key: str) -> float:
+    value = m.get("max_backup_age_hours", 26)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 24 * 366:
+        r.fail(f"{key}.max_backup_age_hours", f"must be a number of hours above 0 (like 26 or 0.5), got {value!r}")
+    return value
 
 
 def _wal(r: _Reader, m: dict, key: str) -> WalConfig:

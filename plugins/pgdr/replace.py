@@ -94,7 +94,31 @@ def restore_request(cluster: ClusterConfig, storage: Storage, label: str, pgdata
                                   "error": str(e)})
         raise
     _audit(storage, cluster, {**record, "outcome": "restored", "result": result.to_dict()})
+    if result.started:
+        record_rto(storage, cluster, result, requested_by)
     return result
+
+
+def record_rto(storage: Storage, cluster: ClusterConfig, result, requested_by: dict | None = None) -> str | None:
+    """A real restore that started its server records its RTO the way a drill does, under
+    ``<cluster>/reports/rto/``: each phase, the total against ``rto_seconds``, the backup and what recovery
+    reached. (Only a drill validates the result; this is the time a real recovery took.)"""
+    total = (result.phases or {}).get("total", result.duration_seconds)
+    recovery = result.recovery or {}
+    record = {**(requested_by or {}), "kind": "restore", "backup": {"label": result.label, "size": result.size,
+                                                                    "stored_size": result.stored_size},
+              "pgdata": result.pgdata,
+              "rto": {"phases": result.phases, "total_seconds": total, "target_seconds": cluster.rto_seconds,
+                      "ok": total <= cluster.rto_seconds},
+              "recovery": {k: recovery.get(k) for k in ("state", "reached_lsn", "reached_time", "expected_lsn")}}
+    try:
+        key = write_audit(storage, cluster.name, "rto", record)
+    except PgdrError as e:  # never hide the restore's own outcome behind a report write failure
+        log.error("could not write the restore's RTO record: %s", e)
+        return None
+    log.info("restore RTO %.1f s (target %d s): %s", total, cluster.rto_seconds,
+             ", ".join(f"{k} {v:.1f} s" for k, v in (result.phases or {}).items()))
+    return key
 
 
 def replace_destination(cluster: ClusterConfig, storage: Storage, label: str, target: Path,

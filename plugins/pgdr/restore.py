@@ -58,6 +58,9 @@ class RestoreResult(JsonResult):
     recovery: dict | None = None  # target restores: the plan and what recovery reached
     chain: list | None = None  # an incremental: the labels applied, full first
     safety_backup: dict | None = None  # a confirmed replace: the backup of what the destination held
+    # The restore's RTO by phase, measured like a drill's: fetch + verify + unpack, then start and recovery
+    # (WAL replay and promotion) until the server accepts connections; total from "restore begins".
+    phases: dict | None = None
 
 
 def check_target(pgdata: Path) -> None:
@@ -155,6 +158,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
                                   parse_wal=manifest.wal_included)
         if recovery_target is not None:
             write_recovery_settings(target, recovery_target, restore_command(config_path, cluster.name), uid_gid)
+        t_unpacked = time.monotonic()
     except BaseException:
         log.error("restore into %s failed; emptying it again", target)
         _empty(target, created)
@@ -183,7 +187,12 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
             elif isinstance(e, PgdrError):
                 e.args = (f"{e.args[0]}; {target} was {state} and no server is left running",)
             raise
-    duration = max(time.monotonic() - t0, 1e-6)
+    t_end = time.monotonic()
+    duration = max(t_end - t0, 1e-6)
+    phases = {"fetch_verify_unpack": round(t_unpacked - t0, 3)}
+    if started:
+        phases["start_and_recovery"] = round(t_end - t_unpacked, 3)
+    phases["total"] = round(duration, 3)
     result = RestoreResult(
         cluster=cluster.name, label=manifest.label, pgdata=str(target), repository=storage.describe(),
         pg_version=manifest.pg_version_text, system_identifier=manifest.system_identifier,
@@ -191,7 +200,7 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
         parts_verified=sum(len(m.files) for m in chain), pg_verifybackup=verify,
         duration_seconds=round(duration, 3), throughput_mb_s=round(manifest.size / duration / 1e6, 1),
         owner=owner if uid_gid else str(os.geteuid()), started=started, port=port if start else None,
-        recovery=recovery, chain=[m.label for m in chain] if len(chain) > 1 else None,
+        recovery=recovery, phases=phases, chain=[m.label for m in chain] if len(chain) > 1 else None,
     )
     log.info("restore of %s into %s done: %d parts verified, pg_verifybackup %s, %.1f s%s",
              manifest.label, target, result.parts_verified, verify, result.duration_seconds,

@@ -19,7 +19,8 @@ def failure_notifiers(cluster: ClusterConfig, dag_id: str, summary: str = SUMMAR
     if alerts.slack_conn_id:
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
-        out.append(SlackWebhookNotifier(slack_webhook_conn_id=alerts.slack_conn_id, text=summary % cluster.name))
+        out.append(SlackWebhookNotifier(slack_webhook_conn_id=alerts.slack_conn_id,
+                                        text=summary % cluster.name + slack_next_steps(cluster.name, dag_id)))
     if alerts.pagerduty_conn_id:
         from airflow.providers.pagerduty.notifications.pagerduty import PagerdutyNotifier
 
@@ -54,3 +55,50 @@ def drill_step_failed(context) -> None:
 
     logging.getLogger(__name__).info("drill step %s failed; the report task records it and alerts",
                                      context["ti"].task_id)
+
+
+# What to do next, per DAG, in the Slack message (after the summary and a link to the failed task's log).
+NEXT_STEPS = {
+    "backup": "The last good backup is still restorable. Run `pgdr check --cluster {c}` and fix what it reports, "
+              "then trigger pgdr_{c}_backup again.",
+    "wal": "Point-in-time recovery is at risk past the RPO. Run `pgdr wal-lag --cluster {c}`; check the "
+           "replication slot and that pgdr_{c}_wal is unpaused; a gap needs a new full backup.",
+    "verify": "Do not rely on the backup named above. Run `pgdr verify --cluster {c} --backup all` and take a new "
+              "backup (trigger pgdr_{c}_backup).",
+    "retention": "Nothing was deleted after the failure (deletion fails closed). Run `pgdr expire --cluster {c} "
+                 "--dry-run` to see the plan and what stopped it.",
+    "restore": "The destination was left as the log says. Read the task log, fix the cause, and run the restore "
+               "DAG again (dry run first).",
+    "drill": "The last drill did not prove recovery. Read the drill report (Disaster recovery page), fix the "
+             "cause, and trigger pgdr_{c}_drill again.",
+}
+
+
+def slack_next_steps(cluster: str, dag_id: str) -> str:
+    kind = "drill" if dag_id.endswith(("_drill", "_drill_new_backup")) else dag_id.rsplit("_", 1)[-1]
+    step = NEXT_STEPS.get(kind, "Read the task log.").format(c=cluster)
+    return "\nRun: {{ ti.log_url }}\nNext: " + step
+
+
+def resolve_if_recovered(cluster: ClusterConfig, dag_id: str, previous_state: str | None, run_url: str | None = None):
+    """After a successful run: when the run before it failed, resolve the PagerDuty incident it opened (same
+    dedup key) and tell Slack. Returns what was sent, e.g. ["pagerduty", "slack"]."""
+    if previous_state != "failed":
+        return []
+    sent = []
+    alerts = cluster.alerts
+    summary = f"pgdr: {dag_id} recovered for cluster '{cluster.name}': this run succeeded after a failed one"
+    if alerts.pagerduty_conn_id:
+        from airflow.providers.pagerduty.hooks.pagerduty_events import PagerdutyEventsHook
+
+        PagerdutyEventsHook(pagerduty_events_conn_id=alerts.pagerduty_conn_id).send_event(
+            summary=summary, severity=alerts.severity, source=f"pgdr/{cluster.name}", action="resolve",
+            dedup_key=dedup_key(cluster.name, dag_id))
+        sent.append("pagerduty")
+    if alerts.slack_conn_id:
+        from airflow.providers.slack.hooks.slack_webhook import SlackWebhookHook
+
+        SlackWebhookHook(slack_webhook_conn_id=alerts.slack_conn_id).send_text(
+            summary + (f"\nRun: {run_url}" if run_url else ""))
+        sent.append("slack")
+    return sent

@@ -330,3 +330,21 @@ def test_the_policy_decides_full_or_incremental_per_run():
     d = choose_type("incr", [m(f)], policy, day(2), (False, "summarize_wal = off: …"))
     assert d.type == "full" and d.reason.startswith("falling back to a full backup: summarize_wal = off")
     assert choose_type("incr", [m(f)], policy, day(2), ok, pg_major=17).type == "full"  # another major
+
+
+def test_deleting_a_backup_an_incremental_is_built_on_is_refused(chain, workdir):
+    from pgdr.config import load_config
+    from pgdr.delete import DeleteRefused, delete_backup
+    from pgdr.repository import Repository
+    from test_backup_restore import storage_of
+
+    copy = workdir / f"incr-delete-repo-{next(_n)}"
+    shutil.copytree(chain["repo"].removeprefix("file://"), copy)
+    config = write_config(workdir / "incr-delete.yaml", {"app": {"dsn": chain["pg"].dsn,
+                                                                 "repository": {"url": f"file://{copy}"}}})
+    repo = Repository(storage_of(config), load_config(config).cluster("app").name)
+    b = [x["label"] for x in chain["backups"]]
+    for label in b[:3]:
+        with pytest.raises(DeleteRefused, match="parent of incremental"):
+            delete_backup(repo, label)
+    assert sorted(p.name for p in (copy / "app" / "backup").iterdir()) == sorted(b)

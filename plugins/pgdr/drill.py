@@ -42,6 +42,7 @@ from pgdr.errors import PgdrError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
 from pgdr.pgbin import find_bin_dir, reachable_by, user_ids
 from pgdr.results import JsonResult, iso, utcnow
+from pgdr.lock import pid_alive
 from pgdr.server import server_env, start_server, stop_server
 
 log = logging.getLogger(__name__)
@@ -403,18 +404,6 @@ def _pid(pgdata: Path) -> int | None:
         return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (a stopped postmaster whose parent never reaps it still answers kill 0)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _read(Path(f"/proc/{pid}/stat"))
-    return not (stat and stat.rsplit(")", 1)[-1].split()[:1] == ["Z"])
 
 
 def server_processes(pgdata: str | os.PathLike) -> list[int]:

@@ -40,13 +40,19 @@ _GEN = re.compile(r"(\d{20})\.json$")
 
 
 def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (a stopped postmaster whose parent never reaps it still answers kill 0)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True  # no /proc to ask: kill 0 said it exists
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 class ClusterLock:

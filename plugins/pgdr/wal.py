@@ -261,15 +261,7 @@ class WalArchive:
     def push_partial(self, path: str | os.PathLike, safe_lsn: int) -> str:
         """Store the segment being streamed, known good up to ``safe_lsn``."""
         path = Path(path)
-        name = path.name.removesuffix(".partial")
-        check_wal_name(name)
-        data = path.read_bytes()
-        key = f"{self._dir(name)}{name}.partial{self._suffix()}"
-        self.storage.put_stream(key, self._pack(data, name + ".partial"))  # replaced as it grows: never locked
-        self.storage.put_bytes(f"{self._dir(name)}{name}.partial.json", json.dumps({
-            "name": name, "safe_lsn": format_lsn(safe_lsn), "sha256": hashlib.sha256(data).hexdigest(),
-            "uploaded_at": iso(utcnow())}).encode())
-        return key
+        return self.push_partial_bytes(path.name.removesuffix(".partial"), path.read_bytes(), safe_lsn)
 
     def push_segment(self, name: str, data: bytes, system_identifier: str | None = None) -> WalPushResult:
         """Archive a completed segment held in memory (streaming): checked as ``push`` checks a file."""

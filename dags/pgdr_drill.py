@@ -61,7 +61,7 @@ for cluster in load_config().clusters.values():
             tags=["pgdr", "drill", cluster.name],
             doc_md=__doc__,
             params={
-                "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}F)$",
+                "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}F(_\d{8}-\d{6}I)?)$",
                                 description="'latest' or a backup label like 20261125-020000F"),
                 "target_time": Param(None, type=["null", "string"], pattern=ISO_TIME,
                                      description="Restore to this point in time instead of a fresh mark "

@@ -55,7 +55,7 @@ for cluster in load_config().clusters.values():
         tags=["pgdr", "restore", cluster.name],
         doc_md=__doc__,
         params={
-            "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}[FS])$",
+            "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$",
                             description="'latest' or a backup label like 20261125-020000F"),
             "target": Param("end_of_backup", type="string",
                             enum=["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"],

@@ -37,7 +37,7 @@ for cluster in load_config().clusters.values():
         max_active_runs=1,
         tags=["pgdr", "verify", cluster.name],
         doc_md=__doc__,
-        params={"scope": Param(None, type=["null", "string"], pattern=r"^(new|all|latest|\d{8}-\d{6}F)$",
+        params={"scope": Param(None, type=["null", "string"], pattern=r"^(new|all|latest|\d{8}-\d{6}F(_\d{8}-\d{6}I)?)$",
                                description="new, all, latest or a label (default: new after a backup, "
                                            "all on the weekly sweep)")},
         default_args={

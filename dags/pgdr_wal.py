@@ -72,7 +72,8 @@ for cluster in load_config().clusters.values():
                                            execution_timeout=timedelta(minutes=window + 10))
             trigger = TriggerDagRunOperator(task_id="trigger_full_backup",
                                             trigger_dag_id=f"pgdr_{cluster.name}_backup",
-                                            trigger_run_id="pgdr_gap__{{ run_id }}", wait_for_completion=False)
+                                            trigger_run_id="pgdr_gap__{{ run_id }}", wait_for_completion=False,
+                                            conf={"type": "full"})
             gap = PgdrArchiveGapOperator(task_id="archive_gap", cluster=cluster.name,
                                          retry_delay=timedelta(seconds=5))
             slot >> [stream, trigger]

@@ -1,5 +1,12 @@
-"""Full physical backups: pg_basebackup's tar stream, compressed and hashed on
-the way into the repository, never staged on local disk."""
+"""Physical backups: pg_basebackup's tar stream, compressed and hashed on
+the way into the repository, never staged on local disk.
+
+A backup is a full, or (PostgreSQL 17+, ``summarize_wal = on``) an
+incremental on top of the newest backup: ``pg_basebackup --incremental`` with
+that backup's own backup_manifest. Its label names its chain's full
+(``20261125-020000F_20261126-020000I``), its manifest its parent and full.
+Whatever cannot take an incremental falls back to a full and says why.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from pgdr.compression import SUFFIX, compress_stream
 from pgdr.config import ClusterConfig
 from pgdr.crypto import CIPHER, seal
 from pgdr.errors import LockedError, PgdrError, PostgresError
-from pgdr.labels import check_label, make_label
+from pgdr.labels import check_label, chain_full, is_incremental, label_time, make_incr_label, make_label
 from pgdr.lock import ClusterLock
 from pgdr.lsn import parse_lsn
 from pgdr.manifest import BackupManifest, StoredFile
@@ -52,6 +59,9 @@ class BackupResult(JsonResult):
     pg_file_count: int
     duration_seconds: float
     throughput_mb_s: float
+    type: str = "full"  # full | incr
+    parent: str | None = None  # incr: the backup it was taken on top of
+    type_reason: str | None = None  # why this type (the policy's decision, or why an incremental fell back)
 
     @classmethod
     def from_manifest(cls, m: BackupManifest, repository: str, status: str) -> "BackupResult":
@@ -66,20 +76,128 @@ class BackupResult(JsonResult):
             compression_ratio=round(m.size / m.stored_size, 3) if m.stored_size else 0.0,
             parts=len(m.files), pg_file_count=m.pg_file_count,
             duration_seconds=round(duration, 3), throughput_mb_s=round(m.size / duration / 1e6, 1),
+            type=m.type, parent=m.parent,
         )
 
 
-def basebackup_command(bins, conn: ConnInfo, cluster: ClusterConfig, label: str) -> list[str]:
+def basebackup_command(bins, conn: ConnInfo, cluster: ClusterConfig, label: str,
+                       incremental_from: str | None = None) -> list[str]:
     wal = "fetch" if cluster.backup_wal == "embed" else "none"
     cmd = [bins.tool("pg_basebackup"), "-D", "-", "-F", "t", "-X", wal, "-c", cluster.checkpoint,
            "--manifest-checksums=CRC32C", "-l", f"pgdr {cluster.name} {label}", "-w"]
+    if incremental_from:
+        cmd.append(f"--incremental={incremental_from}")
     if conn.dsn:
         cmd += ["-d", conn.dsn]
     return cmd
 
 
+@dataclass
+class TypeDecision:
+    type: str  # full | incr
+    parent: BackupManifest | None
+    reason: str
+
+
+def choose_type(requested: str, backups: list[BackupManifest], policy, now, support: tuple[bool, str],
+                system_identifier: str | None = None, pg_major: int | None = None) -> TypeDecision:
+    """full, or incr on top of the newest backup: ``requested`` is full | incr | auto (the config's policy)."""
+    if requested == "full":
+        return TypeDecision("full", None, "a full backup was asked for")
+    if requested == "auto" and policy is None:
+        return TypeDecision("full", None, "no backup_type_policy configured: every backup is a full")
+    ok, why = support
+    if not ok:
+        return TypeDecision("full", None, f"falling back to a full backup: {why}")
+    base = [b for b in backups if b.status == "ok" and b.type in ("full", "incr") and not b.label.endswith("S")
+            and (system_identifier is None or b.system_identifier == system_identifier)
+            and (pg_major is None or b.pg_major == pg_major)]
+    if not base:
+        return TypeDecision("full", None, "falling back to a full backup: no earlier backup of this cluster and "
+                                          "PostgreSQL version to build an incremental on")
+    parent = max(base, key=lambda b: (label_time(b.label), b.label))
+    if requested == "auto":
+        full_label = parent.full or parent.label
+        chain = sum(1 for b in base if b.full == full_label)
+        age = now - label_time(full_label)
+        if chain >= policy.max_chain:
+            return TypeDecision("full", None, f"policy: the chain from {full_label} already holds {chain} "
+                                              f"incremental(s) (max_chain {policy.max_chain})")
+        if age.total_seconds() >= policy.full_every_days * 86400:
+            return TypeDecision("full", None, f"policy: the newest full {full_label} is {age.days} day(s) old "
+                                              f"(full_every_days {policy.full_every_days})")
+    return TypeDecision("incr", parent, f"incremental on top of {parent.label}")
+
+
 def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None = None,
-               part_size: int = PART_SIZE, wal_timeout: float = 600) -> BackupResult:
+               part_size: int = PART_SIZE, wal_timeout: float = 600, backup_type: str = "full") -> BackupResult:
+    """``backup_type``: full, incr (on top of the newest backup), or auto (the cluster's backup_type_policy).
+    ``label`` is the run's slot (``…F``); an incremental is named from it and its chain's full."""
+    if backup_type not in ("full", "incr", "auto"):
+        raise PgdrError(f"backup type {backup_type!r} is not full, incr or auto")
+    if label and is_incremental(check_label(label)):
+        raise PgdrError(f"{label}: give the slot's label (like 20261126-020000F); pgdr names incrementals itself")
+    if backup_type == "full":
+        return _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None)
+    slot = label_time(label) if label else utcnow()
+    repo = Repository(storage, cluster.name)
+    info = server_info(conn)
+    if label:
+        # A retry of a slot that already produced a backup (full or incremental) returns it.
+        done = [e.manifest for e in repo.catalog() if e.manifest is not None and (
+            e.label == label or (is_incremental(e.label) and e.label.endswith("_" + label[:15] + "I")))]
+        if done:
+            return _run_backup(cluster, conn, storage, done[-1].label, part_size, wal_timeout, None,
+                               existing_only=True)
+    from pgdr.incremental import incremental_support
+
+    decision = choose_type(backup_type, repo.backups(), cluster.backup_type_policy, slot,
+                           incremental_support(conn, info.major), info.system_identifier, info.major)
+    if decision.type == "full":
+        log.info("backup of cluster %s: full (%s)", cluster.name, decision.reason)
+        result = _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None)
+        result.type_reason = decision.reason
+        return result
+    parent = decision.parent
+    incr_label = make_incr_label(chain_full(parent.full or parent.label), slot)
+    log.info("backup of cluster %s: incremental %s on top of %s", cluster.name, incr_label, parent.label)
+    try:
+        result = _run_backup(cluster, conn, storage, incr_label, part_size, wal_timeout, parent)
+    except PostgresError as e:
+        if "summar" not in str(e).lower() and "incremental" not in str(e).lower():
+            raise
+        why = f"pg_basebackup could not take an incremental on top of {parent.label} ({e})"
+        log.warning("falling back to a full backup: %s", why)
+        result = _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None)
+        result.type_reason = f"falling back to a full backup: {why}"
+        return result
+    result.type_reason = decision.reason
+    return result
+
+
+def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest) -> bytes:
+    """The parent's own backup_manifest, as pg_basebackup --incremental needs it; checked against pgdr's."""
+    from pgdr.crypto import unseal
+    from pgdr.errors import IntegrityError
+
+    name = "backup_manifest.enc" if parent.encryption else "backup_manifest"
+    key = repo.key(parent.label, name)
+    blob = storage.get_bytes(key)
+    data = b"".join(unseal([blob], storage.keyring, f"{parent.label}/{name}", key)) if parent.encryption else blob
+    try:
+        ranges = json.loads(data)["WAL-Ranges"]
+        stop = max(parse_lsn(r["End-LSN"]) for r in ranges)
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"{key}: unreadable backup_manifest ({e}); take a full backup") from None
+    if stop != parse_lsn(parent.stop_lsn):
+        raise IntegrityError(f"{key} ends its WAL at a different LSN than backup {parent.label} "
+                             f"({parent.stop_lsn}): refusing to build an incremental on it")
+    return data
+
+
+def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None,
+                part_size: int, wal_timeout: float, parent: BackupManifest | None,
+                existing_only: bool = False) -> BackupResult:
     info = server_info(conn)
     if info.wal_level == "minimal":
         raise PostgresError("wal_level is 'minimal'; physical backups need 'replica' or 'logical' (restart required)")
@@ -104,11 +222,14 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
                 return BackupResult.from_manifest(existing, storage.describe(), "ok")
             log.info("backup %s of cluster %s already exists and is committed; nothing to do", label, cluster.name)
             return BackupResult.from_manifest(existing, storage.describe(), "already_exists")
+        if existing_only:
+            raise PgdrError(f"backup {label} disappeared while this run looked at it; run it again")
         leftovers = repo.remove_unfinished(label)
         if leftovers:
             log.info("removed %d objects of an earlier unfinished attempt at backup %s", leftovers, label)
         try:
-            manifest = _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, abort=lock.lost)
+            manifest = _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, abort=lock.lost,
+                                      parent=parent)
         except BaseException:
             if lock.lost.is_set():
                 # Whoever holds the lock now may be writing this very label: delete nothing, commit nothing.
@@ -173,11 +294,27 @@ def _kill_when(abort, proc) -> threading.Event:
     return done
 
 
-def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, abort=None) -> BackupManifest:
+def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, abort=None,
+                   parent: BackupManifest | None = None) -> BackupManifest:
     # One random data key for the whole backup, wrapped by the keyring's newest master key;
     # asked for before pg_basebackup starts, so a missing key fails fast.
     data_key = storage.keyring.new_data_key() if storage.encrypt else None
-    cmd = basebackup_command(bins, conn, cluster, label)
+    parent_file = None
+    if parent is not None:
+        parent_file = tempfile.NamedTemporaryFile(prefix="pgdr-parent-manifest-")
+        parent_file.write(_parent_manifest(storage, repo, parent))
+        parent_file.flush()
+    try:
+        return _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, parent, data_key,
+                       parent_file.name if parent_file else None)
+    finally:
+        if parent_file is not None:
+            parent_file.close()
+
+
+def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, parent, data_key,
+            parent_path) -> BackupManifest:
+    cmd = basebackup_command(bins, conn, cluster, label, parent_path)
     suffix = SUFFIX[cluster.compression]
     start = utcnow()
     log.info("backup %s of cluster %s: streaming pg_basebackup (PostgreSQL %s, %s) from %s into %s",
@@ -246,7 +383,8 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, a
     last = max(ranges, key=lambda r: parse_lsn(r["End-LSN"]))
     stop = utcnow()
     return BackupManifest(
-        cluster=cluster.name, label=label, type="full", status="ok",
+        cluster=cluster.name, label=label, type="incr" if parent else "full", status="ok",
+        parent=parent.label if parent else None, full=chain_full(label) if parent else None,
         pg_version=info.version_num, pg_version_text=info.version,
         system_identifier=info.system_identifier, timeline=int(last["Timeline"]),
         start_lsn=first["Start-LSN"], stop_lsn=last["End-LSN"],

@@ -81,6 +81,15 @@ def run_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> Check
             "no extra tablespaces" if not info.tablespaces
             else f"extra tablespaces {', '.join(info.tablespaces)} are not supported yet; backups will refuse")
         try:
+            from pgdr.incremental import incremental_support
+
+            ok, detail = incremental_support(conn, info.major)
+            wanted = cluster.backup_type_policy is not None
+            add("summarize_wal", ok or not wanted, detail + ("" if ok or not wanted else
+                "; backup_type_policy asks for incrementals, so every backup falls back to a full"), critical=False)
+        except PgdrError as e:
+            add("summarize_wal", False, str(e), critical=False)
+        try:
             b = find_bin_dir(info.major, cluster.pg_bin_dir, tool="pg_basebackup")
             add("binaries", True, f"pg_basebackup {b.version} in {b.path}")
         except PgdrError as e:

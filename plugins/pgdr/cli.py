@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "does nothing, reusing an unfinished one replaces it")
     b.add_argument("--wal-timeout", type=float, default=600,
                    help="with backup_wal: archive, how long to wait for the backup's WAL to be archived (default 600)")
+    b.add_argument("--type", choices=("full", "incr", "auto"), default="full", dest="backup_type",
+                   help="full (default); incr: incremental on top of the newest backup (PostgreSQL 17+ with "
+                        "summarize_wal = on, else a full, saying why); auto: the cluster's backup_type_policy")
     cmd("list", "list the backups in the repository")
     i = cmd("info", "show one backup's manifest")
     i.add_argument("--backup", required=True, help="label or 'latest'")
@@ -118,12 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
-    wf.add_argument("--prefetch", type=int, default=4, metavar="N",
-                    help="download the next N segments in the background meanwhile (default 4; 0: off)")
+    wf.add_argument("--prefetch", type=int, default=8, metavar="N",
+                    help="keep the next N segments downloaded ahead by one background prefetcher per recovery "
+                         "(default 8; 0: off)")
     pf = cmd("wal-prefetch", None)  # internal: started by wal-fetch
     pf.add_argument("after")
     pf.add_argument("directory")
-    pf.add_argument("--count", type=int, default=4)
+    pf.add_argument("--count", type=int, default=8)
+    pf.add_argument("--follow", action="store_true")
+    pf.add_argument("--idle", type=float, default=60.0)
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
     cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
     ws = cmd("wal-stream", "stream WAL into the repository on a replication slot (the slot advances only "
@@ -187,7 +193,8 @@ def run(args) -> object:
     if args.command == "backup":
         from pgdr.backup import run_backup
 
-        return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout)
+        return run_backup(cluster, conn, storage, label=args.label, wal_timeout=args.wal_timeout,
+                          backup_type=args.backup_type)
     if args.command in ("drill", "drills"):
         from pgdr import drill
 
@@ -269,13 +276,15 @@ def run(args) -> object:
             else:
                 result = archive.fetch(args.name, args.dest)
             if args.prefetch > 0 and SEGMENT.match(args.name) and result.source == "segment":
-                _spawn_prefetch(args, prefetch_dir(args.dest))
+                _ensure_prefetcher(args, prefetch_dir(args.dest))
             return result
         if args.command == "wal-prefetch":
             from pathlib import Path
 
-            from pgdr.wal import prefetch
+            from pgdr.wal import prefetch, run_prefetcher
 
+            if args.follow:
+                return _Done(run_prefetcher(archive, Path(args.directory), max(1, min(args.count, 64)), args.idle))
             names = prefetch(archive, args.after, args.count, Path(args.directory))
             return _Done({"prefetched": names})
         if args.command == "wal-lag":
@@ -397,6 +406,29 @@ class _Done:
 
     def to_dict(self):
         return self.data
+
+
+def _ensure_prefetcher(args, directory) -> None:
+    """Record the segment just fetched; start the one prefetcher of this recovery unless it runs already.
+    Never fails the fetch: a prefetch that does not happen only means the next fetch downloads itself."""
+    from pgdr.wal import claim_prefetcher, note_fetched
+
+    try:
+        note_fetched(args.name, directory)
+        if not claim_prefetcher(directory):
+            return
+        import subprocess
+
+        cmd = [sys.executable, "-m", "pgdr", "-q"]
+        if getattr(args, "config", None):
+            cmd += ["--config", os.path.abspath(args.config)]
+        cmd += ["wal-prefetch", "--cluster", args.cluster, args.name, str(directory), "--count",
+                str(args.prefetch), "--follow"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        (directory / "prefetcher.pid").write_text(str(proc.pid))
+    except Exception as e:  # noqa: BLE001 - the segment is in place: nothing here may fail the fetch
+        log.warning("could not start WAL prefetch: %s", e)
 
 
 def _take_prefetched(take, name, dest) -> bool:

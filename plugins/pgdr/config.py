@@ -69,7 +69,8 @@ class RepositoryConfig:
     aws_conn_id: str | None = None
     sse: str | None = None
     kms_key_id: str | None = None
-    part_size_mb: int = 64
+    part_size_mb: int = 16  # S3 multipart part size: transfer_concurrency of them in flight (memory-bounded)
+    transfer_concurrency: int = 4  # S3: multipart parts / ranged GETs in flight per transfer (memory-bounded)
     encryption: EncryptionConfig | None = None
     object_lock: ObjectLockConfig | None = None
 
@@ -117,6 +118,16 @@ class DrillCanary:
 
 
 @dataclass(frozen=True)
+class BackupTypePolicy:
+    """Which backup a scheduled run takes (``pgdr backup --type auto``): a full when the newest full is
+    ``full_every_days`` old or the chain already holds ``max_chain`` incrementals, else an incremental
+    (PostgreSQL 17+ with summarize_wal = on; anything else falls back to a full, saying why)."""
+
+    full_every_days: int = 7
+    max_chain: int = 6
+
+
+@dataclass(frozen=True)
 class DrillConfig:
     """The disaster-recovery drill: restore into a scratch cluster, validate, measure RTO and RPO."""
 
@@ -154,6 +165,7 @@ class ClusterConfig:
     rto_seconds: int = 3600  # the drill fails past this restore-to-validated time
     rpo_seconds: int | None = None  # the drill fails past this WAL-archiving delay; None: wal.rpo_seconds
     drill: DrillConfig = field(default_factory=DrillConfig)
+    backup_type_policy: BackupTypePolicy | None = None  # None: every scheduled backup is a full
 
     @property
     def rpo_target(self) -> int:
@@ -221,12 +233,14 @@ class _Reader:
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
                 "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal",
-                "retention_window_days", "retention_min_full", "rto_seconds", "rpo_seconds", "drill"}
+                "retention_window_days", "retention_min_full", "rto_seconds", "rpo_seconds", "drill",
+                "backup_type_policy"}
+POLICY_KEYS = {"full_every_days", "max_chain"}
 CLUSTER_KEYS |= {"max_backup_age_hours", "max_drill_age_days"}  # health limits (pgdr.status)
 WAL_KEYS = {"mode", "spool_dir", "window_minutes", "partial_interval_seconds", "rpo_seconds",
             "slot_retained_alert_mb"}
 REPO_KEYS = {"url", "endpoint_url", "region", "aws_conn_id", "sse", "kms_key_id", "part_size_mb", "encryption",
-             "object_lock"}
+             "object_lock", "transfer_concurrency"}
 ENCRYPTION_KEYS = {"key_env", "conn_id", "accept_unencrypted"}
 LOCK_KEYS = {"mode", "days"}
 CLUSTER_KEYS = CLUSTER_KEYS | {"restore_roots"}  # where restores may write: pgdr.paths
@@ -317,6 +331,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         rto_seconds=r.integer(m, "rto_seconds", key, 3600, 1, 7 * 86400),
         rpo_seconds=r.integer(m, "rpo_seconds", key, 0, 1, 86400) if m.get("rpo_seconds") is not None else None,
         drill=_drill(r, m.get("drill") or {}, f"{key}.drill"),
+        backup_type_policy=_backup_type_policy(r, m.get("backup_type_policy"), f"{key}.backup_type_policy"),
         wal=_wal(r, m.get("wal") or {}, f"{key}.wal"),
         name=name,
         repository=_repository(r, m.get("repository"), f"{key}.repository", window),
@@ -366,6 +381,14 @@ def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
         rpo_seconds=r.integer(m, "rpo_seconds", key, 60, 1, 86400),
         slot_retained_alert_mb=r.integer(m, "slot_retained_alert_mb", key, 4096, 16, 10_000_000),
     )
+
+
+def _backup_type_policy(r: _Reader, raw, key: str) -> BackupTypePolicy | None:
+    if raw is None:
+        return None
+    m = r.mapping(raw, key, POLICY_KEYS)
+    return BackupTypePolicy(full_every_days=r.integer(m, "full_every_days", key, 7, 1, 3650),
+                            max_chain=r.integer(m, "max_chain", key, 6, 0, 1000))
 
 
 def _drill(r: _Reader, m: dict, key: str) -> DrillConfig:
@@ -503,7 +526,8 @@ def _repository(r: _Reader, raw, key: str, window_days: int = 30) -> RepositoryC
         aws_conn_id=r.string(m, "aws_conn_id", key),
         sse=sse,
         kms_key_id=kms,
-        part_size_mb=r.integer(m, "part_size_mb", key, 64, 5, 5120),
+        part_size_mb=r.integer(m, "part_size_mb", key, 16, 5, 5120),
+        transfer_concurrency=r.integer(m, "transfer_concurrency", key, 4, 1, 16),
         encryption=_encryption(r, m.get("encryption"), f"{key}.encryption"),
         object_lock=_object_lock(r, m.get("object_lock"), f"{key}.object_lock", url, window_days),
     )

@@ -45,6 +45,10 @@ def delete_backup(repo, label: str, now: datetime | None = None) -> dict:
     done = repo.backups()
     if len(done) <= 1:
         raise DeleteRefused(f"backup {m.label} is the cluster's only completed backup")
+    children = [b.label for b in done if b.parent == m.label]
+    if children:  # an incremental needs every backup of its chain: delete the newest of a chain first
+        raise DeleteRefused(f"backup {m.label} is the parent of incremental backup(s) {', '.join(children)}, "
+                            "which cannot be restored without it; delete those first")
     verified = [b.label for b in done if (v := last_verification(repo, b.label)) and v.get("ok")]
     if verified and verified[-1] == m.label:
         raise DeleteRefused(f"backup {m.label} is the newest backup that passed verification; retention never "

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 VALIDATIONS = ("amcheck", "read_all", "checks", "canary")
 MARKER = ".pgdr-drill"  # teardown only ever deletes a directory carrying this file
-LABEL = re.compile(r"^(latest|\d{8}-\d{6}F)$")
+LABEL = re.compile(r"^(latest|\d{8}-\d{6}F(_\d{8}-\d{6}I)?)$")
 LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC:")
 PHASES = ("restore", "replay", "start_and_promotion", "validation")
 PHASE_NAMES = {"restore": "restore (fetch + verify + unpack)", "replay": "WAL replay",
@@ -287,9 +287,15 @@ def restore_scratch(cluster: ClusterConfig, storage, plan: DrillPlan, mark: dict
     if on_scratch:
         on_scratch(dict(record))
     try:
-        manifest = Repository(storage, cluster.name).resolve(plan.backup)
+        repo = Repository(storage, cluster.name)
+        manifest = repo.resolve(plan.backup)
         wal_bytes = max(parse_lsn(mark["lsn"]) - parse_lsn(manifest.stop_lsn), 0) if mark.get("lsn") else 0
-        record["disk"] = check_free_space(run, int((manifest.size + wal_bytes) * 1.1) + (64 << 20))
+        restored = manifest.size
+        if manifest.type == "incr":  # restored in place: the full's size plus what the incrementals add, at most
+            from pgdr.incremental import chain_of
+
+            restored = sum(m.size for m in chain_of(repo, manifest))
+        record["disk"] = check_free_space(run, int((restored + wal_bytes) * 1.1) + (64 << 20))
         target = _recovery_target(plan, mark)
         t0 = time.monotonic()
         # The drill restores only into its own scratch directory: that is its restore root, and the only one.

@@ -65,6 +65,11 @@ class BackupManifest(JsonResult):
     # In an encrypted repository: {"alg": "hmac-sha256", "key_id": ..., "mac": ...} over every other field
     # (pgdr.crypto.sign_record), so a rewritten checksum, size or file list is detected.
     auth: dict | None = None
+    # Incremental backups (type "incr", PostgreSQL 17+): ``parent`` is the backup whose backup_manifest
+    # pg_basebackup --incremental was given, ``full`` the full backup the chain starts at. A restore applies
+    # full, then every incremental in order; each member's objects are checked like any backup's.
+    parent: str | None = None
+    full: str | None = None
 
     @property
     def pg_major(self) -> int:

@@ -29,6 +29,7 @@ from pgdr.paths import confine
 from pgdr.server import SERVER_ENV_PASS, check_listen, server_env, start_server
 from pgdr.storage import Storage
 from pgdr.unpack import pg_verifybackup as _pg_verifybackup
+from pgdr.incremental import chain_of, restore_chain
 from pgdr.unpack import require_key
 from pgdr.unpack import unpack as _unpack
 from pgdr.wal import PREFETCH_DIR, WalArchive
@@ -55,6 +56,7 @@ class RestoreResult(JsonResult):
     started: bool
     port: int | None
     recovery: dict | None = None  # target restores: the plan and what recovery reached
+    chain: list | None = None  # an incremental: the labels applied, full first
     safety_backup: dict | None = None  # a confirmed replace: the backup of what the destination held
     # The restore's RTO by phase, measured like a drill's: fetch + verify + unpack, then start and recovery
     # (WAL replay and promotion) until the server accepts connections; total from "restore begins".
@@ -132,13 +134,23 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
     log.info("restoring backup %s of cluster %s (PostgreSQL %s, %.1f MB) from %s into %s",
              manifest.label, cluster.name, manifest.pg_version_text, manifest.size / 1e6,
              storage.describe(), target)
-    require_key(repo, manifest)
+    # An incremental restores through its chain: every link is checked, every member's key opened, before
+    # anything is written.
+    chain = chain_of(repo, manifest) if manifest.type == "incr" else [manifest]
+    if len(chain) > 1:
+        log.info("backup %s is an incremental: restoring the chain %s, applied in place",
+                 manifest.label, " -> ".join(m.label for m in chain))
+    for member in chain:
+        require_key(repo, member)
     if recovery_target is not None and start:
         _check_restore_command(config_path, cluster.name, owner if uid_gid else None, server_env(cluster, storage))
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        _unpack(repo, manifest, target)
+        if len(chain) > 1:
+            restore_chain(repo, chain, target)
+        else:
+            _unpack(repo, manifest, target)
         if uid_gid:
             _chown_tree(target, *uid_gid)
         os.chmod(target, 0o700)
@@ -185,10 +197,10 @@ def run_restore(cluster: ClusterConfig, storage: Storage, label: str, pgdata: st
         cluster=cluster.name, label=manifest.label, pgdata=str(target), repository=storage.describe(),
         pg_version=manifest.pg_version_text, system_identifier=manifest.system_identifier,
         stop_lsn=manifest.stop_lsn, size=manifest.size, stored_size=manifest.stored_size,
-        parts_verified=len(manifest.files), pg_verifybackup=verify,
+        parts_verified=sum(len(m.files) for m in chain), pg_verifybackup=verify,
         duration_seconds=round(duration, 3), throughput_mb_s=round(manifest.size / duration / 1e6, 1),
         owner=owner if uid_gid else str(os.geteuid()), started=started, port=port if start else None,
-        recovery=recovery, phases=phases,
+        recovery=recovery, phases=phases, chain=[m.label for m in chain] if len(chain) > 1 else None,
     )
     log.info("restore of %s into %s done: %d parts verified, pg_verifybackup %s, %.1f s%s",
              manifest.label, target, result.parts_verified, verify, result.duration_seconds,

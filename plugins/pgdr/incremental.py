@@ -1,0 +1,443 @@
+"""Incremental backups (PostgreSQL 17+): chains, and applying one in place.
+
+``pg_basebackup --incremental=<parent's backup_manifest>`` sends, for each
+relation file changed since the parent, ``INCREMENTAL.<name>`` instead of
+``<name>``: a header (magic ``0xd3ae1f0d``, block count, truncation block
+length, the segment-relative block numbers, zero padding to a block boundary
+when there are blocks) and then those blocks. Every other file is sent whole.
+
+A chain restores without staging its members: the full is unpacked into the
+target, then each incremental's tar stream is applied in place, in order,
+straight from the repository (:class:`ChainApplier`), with the semantics of
+PostgreSQL's own ``pg_combinebackup`` (src/bin/pg_combinebackup/reconstruct.c):
+
+- a whole file replaces the target's;
+- for ``INCREMENTAL.<name>``: blocks at or past the truncation length are
+  dropped, the listed blocks are written at their offsets, the file ends at
+  ``max(truncation length, highest block + 1)`` blocks (a hole reads as zeros,
+  as pg_combinebackup zero-fills a block no backup holds);
+- every file and directory of the target that the incremental's tar does not
+  hold is removed (a dropped table, WAL of an earlier member);
+- ``backup_label`` loses its ``INCREMENTAL FROM`` lines (PostgreSQL refuses to
+  start from an incremental's label).
+
+Disk use stays at the restored cluster's size plus nothing. Afterwards the
+newest member's ``backup_manifest`` is rewritten as pg_combinebackup would:
+reconstructed files under their own names with their sizes (and no checksum:
+no backup holds the reconstructed file whole; every block of it was checked
+as stored), every whole file with PostgreSQL's checksum, so
+``pg_verifybackup`` proves the file set (nothing missing, nothing extra),
+sizes, the checksums of whole files and the WAL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import struct
+from pathlib import Path
+
+from pgdr.errors import BackupNotFound, IntegrityError, PgdrError
+from pgdr.labels import chain_full, is_incremental
+from pgdr.manifest import BackupManifest
+from pgdr.repository import Repository
+from pgdr.tarstream import TarExtractor, check_kind, member_parts
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0xD3AE1F0D
+PREFIX = "INCREMENTAL."
+BLCKSZ = 8192
+RELSEG_SIZE = 131072  # blocks per relation segment file (1 GB of 8 kB blocks)
+MAX_CHAIN = 1000
+LABEL_DROP = ("INCREMENTAL FROM LSN:", "INCREMENTAL FROM TLI:")
+
+
+# ----------------------------------------------------------------------------------------------- chains
+
+def chain_of(repo: Repository, m: BackupManifest, backups: dict[str, BackupManifest] | None = None
+             ) -> list[BackupManifest]:
+    """The chain a backup restores from, full first, ``m`` last; every link checked.
+
+    Raises IntegrityError naming the member that is missing or does not fit, before anything is written.
+    """
+    chain = [m]
+    seen = {m.label}
+    while chain[-1].type == "incr":
+        child = chain[-1]
+        parent_label = child.parent
+        if not parent_label or child.full != chain_full(child.label) or not is_incremental(child.label):
+            raise IntegrityError(f"backup {child.label} is an incremental whose manifest does not name its chain "
+                                 f"consistently (parent {child.parent!r}, full {child.full!r}): refusing it")
+        if parent_label in seen or len(chain) > MAX_CHAIN:
+            raise IntegrityError(f"backup {child.label}: its chain loops or is longer than {MAX_CHAIN}")
+        try:
+            parent = backups[parent_label] if backups is not None else repo.manifest(parent_label)
+        except (KeyError, BackupNotFound):
+            raise IntegrityError(
+                f"backup {m.label} needs {parent_label} (the parent of {child.label} in the chain from "
+                f"{child.full}), which is missing from the repository: the chain cannot be restored; "
+                "nothing was written") from None
+        if parent.status != "ok":
+            raise IntegrityError(f"backup {m.label} needs {parent_label}, which has status {parent.status!r}: "
+                                 "the chain cannot be restored; nothing was written")
+        if chain_full(parent.label) != child.full:
+            raise IntegrityError(f"backup {child.label} names parent {parent_label}, which is not in its chain "
+                                 f"from {child.full}: refusing it")
+        if parent.system_identifier != child.system_identifier or parent.pg_major != child.pg_major:
+            raise IntegrityError(f"backup {child.label} and its parent {parent_label} are of different clusters "
+                                 "or PostgreSQL versions: refusing the chain")
+        if _lsn(parent.stop_lsn) > _lsn(child.start_lsn):
+            raise IntegrityError(f"backup {child.label} starts at {child.start_lsn}, before its parent "
+                                 f"{parent_label} ended ({parent.stop_lsn}): refusing the chain")
+        if parent.encryption != child.encryption and bool(parent.encryption) != bool(child.encryption):
+            log.info("chain of %s mixes encrypted and unencrypted members", m.label)
+        seen.add(parent_label)
+        chain.append(parent)
+    if chain[-1].type == "incr" or chain[-1].parent:
+        raise IntegrityError(f"backup {m.label}: the chain does not start at a full backup")
+    return list(reversed(chain))
+
+
+def dependents(backups: list[BackupManifest]) -> dict[str, list[str]]:
+    """label -> the labels of the incrementals whose direct parent it is."""
+    out: dict[str, list[str]] = {}
+    for b in backups:
+        if b.parent:
+            out.setdefault(b.parent, []).append(b.label)
+    return out
+
+
+def _lsn(text: str) -> int:
+    from pgdr.lsn import parse_lsn
+
+    return parse_lsn(text)
+
+
+# ------------------------------------------------------------------------------------------ applying
+
+class _IncrementalFile:
+    """Applies one ``INCREMENTAL.<name>`` member's bytes to an open file, as they stream by."""
+
+    def __init__(self, name: str, fd: int, size: int):
+        self.name, self.fd, self.size = name, fd, size
+        self.buf = bytearray()
+        self.fmt = "<I"
+        self.blocks: list[int] | None = None
+        self.header_len = 0
+        self.index = 0  # next block to write
+        self.got = 0
+        self.truncation = 0
+
+    def _fail(self, why: str) -> IntegrityError:
+        return IntegrityError(f"incremental file {self.name!r} {why}; refusing it (the backup is damaged or was "
+                              "tampered with)")
+
+    def feed(self, chunk) -> None:
+        self.got += len(chunk)
+        if self.got > self.size:
+            raise self._fail("is longer than its tar header says")
+        self.buf += chunk
+        if self.blocks is None:
+            if not self._header():
+                return
+        while len(self.buf) >= BLCKSZ and self.index < len(self.blocks):
+            with memoryview(self.buf) as view:
+                os.pwrite(self.fd, view[:BLCKSZ], self.blocks[self.index] * BLCKSZ)
+            del self.buf[:BLCKSZ]
+            self.index += 1
+        if self.index == len(self.blocks) and self.buf:
+            raise self._fail("holds more bytes than its blocks")
+
+    def _header(self) -> bool:
+        if len(self.buf) < 12:
+            return False
+        magic_le = struct.unpack_from("<I", self.buf)[0]
+        if magic_le != MAGIC:
+            if struct.unpack_from(">I", self.buf)[0] != MAGIC:
+                raise self._fail(f"does not start with the incremental magic (found {magic_le:#x})")
+            self.fmt = ">I"
+        count = struct.unpack_from(self.fmt, self.buf, 4)[0]
+        self.truncation = struct.unpack_from(self.fmt, self.buf, 8)[0]
+        if count > RELSEG_SIZE or self.truncation > RELSEG_SIZE:
+            raise self._fail(f"claims {count} blocks and a truncation length of {self.truncation} blocks, more "
+                             f"than a relation segment holds ({RELSEG_SIZE})")
+        raw = 12 + 4 * count
+        header = raw if count == 0 or raw % BLCKSZ == 0 else raw + BLCKSZ - raw % BLCKSZ
+        if self.size != header + count * BLCKSZ:
+            raise self._fail(f"is {self.size} bytes, but its header ({count} blocks of {BLCKSZ}) makes "
+                             f"{header + count * BLCKSZ}")
+        if len(self.buf) < header:
+            return False
+        order = "<" if self.fmt == "<I" else ">"
+        blocks = list(struct.unpack_from(f"{order}{count}I", self.buf, 12))
+        if any(b >= RELSEG_SIZE for b in blocks) or len(set(blocks)) != len(blocks):
+            raise self._fail("lists a block number twice or past the end of a relation segment")
+        if any(self.buf[raw:header]):
+            raise self._fail("has a non-zero header padding")
+        del self.buf[:header]
+        self.blocks = blocks
+        self.header_len = header
+        # Blocks at or past the truncation length were truncated away since the parent: drop them first.
+        if os.fstat(self.fd).st_size > self.truncation * BLCKSZ:
+            os.ftruncate(self.fd, self.truncation * BLCKSZ)
+        return True
+
+    def finish(self) -> int:
+        """The file's final length, once every byte arrived."""
+        if self.blocks is None or self.index != len(self.blocks) or self.got != self.size:
+            raise self._fail("ends early")
+        length = max([self.truncation] + [b + 1 for b in self.blocks]) * BLCKSZ
+        os.ftruncate(self.fd, length)  # never shorter than what was written; extends with zeros to the length
+        return length
+
+
+class ChainApplier(TarExtractor):
+    """Applies the tar stream of an incremental on top of the restored state of its parent in ``root``.
+
+    The extractor's rules hold (paths walked from the root without following links; only regular files and
+    directories); unlike it, a member may replace the file the parent left there.
+    """
+
+    def __init__(self, root: Path, base: bool = False, skip_wal: bool = False):
+        super().__init__(root)
+        self.base = base  # the chain's full: unpacked into an empty target, holds no INCREMENTAL. file
+        self.skip_wal = skip_wal  # not the chain's last member: its WAL is never used (the last one's is)
+        self._skip = False
+        self.files: set[str] = set()  # paths (relative, reconstructed names) this member holds
+        self.dirs: set[str] = set()
+        self.reconstructed: dict[str, int] = {}  # path -> length
+        self._inc: _IncrementalFile | None = None
+        self._label: bytearray | None = None
+        self._label_parent: int | None = None
+
+    def member(self, name, kind, size, mode, linkname):
+        parts = member_parts(name)
+        check_kind(name, kind, linkname)
+        if kind == b"5":
+            super().member(name, kind, size, mode, linkname)
+            self.dirs.add("/".join(parts))
+            return
+        leaf = parts[-1]
+        incremental = leaf.startswith(PREFIX)
+        if incremental and self.base:
+            raise IntegrityError(f"tar member {name!r}: a full backup holds no incremental file; refusing it")
+        if self.skip_wal and parts[0] == "pg_wal":
+            self._skip = True  # like pg_combinebackup: only the newest member's WAL goes into the result
+            return
+        if incremental:
+            leaf = leaf[len(PREFIX):]
+            if not leaf or leaf in (".", ".."):
+                raise IntegrityError(f"tar member {name!r} names no file; refusing it")
+        path = "/".join(parts[:-1] + [leaf])
+        if path in self.files or path in self.dirs:
+            raise IntegrityError(f"tar member {name!r} names a path that an earlier member already created; "
+                                 "refusing it (the backup is damaged or was tampered with)")
+        self.files.add(path)
+        parent = self._open_dir(name, parts[:-1])
+        if incremental:
+            fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise IntegrityError(f"tar member {name!r}: {path} in the target is not a regular file")
+            self._inc = _IncrementalFile(name, fd, size)
+            self._inc_path = path
+            return
+        self._unlink(name, leaf, parent)
+        if path == "backup_label":
+            self._label = bytearray()
+            self._label_parent = os.dup(parent)
+            self._label_mode = mode
+            return
+        self._fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           (mode & 0o640) | 0o600 if mode else 0o600, dir_fd=parent)
+
+    @staticmethod
+    def _unlink(name: str, leaf: str, parent: int) -> None:
+        try:
+            os.unlink(leaf, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise IntegrityError(f"tar member {name!r} is a file where the parent backup has a directory; "
+                                 "refusing it") from None
+
+    def data(self, chunk):
+        if self._skip:
+            return
+        if self._inc is not None:
+            self._inc.feed(chunk)
+        elif self._label is not None:
+            self._label += chunk
+            if len(self._label) > 1 << 20:
+                raise IntegrityError("backup_label is larger than 1 MiB; refusing it")
+        else:
+            super().data(chunk)
+
+    def member_end(self):
+        if self._skip:
+            self._skip = False
+            return
+        if self._inc is not None:
+            inc, self._inc = self._inc, None
+            try:
+                self.reconstructed[self._inc_path] = inc.finish()
+            finally:
+                os.close(inc.fd)
+            return
+        if self._label is not None:
+            text, self._label = bytes(self._label), None
+            parent, self._label_parent = self._label_parent, None
+            try:
+                fd = os.open("backup_label", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=parent)
+                try:
+                    os.write(fd, strip_incremental_lines(text))
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(parent)
+            self.reconstructed["backup_label"] = -1  # rewritten: its manifest entry loses the checksum
+            return
+        super().member_end()
+
+    def release(self) -> None:
+        if self._inc is not None:
+            os.close(self._inc.fd)
+            self._inc = None
+        if self._label_parent is not None:
+            os.close(self._label_parent)
+            self._label_parent = None
+            self._label = None
+        super().release()
+
+    def prune(self) -> int:
+        """Remove every file and directory under the root that this member does not hold. Returns the count."""
+        removed = 0
+        root = str(self.root)
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            rel_dir = os.path.relpath(dirpath, root)
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if rel not in self.files:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+            for name in dirnames:
+                full = os.path.join(dirpath, name)
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not os.path.islink(full) and rel not in self.dirs and not os.listdir(full):
+                    os.rmdir(full)
+                    removed += 1
+        return removed
+
+
+def strip_incremental_lines(text: bytes) -> bytes:
+    return b"".join(line for line in text.splitlines(keepends=True)
+                    if not line.decode("utf-8", "replace").startswith(LABEL_DROP))
+
+
+def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False,
+                 last: bool = True) -> tuple[int, dict[str, int]]:
+    """One chain member, every object checked before use (pgdr.unpack), applied in place on ``target`` (the
+    full: unpacked into it). Returns the bytes read and {path: length} of the files it reconstructed."""
+    from pgdr.unpack import VerifiedObject, part_content
+
+    applier = ChainApplier(target, base=base, skip_wal=not last)
+    read = 0
+    try:
+        for f in m.files:
+            key = repo.key(m.label, f.name)
+            stored = VerifiedObject(repo.storage, key, f)
+            size = 0
+            try:
+                for chunk in part_content(repo, m, f, stored):
+                    size += len(chunk)
+                    applier.feed(chunk)
+            finally:
+                read += stored.bytes_read
+            if size != f.size:
+                raise IntegrityError(f"{key}: decompressed to {size} bytes, the manifest says {f.size}")
+        applier.close()
+        removed = 0 if base else applier.prune()
+    except OSError as e:
+        raise PgdrError(f"cannot apply incremental backup {m.label} to {target}: {e}") from e
+    finally:
+        applier.release()
+    changed = sum(1 for v in applier.reconstructed.values() if v >= 0)
+    if base:
+        log.info("restored full backup %s, the base of the chain", m.label)
+        return read, applier.reconstructed
+    log.info("applied incremental %s: %d relation files updated in place, %d whole files, %d removed",
+             m.label, changed, len(applier.files) - changed, removed)
+    return read, applier.reconstructed
+
+
+def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -> int:
+    """The full into ``target``, then every incremental in order, in place. Returns the bytes read."""
+    read, reconstructed = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1)
+    for i, m in enumerate(chain[1:], start=2):
+        got, reconstructed = apply_member(repo, m, target, last=i == len(chain))
+        read += got
+    if len(chain) > 1:
+        rewrite_backup_manifest(target, reconstructed)
+    return read
+
+
+# ------------------------------------------------------------------------------------- backup_manifest
+
+def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None:
+    """The newest member's backup_manifest, as pg_combinebackup writes it for the combined directory."""
+    path = target / "backup_manifest"
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"the incremental's backup_manifest is unreadable: {e}") from None
+    lines = []
+    for entry in data.get("Files", []):
+        p = entry.get("Path")
+        if p is None:
+            lines.append(entry)  # an Encoded-Path entry: never an incremental file
+            continue
+        head, _, leaf = p.rpartition("/")
+        if leaf.startswith(PREFIX):
+            real = (head + "/" if head else "") + leaf[len(PREFIX):]
+            size = reconstructed.get(real)
+            if size is None or size < 0:
+                raise IntegrityError(f"backup_manifest lists {p}, which the incremental's tar did not hold")
+            entry = {"Path": real, "Size": size, "Last-Modified": entry.get("Last-Modified")}
+        elif p == "backup_label":
+            entry = {"Path": p, "Size": (target / p).stat().st_size, "Last-Modified": entry.get("Last-Modified")}
+        lines.append({k: v for k, v in entry.items() if v is not None})
+    out = ['{ "PostgreSQL-Backup-Manifest-Version": %d,\n' % data.get("PostgreSQL-Backup-Manifest-Version", 2)]
+    if "System-Identifier" in data:
+        out.append('"System-Identifier": %d,\n' % int(data["System-Identifier"]))
+    out.append('"Files": [\n')
+    out.append(",\n".join(json.dumps(e) for e in lines) + "\n],\n")
+    out.append('"WAL-Ranges": [\n')
+    out.append(",\n".join(json.dumps(r) for r in data.get("WAL-Ranges", [])) + "\n],\n")
+    body = "".join(out).encode()
+    checksum = hashlib.sha256(body).hexdigest()
+    tmp = target / "backup_manifest.pgdr-tmp"
+    tmp.write_bytes(body + b'"Manifest-Checksum": "' + checksum.encode() + b'"}\n')
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- the server
+
+def incremental_support(conn, major: int) -> tuple[bool, str]:
+    """Whether the server can take an incremental backup now, and in words why not."""
+    if major < 17:
+        return False, f"PostgreSQL {major} has no incremental backups (17 or newer with summarize_wal = on)"
+    from pgdr.postgres import connect
+
+    with connect(conn) as c:
+        row = c.execute("select setting from pg_settings where name = 'summarize_wal'").fetchone()
+    setting = row[0] if row else None
+    if setting != "on":
+        return False, (f"summarize_wal = {setting or 'unknown'}: PostgreSQL takes incremental backups only with "
+                       "summarize_wal = on (ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf(); the "
+                       "first incremental follows the next full backup)")
+    return True, "summarize_wal = on: incremental backups possible"

@@ -1,0 +1,95 @@
+"""WAL fetch with one long-lived prefetcher per recovery (not a process per segment): it keeps the next
+segments ready while PostgreSQL asks for them, is started once, and goes away when the spool does. The
+fetch's own exit codes are untouched: the prefetcher only ever fills the spool, errors are only logged."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from helpers import pgdr, write_config
+from test_wal import completed_segments
+
+
+def _ready(spool):
+    return sorted(p.name[:24] for p in spool.glob("0*") if len(p.name) == 24 + 1 + 64)
+
+
+def _wait(pred, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_one_prefetcher_follows_recovery_and_leaves_with_the_spool(pg15, tmp_path):
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
+    segs = completed_segments(pg15, 6)
+    for seg in segs:
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    spool = pg_wal / ".pgdr-prefetch"
+
+    def fetch(seg, prefetch=2):
+        code, out, err = pgdr("--json", "wal-fetch", "--cluster", "app", seg.name, pg_wal / "RECOVERYXLOG",
+                              "--prefetch", prefetch, config=config)
+        assert code == 0, err
+        assert (pg_wal / "RECOVERYXLOG").read_bytes() == seg.read_bytes()
+        return out
+
+    fetch(segs[0])
+    assert _wait(lambda: _ready(spool) == [s.name for s in segs[1:3]])
+    pid = int((spool / "prefetcher.pid").read_text())
+    for i in (1, 2, 3):
+        out = fetch(segs[i])
+        assert out["key"].startswith(".pgdr-prefetch/")  # served from the spool
+        # The same prefetcher moves ahead with PostgreSQL and drops what it passed.
+        assert _wait(lambda: _ready(spool) == [s.name for s in segs[i + 1:i + 3]])
+        assert int((spool / "prefetcher.pid").read_text()) == pid
+    os.kill(pid, 0)
+    # Recovery ended: the spool is removed, and the prefetcher goes with it.
+    import shutil
+
+    shutil.rmtree(spool)
+    assert _wait(lambda: not _alive(pid))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours is gone too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_path):
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
+    segs = completed_segments(pg15, 2)
+    for seg in segs:
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    spool = pg_wal / ".pgdr-prefetch"
+    # The next segment is damaged in the archive before the prefetcher can take it.
+    (obj,) = [p for p in (tmp_path / "r").rglob(segs[1].name + "*") if p.is_file()]
+    obj.write_bytes(b"damaged")
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG", config=config)
+    assert code == 0, err
+    assert _wait(lambda: (spool / "prefetcher.pid").exists())
+    time.sleep(1)  # the prefetcher tried segs[1], failed, and put nothing in the spool
+    assert _ready(spool) == []
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[1].name, pg_wal / "RECOVERYXLOG", config=config)
+    assert code == 200, err
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", "000000010000FFFF000000FE", pg_wal / "RECOVERYXLOG",
+                        config=config)
+    assert code == 1, err
+    import shutil
+
+    shutil.rmtree(spool)

@@ -18,7 +18,6 @@ body, the field named), 403, 404 (unknown cluster or backup), 409 (a held lock, 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag, resolve_user_from_token
 from pgdr.errors import BackupNotFound, ConfigError, PgdrError
+from pgdr.labels import LABEL
 
 log = logging.getLogger(__name__)
-LABEL = r"^\d{8}-\d{6}F$"
 READ_DAGS = ("backup", "verify", "retention", "restore")
 HTTP = {"usage": 400, "config": 400, "backup_not_found": 404, "cluster_not_found": 404, "dag_not_found": 404,
         "locked": 409, "delete_refused": 409, "already_pinned": 409, "not_pinned": 409, "dag_run_exists": 409,
@@ -386,7 +385,7 @@ class BackupBody(_Body):
 
 
 class VerifyBody(_Body):
-    scope: str = Field("new", pattern=r"^(new|all|latest|\d{8}-\d{6}F)$")
+    scope: str = Field("new", pattern=r"^(new|all|latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$")
     note: str | None = Field(None, max_length=1000)
 
 
@@ -398,7 +397,7 @@ ISO_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{
 
 
 class RestoreBody(_Body):
-    backup: str = Field("latest", pattern=r"^(latest|\d{8}-\d{6}F)$")
+    backup: str = Field("latest", pattern=r"^(latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$")
     target: Literal["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"] = "end_of_backup"
     target_time: str | None = Field(None, pattern=ISO_TIME)
     target_lsn: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -534,8 +533,9 @@ def refresh(user: GetUserDep, cluster=Depends(run_creator("backup"))):
 
 
 def _label(label: str) -> None:
-    if not re.match(LABEL, label):
-        raise ApiError("usage", f"label: {label!r} is not a backup label (like 20261125-020000F)", 400, field="label")
+    if not LABEL.match(label):  # the core's own label rule: full, safety (…S) and incremental (…F_…I) labels
+        raise ApiError("usage", f"label: {label!r} is not a backup label (like 20261125-020000F or "
+                       "20261125-020000F_20261126-020000I)", 400, field="label")
 
 
 def _repository_action(user, cluster, action: str, params: dict, fn):

@@ -99,5 +99,9 @@ def test_a_wal_segment_size_other_than_16_mib_is_refused_by_check(workdir):
         seg = {c["name"]: c for c in report["checks"]}["wal_segment_size"]
         assert code == 1 and not seg["ok"] and seg["critical"]
         assert "33554432" in seg["detail"] and "16 MiB segments only" in seg["detail"]
+        # ... and so is a backup, before anything reaches the repository.
+        code, out, err = pgdr("--json", "backup", "--cluster", "app", config=config)
+        assert code != 0 and "only 16 MiB" in out["message"], err
+        assert not (workdir / "check-segsize" / "repo" / "app" / "backup").exists()
     finally:
         pg.destroy()

@@ -195,6 +195,16 @@ def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest)
     return data
 
 
+def _require_supported_segment_size(conn: ConnInfo, cluster: str) -> None:
+    """A backup whose WAL pgdr could not archive or replay is refused before anything is written."""
+    from pgdr.postgres import connect
+    from pgdr.wal import require_supported_segment_size
+
+    with connect(conn) as c:
+        size = int(c.execute("select setting from pg_settings where name = 'wal_segment_size'").fetchone()[0])
+    require_supported_segment_size(size, f"cluster '{cluster}'")
+
+
 def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None,
                 part_size: int, wal_timeout: float, parent: BackupManifest | None,
                 existing_only: bool = False) -> BackupResult:
@@ -205,6 +215,7 @@ def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label:
         raise PgdrError(
             f"cluster '{cluster.name}' has extra tablespaces ({', '.join(info.tablespaces)}); pgdr does not yet "
             "back up tablespaces outside the data directory and refuses rather than take an incomplete backup")
+    _require_supported_segment_size(conn, cluster.name)
     bins = find_bin_dir(info.major, cluster.pg_bin_dir, tool="pg_basebackup")
     repo = Repository(storage, cluster.name)
     repo.check_identity(info.system_identifier, info.version_num)

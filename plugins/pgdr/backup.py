@@ -323,10 +323,50 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, a
             parent_file.close()
 
 
+def store_parts(reader: ChunkReader, watcher: TarWatcher, repo: Repository, label: str, cluster: ClusterConfig,
+                data_key, part_size: int = PART_SIZE, abort=None) -> list[StoredFile]:
+    """A tar stream into the repository as a backup's parts: ``part_size`` raw bytes each, compressed, sealed
+    when encrypting, with the SHA-256 of the whole part and of every few MiB as stored (restore checks each
+    piece before using it). ``abort`` (an Event) stops it between chunks: a lost lock."""
+    storage = repo.storage
+    suffix = SUFFIX[cluster.compression]
+    files: list[StoredFile] = []
+    eof = False
+    while not eof:
+        stored = ChunkDigests()
+        state = {"eof": False, "raw": 0}
+
+        def raw_chunks():
+            while state["raw"] < part_size:
+                data = reader.read(min(CHUNK, part_size - state["raw"]))
+                if abort is not None and abort.is_set():
+                    raise LockedError(f"backup {label} aborted: its lock was lost")
+                if not data:
+                    state["eof"] = True
+                    return
+                watcher.feed(data)
+                state["raw"] += len(data)
+                yield data
+
+        name = f"base.tar.{len(files):05d}{suffix}{'.enc' if data_key else ''}"
+        key = repo.key(label, name)
+        body = compress_stream(raw_chunks(), cluster.compression, cluster.compression_level)
+        if data_key:
+            body = seal(body, data_key, f"{label}/{name}")
+        storage.put_stream(key, stored.tap(body), lock=True)
+        eof = state["eof"]
+        if state["raw"] == 0 and files:
+            storage.delete(key)  # the stream ended exactly on a part boundary
+            break
+        files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest,
+                                stored.chunk_size, stored.finish()))
+        log.info("stored %s: %.1f MB -> %.1f MB", name, state["raw"] / 1e6, stored.size / 1e6)
+    return files
+
+
 def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, parent, data_key,
             parent_path) -> BackupManifest:
     cmd = basebackup_command(bins, conn, cluster, label, parent_path)
-    suffix = SUFFIX[cluster.compression]
     start = utcnow()
     log.info("backup %s of cluster %s: streaming pg_basebackup (PostgreSQL %s, %s) from %s into %s",
              label, cluster.name, bins.version, bins.path, conn.describe(), storage.describe())
@@ -336,38 +376,8 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
         prefetch = Prefetch(read_pipe(proc.stdout), depth=16)
         reader = ChunkReader(prefetch)
         watcher = TarWatcher()
-        files: list[StoredFile] = []
         try:
-            eof = False
-            while not eof:
-                stored = ChunkDigests()  # SHA-256 per few MiB as stored: restore checks each before use
-                state = {"eof": False, "raw": 0}
-
-                def raw_chunks():
-                    while state["raw"] < part_size:
-                        data = reader.read(min(CHUNK, part_size - state["raw"]))
-                        if abort is not None and abort.is_set():
-                            raise LockedError(f"backup {label} aborted: its lock was lost")
-                        if not data:
-                            state["eof"] = True
-                            return
-                        watcher.feed(data)
-                        state["raw"] += len(data)
-                        yield data
-
-                name = f"base.tar.{len(files):05d}{suffix}{'.enc' if data_key else ''}"
-                key = repo.key(label, name)
-                body = compress_stream(raw_chunks(), cluster.compression, cluster.compression_level)
-                if data_key:
-                    body = seal(body, data_key, f"{label}/{name}")
-                storage.put_stream(key, stored.tap(body), lock=True)
-                eof = state["eof"]
-                if state["raw"] == 0 and files:
-                    storage.delete(key)  # the stream ended exactly on a part boundary
-                    break
-                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest,
-                                        stored.chunk_size, stored.finish()))
-                log.info("stored %s: %.1f MB -> %.1f MB", name, state["raw"] / 1e6, stored.size / 1e6)
+            files = store_parts(reader, watcher, repo, label, cluster, data_key, part_size, abort)
             rc = proc.wait()
         except BaseException:
             proc.kill()

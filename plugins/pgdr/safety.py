@@ -27,8 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgdr.compression import SUFFIX, compress_stream
 from pgdr.config import ClusterConfig
+from pgdr.backup import PART_SIZE, store_parts
 from pgdr.crypto import CIPHER, seal
 from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
 from pgdr.labels import make_label
@@ -39,11 +39,10 @@ from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.server import pid_file_lines, running_pid
 from pgdr.storage import Storage
-from pgdr.streams import CHUNK, ChunkReader, Digest, Prefetch, read_pipe
+from pgdr.streams import ChunkReader, Digest, Prefetch, read_pipe
 from pgdr.tarstream import TarWatcher
 
 log = logging.getLogger(__name__)
-PART_SIZE = 1 << 30
 # Left out of a cold copy: the pid file, and a backup_manifest left by an earlier restore (it describes that
 # backup, not this copy; pg_basebackup leaves it out of online backups for the same reason).
 SKIP = ("postmaster.pid", "postmaster.opts", "backup_manifest")
@@ -188,42 +187,14 @@ def _basebackup_command(cluster, pgdata: Path, info: DataDirInfo, user: str | No
 def _store_stream(cmd: list[str], repo: Repository, label: str, cluster, data_key,
                   part_size: int = PART_SIZE) -> tuple[list[StoredFile], TarWatcher]:
     """A tar stream from ``cmd`` into the repository as parts, as ``pgdr backup`` stores them."""
-    storage = repo.storage
-    suffix = SUFFIX[cluster.compression]
     watcher = TarWatcher()
-    files: list[StoredFile] = []
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "PGCONNECT_TIMEOUT": "10"}
     with tempfile.TemporaryFile() as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, stdin=subprocess.DEVNULL, env=env)
         prefetch = Prefetch(read_pipe(proc.stdout), depth=16)
         reader = ChunkReader(prefetch)
         try:
-            eof = False
-            while not eof:
-                stored = Digest()
-                state = {"eof": False, "raw": 0}
-
-                def raw_chunks():
-                    while state["raw"] < part_size:
-                        data = reader.read(min(CHUNK, part_size - state["raw"]))
-                        if not data:
-                            state["eof"] = True
-                            return
-                        watcher.feed(data)
-                        state["raw"] += len(data)
-                        yield data
-
-                name = f"base.tar.{len(files):05d}{suffix}{'.enc' if data_key else ''}"
-                key = repo.key(label, name)
-                body = compress_stream(raw_chunks(), cluster.compression, cluster.compression_level)
-                if data_key:
-                    body = seal(body, data_key, f"{label}/{name}")
-                storage.put_stream(key, stored.tap(body), lock=True)
-                eof = state["eof"]
-                if state["raw"] == 0 and files:
-                    storage.delete(key)
-                    break
-                files.append(StoredFile(name, state["raw"], stored.size, stored.hexdigest))
+            files = store_parts(reader, watcher, repo, label, cluster, data_key, part_size)
             rc = proc.wait()
         except BaseException:
             proc.kill()

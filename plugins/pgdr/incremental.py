@@ -343,23 +343,11 @@ def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: boo
                  last: bool = True) -> tuple[int, dict[str, int]]:
     """One chain member, every object checked before use (pgdr.unpack), applied in place on ``target`` (the
     full: unpacked into it). Returns the bytes read and {path: length} of the files it reconstructed."""
-    from pgdr.unpack import VerifiedObject, part_content
+    from pgdr.unpack import feed_parts
 
     applier = ChainApplier(target, base=base, skip_wal=not last)
-    read = 0
     try:
-        for f in m.files:
-            key = repo.key(m.label, f.name)
-            stored = VerifiedObject(repo.storage, key, f)
-            size = 0
-            try:
-                for chunk in part_content(repo, m, f, stored):
-                    size += len(chunk)
-                    applier.feed(chunk)
-            finally:
-                read += stored.bytes_read
-            if size != f.size:
-                raise IntegrityError(f"{key}: decompressed to {size} bytes, the manifest says {f.size}")
+        read = feed_parts(repo, m, applier.feed)
         applier.close()
         removed = 0 if base else applier.prune()
     except OSError as e:

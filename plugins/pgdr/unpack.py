@@ -147,24 +147,31 @@ def _opened(chunks, repo: Repository, manifest: BackupManifest, f: StoredFile, k
         raise
 
 
+def feed_parts(repo: Repository, manifest: BackupManifest, feed) -> int:
+    """Every part's content, in order, each piece checked before ``feed`` sees it (a tar extractor, or an
+    incremental's applier); each part's decompressed size checked too. Returns the bytes read."""
+    read = 0
+    for f in manifest.files:
+        key = repo.key(manifest.label, f.name)
+        stored = VerifiedObject(repo.storage, key, f)
+        size = 0
+        try:
+            for chunk in part_content(repo, manifest, f, stored):
+                size += len(chunk)
+                feed(chunk)
+        finally:
+            read += stored.bytes_read
+        if size != f.size:
+            raise IntegrityError(f"{key}: decompressed to {size} bytes, the manifest says {f.size}")
+        log.info("verified and unpacked %s (%.1f MB)", key, f.size / 1e6)
+    return read
+
+
 def unpack(repo: Repository, manifest: BackupManifest, target: Path) -> int:
     """Every part, checked, into ``target`` (which must exist). Returns the bytes read from the repository."""
     extractor = TarExtractor(target)
-    read = 0
     try:
-        for f in manifest.files:
-            key = repo.key(manifest.label, f.name)
-            stored = VerifiedObject(repo.storage, key, f)
-            size = 0
-            try:
-                for chunk in part_content(repo, manifest, f, stored):
-                    size += len(chunk)
-                    extractor.feed(chunk)
-            finally:
-                read += stored.bytes_read
-            if size != f.size:
-                raise IntegrityError(f"{key}: decompressed to {size} bytes, the manifest says {f.size}")
-            log.info("verified and unpacked %s (%.1f MB)", f.name, f.size / 1e6)
+        read = feed_parts(repo, manifest, extractor.feed)
         extractor.close()
     except OSError as e:
         raise PgdrError(f"cannot write the restored files into {target}: {e}") from e

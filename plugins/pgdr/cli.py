@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                         "and only WAL newer than the last clean check)")
     v.add_argument("--no-pg-verify", action="store_true", help="skip pg_verifybackup on a scratch copy")
     v.add_argument("--no-wal", action="store_true", help="skip the WAL archive")
-    e = cmd("expire", "delete what the retention policy no longer needs (oldest first; fails closed)")
+    e = cmd("expire", "delete what the retention policy no longer needs (fails closed; never a parent of a kept incremental)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and its reasons; delete nothing")
     e.add_argument("--now", metavar="ISO8601", help="plan as of this time instead of now (a future time only with "
                                                     "--dry-run)")

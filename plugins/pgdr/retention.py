@@ -3,8 +3,10 @@
 The plan is a pure function of the catalog, the policy and the time, and
 explains each decision. Deletion fails closed: one unreadable manifest stops
 it before anything is deleted. It never deletes the newest verified backup, a
-pinned backup, or WAL a kept backup needs; it deletes oldest first and writes
-an audit record of what it deleted.
+pinned backup, a backup an incremental that stays is built on, or WAL a kept
+backup needs; it deletes newest first (an incremental before its parent, so an
+interrupted run never orphans one) and writes an audit record of what it
+deleted.
 
 Expiry never races a writer: it holds the cluster lock (which every backup
 holds while it writes) from before it reads the catalog until it is done,

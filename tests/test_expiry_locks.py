@@ -245,7 +245,9 @@ def _backup_in_thread(config, label, part_size):
 def test_expire_while_a_backup_with_an_old_label_runs(pg15, workdir, tmp_path):
     from test_backup_restore import restore_and_start
 
-    slow = tmp_path / "slow"
+    # In the suite's workdir, which the postgres user can traverse: the restore below starts the server from
+    # this pg_bin_dir, and a private one would be copied to /var/tmp and left there.
+    slow = workdir / f"slow-{tmp_path.name}"
     config = write_config(tmp_path / "pgdr.yaml", {"app": {
         "dsn": pg15.dsn, "repository": f"file://{tmp_path}/repo", "pg_bin_dir": str(_slow_bin_dir(pg15, slow)),
         "retention_window_days": 1, "retention_min_full": 1}})

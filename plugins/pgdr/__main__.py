@@ -1,21 +1,29 @@
+"""``python -m pgdr`` and the ``pgdr`` command: the fast answers first (pgdr.fast), then the CLI."""
+
 import sys
 
-try:
-    from pgdr.walpush import answer_from_marker
 
-    if answer_from_marker(sys.argv[1:]):  # archive_command for a segment a batch archived: answer before heavy imports
-        sys.exit(0)
+def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        from pgdr.fast import answer
 
-    from pgdr.cli import main
-except SystemExit:
-    raise
-except BaseException:
-    # As restore_command, a crash must stop recovery (exit > 125), never look like "not archived" (exit 1).
-    if "wal-fetch" in sys.argv[1:]:
-        import traceback
+        code = answer(argv)  # archive_command / restore_command answered from local disk, before heavy imports
+        if code is not None:
+            return code
+        from pgdr.cli import main
+    except SystemExit:
+        raise
+    except BaseException:
+        # As restore_command, a crash must stop recovery (exit > 125), never look like "not archived" (exit 1).
+        if "wal-fetch" in argv:
+            import traceback
 
-        traceback.print_exc()
-        sys.exit(200)
-    raise
+            traceback.print_exc()
+            return 200
+        raise
+    return main(argv)
 
-sys.exit(main())
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -547,10 +547,11 @@ def _wal_fetch_main(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from pgdr.walpush import answer_from_marker
+    from pgdr.fast import answer
 
-    if answer_from_marker(argv):
-        return 0  # archive_command for a segment an earlier call archived (verified): no imports, no repository
+    code = answer(argv)
+    if code is not None:
+        return code  # archive_command / restore_command answered from local disk (pgdr.fast)
     parser = _parser()
     args = parser.parse_args(argv)
     fetching = args.command == "wal-fetch"

@@ -98,6 +98,11 @@ def answer_from_marker(argv: list[str]) -> bool:
     return True
 
 
+def answer_push(argv: list[str]) -> int | None:
+    """pgdr.fast's hook: 0 for a segment a batch already archived (verified), else None (the full command)."""
+    return 0 if answer_from_marker(argv) else None
+
+
 def push_ready_batch(archive, path: str | os.PathLike, count: int, identity: str) -> list[str]:
     """Archive up to ``count`` segments PostgreSQL marked ready after ``path``, in parallel, each
     followed by its marker. A failure only means that segment takes the normal path later."""

@@ -1,0 +1,75 @@
+"""Answers for PostgreSQL's archive_command and restore_command that need nothing heavy.
+
+PostgreSQL runs ``pgdr wal-push`` once per segment and ``pgdr wal-fetch`` once
+per file, one after another: every millisecond of interpreter start is paid per
+16 MiB of WAL. ``answer`` runs first, before the CLI, the configuration or any
+storage library is imported, and answers the calls whose answer is already on
+local disk (a segment the push queue archived, a segment the prefetcher
+downloaded). It returns None for anything else, and the full command runs:
+that path is always correct, this one is only faster.
+
+This module and the ones it calls import only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class FastArgs:
+    """A plain ``[--config C] [-q] COMMAND --cluster X [--opt V]... POSITIONAL...`` command line."""
+
+    def __init__(self, command: str, cluster: str, config: str | None, quiet: bool, options: dict, positionals: list):
+        self.command = command
+        self.cluster = cluster
+        self.config = config
+        self.quiet = quiet
+        self.options = options
+        self.positionals = positionals
+
+
+def parse(argv: list[str], command: str, valued: frozenset[str] = frozenset()) -> FastArgs | None:
+    """``argv`` read as ``command`` with the options named in ``valued`` (each taking one value); None for
+    anything else: a flag this parser does not know (``--json``, ``--help``), a missing value or cluster."""
+    cluster = config = None
+    quiet = False
+    options: dict[str, str] = {}
+    rest: list[str] = []
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in ("--config", "--cluster") or name in valued:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    return None
+            if name == "--config":
+                config = value
+            elif name == "--cluster":
+                cluster = value
+            else:
+                options[name] = value
+        elif a in ("-q", "--quiet"):
+            quiet = True
+        elif a.startswith("-"):
+            return None
+        else:
+            rest.append(a)
+    if not rest or rest[0] != command or not cluster:
+        return None
+    return FastArgs(command, cluster, config, quiet, options, rest[1:])
+
+
+def identity(cluster: str, config: str | None) -> str:
+    """Who is asking: the cluster and the configuration file (an answer left for another config is ignored)."""
+    config = config or os.environ.get("PGDR_CONFIG") or ""
+    return f"{cluster}|{os.path.abspath(config) if config else ''}"
+
+
+def answer(argv: list[str]) -> int | None:
+    """The exit status of this call when it can be answered from local disk, else None."""
+    if "wal-push" in argv:
+        from pgdr.walpush import answer_push
+
+        return answer_push(argv)
+    return None

@@ -21,7 +21,8 @@ HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upg
 
 
 class LatencyProxy:
-    def __init__(self, upstream: str, latency: float = 0.03, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, upstream: str, latency: float = 0.03, host: str = "127.0.0.1", port: int = 0,
+                 before_forward=None):
         u = urlsplit(upstream)
         self.upstream = (u.hostname, u.port or 80)
         self.latency = latency
@@ -30,6 +31,10 @@ class LatencyProxy:
         self.max_in_flight = 0
         self.requests = 0
         self.by_method: dict[str, int] = {}
+        # Tests: called with (method, path) before a request is forwarded (it may block: a request held in
+        # flight), and every answered request is recorded, in order, in ``answered`` as (method, path, status).
+        self.before_forward = before_forward
+        self.answered: list[tuple[str, str, int]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,6 +53,8 @@ class LatencyProxy:
                     length = int(self.headers.get("Content-Length") or 0)
                     body = self.rfile.read(length) if length else None
                     time.sleep(proxy.latency)
+                    if proxy.before_forward is not None:
+                        proxy.before_forward(self.command, self.path)
                     conn = http.client.HTTPConnection(*proxy.upstream, timeout=300)
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
                     conn.request(self.command, self.path, body=body, headers=headers)
@@ -64,6 +71,8 @@ class LatencyProxy:
                     if self.command != "HEAD":
                         self.wfile.write(data)
                     conn.close()
+                    with proxy.lock:
+                        proxy.answered.append((self.command, self.path, resp.status))
                 finally:
                     with proxy.lock:
                         proxy.in_flight -= 1

@@ -5,13 +5,13 @@ With ``--handover-every S`` a new streamer starts every S seconds and takes the
 slot over from the running one, as the WAL DAG's runs do: the window is then
 measured across handovers too.
 
-``--push`` measures push mode instead: archive_command = pgdr wal-push, a burst of
-segments, and how many segments per second reach the repository, without and
-with batching (``wal-push --batch``).
+``--push`` measures push mode instead: archive_command = pgdr wal-push against
+pgBackRest's archive-push (synchronous and archive-async), in segments per second
+PostgreSQL's archiver gets acknowledged, on two backlogs (see push_bench).
 
     make bench-wal                                  # one minute
     .venv/bin/python bench/wal_bench.py --seconds 20 --handover-every 10
-    .venv/bin/python bench/wal_bench.py --push --segments 64
+    .venv/bin/python bench/wal_bench.py --push --segments 64 --rounds 3
 
 Numbers are printed, never asserted.
 """
@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--handover-every", type=float, default=0, metavar="S",
                     help="start a new streamer every S seconds, taking the slot over (as the WAL DAG's runs do)")
     ap.add_argument("--push", action="store_true", help="measure push mode (archive_command) in segments/s")
-    ap.add_argument("--segments", type=int, default=64, help="with --push: segments in the burst")
+    ap.add_argument("--segments", type=int, default=64, help="with --push: segments in each backlog")
+    ap.add_argument("--rounds", type=int, default=1, help="with --push: repeat every row (the median is shown)")
     args = ap.parse_args()
     bins = probe("/usr/lib/postgresql/15/bin", "postgres")
     if bins is None:
@@ -59,7 +60,7 @@ def main() -> int:
     work.chmod(0o755)
     if args.push:
         try:
-            return push_bench(bins, work, args.segments)
+            return push_bench(bins, work, args.segments, args.rounds)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     pg = SandboxCluster(bins, work / "source", free_port())
@@ -129,43 +130,130 @@ def start_streamer(config_path: Path, partial_interval: float) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
 
-def push_bench(bins, work: Path, segments: int) -> int:
-    """A burst of ``segments`` WAL segments archived by archive_command = pgdr wal-push; segments/s."""
-    import os
-    from pgdr.pgbin import user_ids
+def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
+    """archive_command throughput in the archiver's own calling pattern, pgdr beside pgBackRest.
 
-    for batch in (0, 8, 32):
-        repo = work / f"repo-{batch}"
-        (repo / "bench").mkdir(parents=True)
-        for d in (repo, repo / "bench"):
-            os.chown(d, *user_ids("postgres"))
-        config_path = work / f"push-{batch}.yaml"
-        config_path.write_text(__import__("json").dumps({"clusters": {"bench": {
-            "repository": f"file://{repo}", "wal": {"mode": "push"}}}}))
-        config_path.chmod(0o644)
-        command = f"{sys.executable} -m pgdr --config {config_path} -q wal-push --cluster bench --batch {batch} %p"
-        pg = SandboxCluster(bins, work / f"push-{batch}" / "data", free_port())
-        try:
-            pg.init(extra_conf=f"archive_mode = on\narchive_command = '{command}'\nmax_wal_size = 4GB\n").start()
-            pg.psql("create table t (i int)")
+    One server, archiving paused (archive_command = '': PostgreSQL keeps the .ready files) while two
+    backlogs are written: a burst of ``segments`` switches (nearly empty segments: what one call costs)
+    and ``segments`` segments of real rows (what a segment costs). Then each configuration archives each
+    backlog from scratch into its own fresh repository: its archive_command is set and reloaded, and the
+    clock stops when PostgreSQL has marked the last segment done (.ready -> .done: acknowledged). Between
+    rounds the .done files go back to .ready. Same WAL, same server, same page cache for every row."""
+    import os
+
+    from pgdr.pgbin import as_user, user_ids
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    pgbackrest = shutil.which("pgbackrest")
+    pg = SandboxCluster(bins, work / "push" / "data", free_port())
+    pg.init(extra_conf="archive_mode = on\narchive_command = ''\nmax_wal_size = 8GB\nwal_keep_size = 8GB\n"
+                       "fsync = on\n").start()
+    status = pg.datadir / "pg_wal" / "archive_status"
+    try:
+        pg.psql("create table t (i int, p text)")
+
+        def backlog(write) -> list[str]:
+            pg.psql("select pg_switch_wal()")
             first = pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
-            t0 = time.monotonic()
-            pg.psql("; ".join(f"insert into t values ({i}); select pg_switch_wal()" for i in range(segments)))
+            write()
             pg.psql("select pg_switch_wal()")
             last = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
-            while (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") or "") < last:
-                if time.monotonic() - t0 > 600:
-                    raise SystemExit("archiving did not finish within 10 minutes")
-                time.sleep(0.05)
+            return sorted(f.name[:-6] for f in status.iterdir() if f.name.endswith(".ready") and
+                          first <= f.name[:24] <= last)
+
+        burst = backlog(lambda: pg.psql("; ".join(f"insert into t values ({i}); select pg_switch_wal()"
+                                                  for i in range(segments))))
+        rows_per_segment = 115_000  # ~16 MiB of WAL each, md5 text: compresses ~2.5x, as busy tables do
+        full = backlog(lambda: [pg.psql(f"insert into t select g, md5(g::text) || md5((-g)::text) "
+                                        f"from generate_series(1, {rows_per_segment}) g")
+                                for _ in range(segments)])
+        print(f"backlogs: {len(burst)} nearly empty segments (a switch each), {len(full)} segments of rows "
+              f"({len(full) * 16} MiB); {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
+        for f in status.iterdir():  # nothing else waits: only the backlogs are archived
+            if f.name.endswith(".ready") and f.name[:-6] not in burst + full:
+                f.rename(f.with_suffix(".done"))
+
+        def pgdr_cmd(tag: str, extra: str) -> str:
+            repo = work / f"repo-{tag}"
+            (repo / "bench").mkdir(parents=True)
+            for d in (repo, repo / "bench"):
+                os.chown(d, *user_ids("postgres"))
+            conf = work / f"{tag}.yaml"
+            conf.write_text(__import__("json").dumps({"clusters": {"bench": {
+                "repository": f"file://{repo}", "wal": {"mode": "push"}}}}))
+            conf.chmod(0o644)
+            return f"{ROOT / '.venv' / 'bin' / 'pgdr'} --config {conf} -q wal-push --cluster bench {extra}%p"
+
+        def pgbackrest_cmd(tag: str, asynchronous: bool) -> str:
+            repo, conf = work / f"repo-{tag}", work / f"{tag}.conf"
+            for d in (repo, work / f"spool-{tag}"):
+                d.mkdir()
+                shutil.chown(d, "postgres", "postgres")
+            conf.write_text(
+                f"[global]\nrepo1-path={repo}\nlog-path={repo}\nlock-path={repo}\nspool-path={work / f'spool-{tag}'}\n"
+                "compress-type=zst\ncompress-level=3\nprocess-max=2\nlog-level-console=warn\n"
+                f"archive-async={'y' if asynchronous else 'n'}\n"
+                f"[bench]\npg1-path={pg.datadir}\npg1-port={pg.port}\npg1-socket-path={pg.socket_dir}\n")
+            conf.chmod(0o644)
+            proc = subprocess.run(as_user([pgbackrest, f"--config={conf}", "--stanza=bench", "stanza-create"],
+                                          "postgres"), capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"pgbackrest stanza-create failed: {proc.stdout}{proc.stderr}")
+            return f"{pgbackrest} --config={conf} --stanza=bench archive-push %p"
+
+        def archive(command: str, names: list[str]) -> float:
+            for n in names:
+                done = status / f"{n}.done"
+                if done.exists():
+                    done.rename(status / f"{n}.ready")
+            pg.psql(f"alter system set archive_command = '{command}'")
+            t0 = time.monotonic()
+            pg.psql("select pg_reload_conf()")
+            while any((status / f"{n}.ready").exists() for n in names):
+                if time.monotonic() - t0 > 900:
+                    raise SystemExit(f"archiving did not finish within 15 minutes: {command}")
+                time.sleep(0.005)
             elapsed = time.monotonic() - t0
-            count = int(last[16:], 16) - int(first[16:], 16) + 1
-            failed = pg.psql("select failed_count from pg_stat_archiver")
-            print(f"push mode, --batch {batch}: {count} segments archived in {elapsed:.1f} s = "
-                  f"{count / elapsed:.1f} segments/s ({count * 16 / elapsed:.0f} MiB/s), {failed} archive_command "
-                  "failures", flush=True)
-        finally:
-            pg.destroy()
-    return 0
+            pg.psql("alter system set archive_command = ''")
+            pg.psql("select pg_reload_conf()")
+            return elapsed
+
+        configs = [("pgdr, the push queue (default, 4 in flight)", lambda t: pgdr_cmd(t, "")),
+                   ("pgdr --parallel 2", lambda t: pgdr_cmd(t, "--parallel 2 ")),
+                   ("pgdr --parallel 0 (one process per segment)", lambda t: pgdr_cmd(t, "--parallel 0 "))]
+        if pgbackrest:
+            configs += [("pgBackRest archive-push (synchronous)", lambda t: pgbackrest_cmd(t, False)),
+                        ("pgBackRest archive-async=y process-max=2", lambda t: pgbackrest_cmd(t, True))]
+        else:
+            print("pgbackrest is not installed (apt-get install pgbackrest): pgdr rows only")
+        n = 0
+        results: dict[tuple[str, str], list[float]] = {}
+        for r in range(rounds):
+            for what, names in (("burst", burst), ("rows", full)):
+                for label, make in configs:
+                    n += 1
+                    failed0 = int(pg.psql("select failed_count from pg_stat_archiver"))
+                    elapsed = archive(make(f"c{n}"), names)
+                    failed = int(pg.psql("select failed_count from pg_stat_archiver")) - failed0
+                    results.setdefault((what, label), []).append(len(names) / elapsed)
+                    print(f"  {what:5} {label}: {len(names)} segments in {elapsed:.2f} s = "
+                          f"{len(names) / elapsed:.1f} segments/s{f', {failed} failures' if failed else ''}",
+                          flush=True)
+                    subprocess.run(["pkill", "-f", "wal-push-queue"], capture_output=True)  # the pusher idles out
+        print("\nsegments/s (median of rounds):")
+        for what, desc in (("burst", f"{len(burst)} switched, nearly empty segments"),
+                           ("rows", f"{len(full)} segments of rows")):
+            base = sorted(results.get((what, "pgBackRest archive-push (synchronous)"), [0]))
+            base = base[len(base) // 2]
+            print(f" {desc}:")
+            for label, _ in configs:
+                v = sorted(results[(what, label)])
+                med = v[len(v) // 2]
+                ratio = f"  ({med / base:.2f}x pgBackRest synchronous)" if base else ""
+                print(f"   {label:45} {med:6.1f}{ratio}")
+        return 0
+    finally:
+        pg.destroy()
 
 
 if __name__ == "__main__":

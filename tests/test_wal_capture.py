@@ -315,55 +315,6 @@ def test_wal_segment_size_other_than_16mib_is_refused(workdir, tmp_path):
         pg.destroy()
 
 
-def test_wal_push_batches_ready_segments_and_answers_from_verified_markers(workdir, tmp_path):
-    """archive_command = pgdr wal-push: one call archives the next ready segments too, and the
-    archiver's calls for them are answered from a verified marker, without a repository round trip.
-    A marker whose SHA-256 or configuration does not match is never trusted."""
-    from pgdr.wal import WalArchive
-    from pgdr.walpush import MARKER_DIR, answer_from_marker, push_identity
-
-    tag = f"batch-{next(_n)}"
-    repo = archive_repo(workdir, tag)
-    config = write_config(workdir / f"{tag}.yaml", {"app": {"repository": repo, "wal": {"mode": "push"}}})
-    config.chmod(0o644)
-    archive_command = f"{sys.executable} -m pgdr --config {config} wal-push --cluster app --batch 4 %p"
-    name, pg = own_cluster(workdir, 15, "batch", f"archive_mode = on\narchive_command = '{archive_command}'\n")
-    try:
-        pg.psql("create table capture_rows (id int)")
-        pg.psql("; ".join(f"insert into capture_rows values ({i}); select pg_switch_wal()" for i in range(8)))
-        pg.psql("select pg_switch_wal()")  # the commit of the above went into a ninth segment
-        last = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
-        try:
-            wait_for(lambda: (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") or "") >= last,
-                     "all switched segments archived", timeout=60)
-        except AssertionError:
-            raise AssertionError((pg.datadir / "server.log").read_text()[-4000:]) from None
-        assert pg.psql("select failed_count from pg_stat_archiver") == "0"
-        log = (pg.datadir / "server.log").read_text()
-        assert "was archived by an earlier batch" in log, log[-3000:]
-        archived = {n for segs in WalArchive(storage_of(config), "app").segments().values() for _, n in segs}
-        assert {p.name for p in (pg.datadir / "pg_wal").iterdir() if len(p.name) == 24 and p.name <= last} <= archived
-        assert not [m for m in (pg.datadir / "pg_wal" / MARKER_DIR).iterdir() if m.name <= last]
-
-        # The fast path trusts a marker only for the same file content and the same configuration.
-        wal = tmp_path / "pg_wal"
-        (wal / MARKER_DIR).mkdir(parents=True)
-        seg = wal / last
-        seg.write_bytes((pg.datadir / "pg_wal" / last).read_bytes())
-        argv = ["--config", str(config), "-q", "wal-push", "--cluster", "app", str(seg)]
-        marker = wal / MARKER_DIR / last
-        sha = __import__("hashlib").sha256(seg.read_bytes()).hexdigest()
-        marker.write_text(json.dumps({"identity": push_identity("app", str(config)), "sha256": "0" * 64}))
-        assert answer_from_marker(argv) is False
-        marker.write_text(json.dumps({"identity": push_identity("app", str(tmp_path / "other.yaml")), "sha256": sha}))
-        assert answer_from_marker(argv) is False
-        assert answer_from_marker(["--json"] + argv) is False  # --json wants the real result
-        marker.write_text(json.dumps({"identity": push_identity("app", str(config)), "sha256": sha}))
-        assert answer_from_marker(argv) is True and not marker.exists()
-    finally:
-        pg.destroy()
-
-
 def test_next_run_takes_the_slot_over_from_the_running_one(workdir):
     """Two streamers, as two overlapping WAL DAG runs: the second waits for the slot, the first sees
     it waiting, uploads what it holds and lets go; the second takes over. No gap, nothing twice."""

@@ -115,9 +115,18 @@ def _parser() -> argparse.ArgumentParser:
                        "the server's OS user in push mode)")
     wp = cmd("wal-push", "archive one WAL segment or history file (archive_command = 'pgdr wal-push … %p')")
     wp.add_argument("path", help="the file to archive (%%p)")
-    wp.add_argument("--batch", type=int, default=8, metavar="N",
-                    help="also archive up to N further segments PostgreSQL marked ready, in parallel, so their own "
-                         "archive_command calls return at once (default 8; 0: off)")
+    wp.add_argument("--parallel", type=int, default=None, metavar="N",
+                    help="archive through the push queue: one background pusher per server archives every segment "
+                         "PostgreSQL marked ready, N in flight, and this call returns once its own segment is "
+                         "durable (default 4, at most 8; 0: archive in this process only)")
+    wp.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)  # the old name of --parallel
+    wp.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                    help="with the push queue: fail this call (PostgreSQL retries) when the segment is not "
+                         "archived within S seconds (default 60)")
+    pq = cmd("wal-push-queue", None)  # internal: the pusher, started by wal-push
+    pq.add_argument("pg_wal")
+    pq.add_argument("--parallel", type=int, default=4)
+    pq.add_argument("--idle", type=float, default=30.0)
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
@@ -257,17 +266,23 @@ def run(args) -> object:
 
         archive = WalArchive(storage, cluster.name, cluster.compression, cluster.compression_level)
         if args.command == "wal-push":
-            from pgdr.wal import SEGMENT, require_supported_segment_size, segment_size_of_file
+            from pgdr.walpush import MAX_PARALLEL, push_file, spool_of
 
-            if SEGMENT.match(os.path.basename(args.path)):
-                require_supported_segment_size(segment_size_of_file(args.path), args.path)
-            result = archive.push(args.path)
-            if args.batch > 0 and SEGMENT.match(os.path.basename(args.path)):
-                from pgdr.walpush import push_identity, push_ready_batch
+            parallel = args.parallel if args.parallel is not None else args.batch
+            if parallel is not None and not 0 <= parallel <= MAX_PARALLEL:
+                raise UsageError(f"--parallel {parallel}: between 0 and {MAX_PARALLEL}")
+            if not 0 < args.timeout <= 3600:
+                raise UsageError(f"--timeout {args.timeout:g}: between 0 and 3600 seconds")
+            # Here when the push queue did not answer (pgdr.fast): archive in this process.
+            return push_file(archive, args.path, spool_of(args.path))
+        if args.command == "wal-push-queue":
+            from pgdr.fast import identity
+            from pgdr.walpush import MAX_PARALLEL, run_pusher
 
-                push_ready_batch(archive, args.path, args.batch,
-                                 push_identity(args.cluster, getattr(args, "config", None)))
-            return result
+            if not 1 <= args.parallel <= MAX_PARALLEL:
+                raise UsageError(f"--parallel {args.parallel}: between 1 and {MAX_PARALLEL}")
+            return _Done(run_pusher(archive, os.path.abspath(args.pg_wal), args.parallel,
+                                    identity(args.cluster, getattr(args, "config", None)), idle=args.idle))
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
 

@@ -171,6 +171,7 @@ class WalArchive:
         self.level = level
         self.repo = Repository(storage, cluster)
         self.prefix = f"{cluster}/wal/"
+        self._checked_sysid: str | None = None
 
     # keys
     def _dir(self, name: str) -> str:
@@ -179,9 +180,9 @@ class WalArchive:
     def _suffix(self, compression: str | None = None) -> str:
         return SUFFIX[compression or self.compression] + (ENC if self.storage.encrypt else "")
 
-    def _pack(self, data: bytes, context: str):
+    def _pack(self, chunks, context: str):
         """The stored form of WAL content: compressed, then sealed with a fresh data key when encrypting."""
-        body = compress_stream([data], self.compression, self.level)
+        body = compress_stream(chunks, self.compression, self.level)
         return seal(body, self.storage.keyring.new_data_key(), context) if self.storage.encrypt else body
 
     def _unpack(self, key: str, context: str) -> bytes:
@@ -216,22 +217,23 @@ class WalArchive:
         return m.group("name"), m.group("sha"), comp
 
     # push
-    def push(self, path: str | os.PathLike, name: str | None = None, system_identifier: str | None = None) \
-            -> WalPushResult:
+    def push(self, path: str | os.PathLike, name: str | None = None, system_identifier: str | None = None,
+             choose_key=None) -> WalPushResult:
+        """Archive a file; ``choose_key(sha256, key)`` may name the key a new upload goes to (the push queue's
+        retry after a crash reuses the key it recorded, so the segment is never stored twice)."""
         path = Path(path)
         name = check_wal_name(name or path.name)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+        sha, size, head = _hash_file(path)  # read twice (hash, then compress), never held whole in memory
         if SEGMENT.match(name):
-            sysid, seg_size = segment_header(data)
-            if len(data) != seg_size:
-                raise IntegrityError(f"{path} is {len(data)} bytes; its header says segments are {seg_size}")
+            sysid, seg_size = segment_header(head)
+            if size != seg_size:
+                raise IntegrityError(f"{path} is {size} bytes; its header says segments are {seg_size}")
             self._check_identity(sysid)
-        return self._push_bytes(name, data)
+        return self._store(name, sha, size, lambda: _read_checked(path, sha), choose_key)
 
     def _check_identity(self, sysid: str) -> None:
+        if sysid == self._checked_sysid:
+            return  # a long-lived pusher checks its cluster once
         known = self.repo.identity()
         if known is None:
             self.repo.check_identity(sysid, None)
@@ -239,14 +241,18 @@ class WalArchive:
             raise RepositoryError(
                 f"WAL from system identifier {sysid} refused: repository cluster '{self.cluster}' is "
                 f"{known.get('system_identifier')}")
+        self._checked_sysid = sysid
 
     def _push_bytes(self, name: str, data: bytes) -> WalPushResult:
-        sha = hashlib.sha256(data).hexdigest()
+        return self._store(name, hashlib.sha256(data).hexdigest(), len(data), lambda: _slices(data))
+
+    def _store(self, name: str, sha: str, size: int, content, choose_key=None) -> WalPushResult:
+        """Store content (``content()`` yields it) as the archived copy of ``name``, unless it is there."""
         existing = self.find(name)
         for key in existing:
             if self._parse_key(key)[1] == sha:
                 log.info("%s is already archived with the same content; nothing to do", name)
-                return WalPushResult(self.cluster, name, "already_archived", len(data), -1, sha, key)
+                return WalPushResult(self.cluster, name, "already_archived", size, -1, sha, key)
         if existing:
             raise IntegrityError(
                 f"{name} is already archived with DIFFERENT content ({existing[0]}); refusing to overwrite. "
@@ -254,9 +260,13 @@ class WalArchive:
                 "into the original's archive")
         stamp = f".{archive_stamp(utcnow())}" if SEGMENT.match(name) else ""
         key = f"{self._dir(name)}{name}.{sha}{stamp}{self._suffix()}"
-        stored = self.storage.put_stream(key, self._pack(data, name), lock=True)
-        log.info("archived %s (%.1f MB -> %.1f MB)", name, len(data) / 1e6, stored / 1e6)
-        return WalPushResult(self.cluster, name, "archived", len(data), stored, sha, key)
+        if choose_key is not None:
+            key = choose_key(sha, key)
+            if self._parse_key(key)[:2] != (name, sha) or not key.startswith(self._dir(name)):
+                raise IntegrityError(f"{key} is not a key for {name} with SHA-256 {sha}")
+        stored = self.storage.put_stream(key, self._pack(content(), name), lock=True)
+        log.info("archived %s (%.1f MB -> %.1f MB)", name, size / 1e6, stored / 1e6)
+        return WalPushResult(self.cluster, name, "archived", size, stored, sha, key)
 
     def push_partial(self, path: str | os.PathLike, safe_lsn: int) -> str:
         """Store the segment being streamed, known good up to ``safe_lsn``."""
@@ -286,7 +296,7 @@ class WalArchive:
         if not SEGMENT.match(name):
             raise UsageError(f"{name!r} is not a WAL segment name")
         key = f"{self._dir(name)}{name}.partial{self._suffix()}"
-        self.storage.put_stream(key, self._pack(data, name + ".partial"))  # replaced as it grows: never locked
+        self.storage.put_stream(key, self._pack(_slices(data), name + ".partial"))  # replaced as it grows: never locked
         self.storage.put_bytes(f"{self._dir(name)}{name}.partial.json", json.dumps({
             "name": name, "safe_lsn": format_lsn(safe_lsn), "sha256": hashlib.sha256(data).hexdigest(),
             "uploaded_at": iso(utcnow())}).encode())
@@ -584,6 +594,47 @@ class WalArchive:
         reach = self.partial_reach(tli)  # a partial covers its segment only up to its safe LSN
         return [segment_name(tli, s) for s in range(segment_of(start_lsn), segment_of(max(end_lsn - 1, start_lsn)) + 1)
                 if s not in have and reach.get(s, -1) < min(end_lsn, (s + 1) * SEG_SIZE)]
+
+
+_READ = 1 << 20
+
+
+def _slices(data: bytes):
+    """Content held in memory, handed on in 1 MiB views (the compressor's output stays small too)."""
+    with memoryview(data) as view:
+        for i in range(0, len(data), _READ):
+            yield view[i:i + _READ]
+
+
+def _hash_file(path: Path) -> tuple[str, int, bytes]:
+    """(SHA-256, size, first 40 bytes) of a file, read once in 1 MiB pieces."""
+    h = hashlib.sha256()
+    size, head = 0, b""
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_READ):
+                if not size:
+                    head = block[:40]
+                h.update(block)
+                size += len(block)
+    except OSError as e:
+        raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest(), size, head
+
+
+def _read_checked(path: Path, sha: str):
+    """The file's content again, in 1 MiB pieces; raises (so nothing is stored) when it is no longer the
+    content whose SHA-256 names the object."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_READ):
+                h.update(block)
+                yield block
+    except OSError as e:
+        raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+    if h.hexdigest() != sha:
+        raise IntegrityError(f"{path} changed while it was archived; nothing stored")
 
 
 def archive_stamp(now: datetime) -> str:

@@ -230,7 +230,7 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
         results: dict[tuple[str, str], list[float]] = {}
         for r in range(rounds):
             for what, names in (("burst", burst), ("rows", full)):
-                for label, make in configs:
+                for label, make in configs[r % len(configs):] + configs[:r % len(configs)]:  # fair order
                     n += 1
                     failed0 = int(pg.psql("select failed_count from pg_stat_archiver"))
                     elapsed = archive(make(f"c{n}"), names)

@@ -18,6 +18,7 @@ the same segment can tell "same content" (fine) from "different content"
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -172,6 +173,10 @@ class WalArchive:
         self.repo = Repository(storage, cluster)
         self.prefix = f"{cluster}/wal/"
         self._checked_sysid: str | None = None
+        # With several pushes in flight (the push queue): a semaphore of as many as there are cores, taken
+        # while a file is hashed and compressed. More compressing threads than cores only fight over them;
+        # the uploads (network waits) are not limited by it.
+        self.cpu_slots = None
 
     # keys
     def _dir(self, name: str) -> str:
@@ -182,8 +187,10 @@ class WalArchive:
 
     def _pack(self, chunks, context: str):
         """The stored form of WAL content: compressed, then sealed with a fresh data key when encrypting."""
-        body = compress_stream(chunks, self.compression, self.level)
-        return seal(body, self.storage.keyring.new_data_key(), context) if self.storage.encrypt else body
+        return self._seal(compress_stream(chunks, self.compression, self.level), context)
+
+    def _seal(self, compressed, context: str):
+        return seal(compressed, self.storage.keyring.new_data_key(), context) if self.storage.encrypt else compressed
 
     def _unpack(self, key: str, context: str) -> bytes:
         body = self.storage.get_stream(key)
@@ -223,13 +230,36 @@ class WalArchive:
         retry after a crash reuses the key it recorded, so the segment is never stored twice)."""
         path = Path(path)
         name = check_wal_name(name or path.name)
-        sha, size, head = _hash_file(path)  # read twice (hash, then compress), never held whole in memory
+        # One read: hashed and compressed together; what is held is the compressed form, never the segment.
+        with self.cpu_slots or contextlib.nullcontext():
+            sha, size, head, compressed = self._compress_file(path)
         if SEGMENT.match(name):
             sysid, seg_size = segment_header(head)
             if size != seg_size:
                 raise IntegrityError(f"{path} is {size} bytes; its header says segments are {seg_size}")
             self._check_identity(sysid)
-        return self._store(name, sha, size, lambda: _read_checked(path, sha), choose_key)
+        return self._store(name, sha, size, lambda: self._seal(iter(compressed), name), choose_key)
+
+    def _compress_file(self, path: Path) -> tuple[str, int, bytes, list[bytes]]:
+        """(SHA-256, size, first 40 bytes, compressed pieces) of a file, read once in 1 MiB pieces."""
+        h = hashlib.sha256()
+        size, head = 0, b""
+
+        def pieces():
+            nonlocal size, head
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(_READ):
+                        if not size:
+                            head = block[:40]
+                        h.update(block)
+                        size += len(block)
+                        yield block
+            except OSError as e:
+                raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+
+        compressed = list(compress_stream(pieces(), self.compression, self.level))
+        return h.hexdigest(), size, head, compressed
 
     def _check_identity(self, sysid: str) -> None:
         if sysid == self._checked_sysid:
@@ -244,10 +274,11 @@ class WalArchive:
         self._checked_sysid = sysid
 
     def _push_bytes(self, name: str, data: bytes) -> WalPushResult:
-        return self._store(name, hashlib.sha256(data).hexdigest(), len(data), lambda: _slices(data))
+        return self._store(name, hashlib.sha256(data).hexdigest(), len(data), lambda: self._pack(_slices(data), name))
 
-    def _store(self, name: str, sha: str, size: int, content, choose_key=None) -> WalPushResult:
-        """Store content (``content()`` yields it) as the archived copy of ``name``, unless it is there."""
+    def _store(self, name: str, sha: str, size: int, stored_form, choose_key=None) -> WalPushResult:
+        """Store content (``stored_form()`` yields it compressed, sealed when encrypting) as the archived copy
+        of ``name``, unless it is there already."""
         existing = self.find(name)
         for key in existing:
             if self._parse_key(key)[1] == sha:
@@ -264,7 +295,7 @@ class WalArchive:
             key = choose_key(sha, key)
             if self._parse_key(key)[:2] != (name, sha) or not key.startswith(self._dir(name)):
                 raise IntegrityError(f"{key} is not a key for {name} with SHA-256 {sha}")
-        stored = self.storage.put_stream(key, self._pack(content(), name), lock=True)
+        stored = self.storage.put_stream(key, stored_form(), lock=True)
         log.info("archived %s (%.1f MB -> %.1f MB)", name, size / 1e6, stored / 1e6)
         return WalPushResult(self.cluster, name, "archived", size, stored, sha, key)
 
@@ -604,37 +635,6 @@ def _slices(data: bytes):
     with memoryview(data) as view:
         for i in range(0, len(data), _READ):
             yield view[i:i + _READ]
-
-
-def _hash_file(path: Path) -> tuple[str, int, bytes]:
-    """(SHA-256, size, first 40 bytes) of a file, read once in 1 MiB pieces."""
-    h = hashlib.sha256()
-    size, head = 0, b""
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(_READ):
-                if not size:
-                    head = block[:40]
-                h.update(block)
-                size += len(block)
-    except OSError as e:
-        raise PgdrError(f"cannot read {path}: {e.strerror}") from None
-    return h.hexdigest(), size, head
-
-
-def _read_checked(path: Path, sha: str):
-    """The file's content again, in 1 MiB pieces; raises (so nothing is stored) when it is no longer the
-    content whose SHA-256 names the object."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(_READ):
-                h.update(block)
-                yield block
-    except OSError as e:
-        raise PgdrError(f"cannot read {path}: {e.strerror}") from None
-    if h.hexdigest() != sha:
-        raise IntegrityError(f"{path} changed while it was archived; nothing stored")
 
 
 def archive_stamp(now: datetime) -> str:

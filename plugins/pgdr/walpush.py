@@ -243,6 +243,8 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     wake = threading.Event()
+    archive.cpu_slots = threading.BoundedSemaphore(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                   else os.cpu_count() or 1)
     in_flight: dict[str, object] = {}
     archived = failed = 0
     last_work = time.monotonic()

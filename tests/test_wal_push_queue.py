@@ -250,6 +250,12 @@ def test_failure_is_reported_by_the_call_and_retried_and_the_fast_answer_trusts_
         outside = tmp_path / "000000010000000000000007"
         outside.write_bytes(b"x")
         assert answer_push(argv[:-1] + [str(outside)]) is None  # not in a pg_wal: archived in the calling process
+        os.pwrite(lock, f"1234\n{identity('app', str(tmp_path / 'b.yaml'))}\n".encode(), 0)
+        assert answer_push(argv) is None  # the running pusher serves another configuration: in this process
+        os.ftruncate(lock, 0)
+        os.chown(wal, *_postgres_ids())
+        assert answer_push(argv) is None  # root, on the server's pg_wal: the queue is the server user's
+        os.chown(wal, 0, 0)
         (wal / "archive_status" / f"{seg.name}.ready").rename(wal / "archive_status" / f"{seg.name}.done")
         assert answer_push(argv) is None  # not waited on by the server (pushed by hand): the same
     finally:

@@ -119,21 +119,23 @@ class _Pusher:
         self.proc = None
         self.starts = 0
 
-    def running(self) -> bool:
-        """True while some pusher holds the lock (a test of the flock, released at once)."""
+    def running(self) -> str | None:
+        """The identity of the pusher holding the lock ("" before it wrote it), None when none does (a test
+        of the flock, released at once)."""
         import fcntl
 
         try:
             fd = os.open(os.path.join(self.spool, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
-            return False
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return True
+            lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
+            return lines[1] if len(lines) > 1 else ""
         finally:
             os.close(fd)  # closing drops our flock, if we got it
-        return False
+        return None
 
     def starting(self) -> bool:
         """The pusher this call started is still loading (not holding the lock yet)."""
@@ -149,7 +151,7 @@ class _Pusher:
                 os.replace(log, log + ".1")
         except OSError:
             pass
-        with open(log, "ab") as err:
+        with open(log, "ab", opener=lambda p, flags: os.open(p, flags, 0o600)) as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "pgdr", *self.argv_prefix], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err, close_fds=True,
                                          start_new_session=True)
@@ -173,6 +175,8 @@ def answer_push(argv: list[str]) -> int | None:
         return None
     try:
         stamp = file_stamp(os.stat(path))
+        if os.stat(os.path.dirname(spool)).st_uid != os.geteuid():
+            return None  # not the server's own user (root pushing by hand): the queue is the server's
         os.makedirs(spool, mode=0o700, exist_ok=True)
     except OSError:
         return None  # the full command reports it
@@ -204,7 +208,12 @@ def answer_push(argv: list[str]) -> int | None:
         now = time.monotonic()
         if now >= next_look:  # is anyone working on it?
             next_look = now + 0.1
-            if not pusher.running() and not pusher.starting():
+            running = pusher.running()
+            if running and running != who:
+                print(f"pgdr: the push queue of {os.path.dirname(spool)} runs for another configuration "
+                      f"({running}); archiving {name} in this process", file=sys.stderr)
+                return None
+            if running is None and not pusher.starting():
                 if pusher.starts >= 3:
                     print(f"pgdr: the WAL push queue keeps stopping (see {os.path.join(spool, LOG)}); archiving "
                           f"{name} in this process", file=sys.stderr)
@@ -241,13 +250,13 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
         os.close(lock_fd)
         return {"archived": 0, "failed": 0, "reason": "another pusher runs"}
     os.ftruncate(lock_fd, 0)
-    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    os.write(lock_fd, f"{os.getpid()}\n{who}\n".encode())
     wake = threading.Event()
     archive.cpu_slots = threading.BoundedSemaphore(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                    else os.cpu_count() or 1)
     in_flight: dict[str, object] = {}
     archived = failed = 0
-    last_work = time.monotonic()
+    last_work = last_rotation = time.monotonic()
     reason = "idle"
     log.info("push queue for %s: up to %d segments in flight", pg_wal, parallel)
 
@@ -332,6 +341,9 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
             if not os.path.isdir(spool):
                 reason = "spool removed"
                 break
+            if now - last_rotation > 60:
+                last_rotation = now
+                _rotate_log(spool)
             wake.wait(poll)
             wake.clear()
     finally:
@@ -385,6 +397,21 @@ def push_file(archive, path: str, spool: str | None = None):
         return result
     finally:
         os.close(fd)
+
+
+def _rotate_log(spool: str, limit: int = 4 << 20) -> None:
+    """A busy pusher never idles out: keep its log (its stderr, when that is the spool's log) bounded."""
+    log = os.path.join(spool, LOG)
+    try:
+        st, err = os.stat(log), os.fstat(2)
+        if (st.st_dev, st.st_ino) != (err.st_dev, err.st_ino) or st.st_size <= limit:
+            return
+        os.replace(log, log + ".1")
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _unlink(path: str) -> None:

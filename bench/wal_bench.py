@@ -141,6 +141,8 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
     rounds the .done files go back to .ready. Same WAL, same server, same page cache for every row."""
     import os
 
+    import psutil
+
     from pgdr.pgbin import as_user, user_ids
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -209,16 +211,24 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
             pg.psql(f"alter system set archive_command = '{command}'")
             t0 = time.monotonic()
             pg.psql("select pg_reload_conf()")
+            peak[0], polls = 0, 0
             while any((status / f"{n}.ready").exists() for n in names):
                 if time.monotonic() - t0 > 900:
                     raise SystemExit(f"archiving did not finish within 15 minutes: {command}")
+                polls += 1
+                if polls % 20 == 0:  # the pusher's (or pgBackRest's async process's) memory, every ~0.1 s
+                    peak[0] = max([peak[0]] + [p.info["memory_info"].rss for p in psutil.process_iter(
+                        ["cmdline", "memory_info"]) if p.info["cmdline"] and p.info["memory_info"] and
+                        any(w in " ".join(p.info["cmdline"]) for w in ("wal-push-queue", "archive-push:async"))])
                 time.sleep(0.005)
             elapsed = time.monotonic() - t0
             pg.psql("alter system set archive_command = ''")
             pg.psql("select pg_reload_conf()")
             return elapsed
 
+        peak = [0]
         configs = [("pgdr, the push queue (default, 4 in flight)", lambda t: pgdr_cmd(t, "")),
+                   ("pgdr --parallel 8", lambda t: pgdr_cmd(t, "--parallel 8 ")),
                    ("pgdr --parallel 2", lambda t: pgdr_cmd(t, "--parallel 2 ")),
                    ("pgdr --parallel 0 (one process per segment)", lambda t: pgdr_cmd(t, "--parallel 0 "))]
         if pgbackrest:
@@ -237,7 +247,8 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
                     failed = int(pg.psql("select failed_count from pg_stat_archiver")) - failed0
                     results.setdefault((what, label), []).append(len(names) / elapsed)
                     print(f"  {what:5} {label}: {len(names)} segments in {elapsed:.2f} s = "
-                          f"{len(names) / elapsed:.1f} segments/s{f', {failed} failures' if failed else ''}",
+                          f"{len(names) / elapsed:.1f} segments/s{f', {failed} failures' if failed else ''}"
+                          f"{f', background process peak RSS {peak[0] / 2**20:.0f} MB' if peak[0] else ''}",
                           flush=True)
                     subprocess.run(["pkill", "-f", "wal-push-queue"], capture_output=True)  # the pusher idles out
         print("\nsegments/s (median of rounds):")

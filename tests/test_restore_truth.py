@@ -137,7 +137,7 @@ def sealed_with_a_foreign_key(name):
         data = b"".join(decompress_stream([path.read_bytes()], "zstd"))
         storage = FileStorage(repo)
         storage.keyring, storage.encrypt = Keyring.parse(generate_key("lost-key"), "test"), True
-        sealed = b"".join(WalArchive(storage, "app")._pack(data, name))
+        sealed = b"".join(WalArchive(storage, "app")._pack([data], name))
         path.with_name(path.name + ".enc").write_bytes(sealed)
         path.unlink()
     return tamper

@@ -317,12 +317,12 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
             for name in sorted(ready, key=lambda n: (not n.endswith(".history"), n)):
                 if name in in_flight or not is_wal_file_name(name) or name + ".error" in spooled:
                     continue
-                if name + ".ok" in spooled:
-                    ack = Ack.read(os.path.join(spool, name + ".ok"))
-                    if ack is not None and ack.who == who:
-                        continue  # waiting for its archive_command call
+                ack = Ack.read(os.path.join(spool, name + ".ok")) if name + ".ok" in spooled else None
+                if ack is not None and ack.who == who:
+                    continue  # waiting for its archive_command call
+                if ack is not None:
                     _unlink(os.path.join(spool, name + ".ok"))  # another configuration's: not ours to trust
-                elif name in acknowledged:
+                elif name in acknowledged:  # (its acknowledgement may have been taken since the listing)
                     if acknowledged[name] == float("inf"):
                         acknowledged[name] = now  # taken just now
                     if now - acknowledged[name] < 5:

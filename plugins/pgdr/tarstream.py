@@ -155,6 +155,21 @@ def _refuse(name: str, why: str) -> IntegrityError:
     return IntegrityError(f"tar member {name!r} {why}; refusing it (the backup is damaged or was tampered with)")
 
 
+def _mkdir_open(dir_fd: int, part: str, name: str, why: str) -> int:
+    """A descriptor of directory ``part`` in ``dir_fd``, made if missing; never through a link: an existing
+    link or file there refuses member ``name`` (``why``)."""
+    try:
+        os.mkdir(part, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        return os.open(part, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse(name, why) from None
+        raise
+
+
 def member_parts(name: str) -> list[str]:
     """The path components of a tar member, or IntegrityError: absolute, ``..``, ``.``, empty."""
     if name.startswith("/"):
@@ -229,17 +244,8 @@ class TarExtractor(TarParser):
         fd = os.dup(self._root_fd)
         try:
             for i, part in enumerate(parts):
-                try:
-                    os.mkdir(part, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                try:
-                    nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise _refuse(name, f"lies under {'/'.join(parts[:i + 1])!r}, which is not a directory "
-                                      "(a symbolic link or a file): nothing is written through it") from None
-                    raise
+                nxt = _mkdir_open(fd, part, name, f"lies under {'/'.join(parts[:i + 1])!r}, which is not a "
+                                  "directory (a symbolic link or a file): nothing is written through it")
                 os.close(fd)
                 fd = nxt
         except BaseException:
@@ -260,16 +266,7 @@ class TarExtractor(TarParser):
         parent = self._open_dir(name, parts[:-1])
         leaf = parts[-1]
         if kind == b"5":
-            try:
-                os.mkdir(leaf, 0o700, dir_fd=parent)
-            except FileExistsError:
-                pass
-            try:
-                fd = os.open(leaf, DIR_FLAGS, dir_fd=parent)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _refuse(name, "is a directory where an earlier member put a file or a link") from None
-                raise
+            fd = _mkdir_open(parent, leaf, name, "is a directory where an earlier member put a file or a link")
             try:
                 os.fchmod(fd, (mode & 0o750) | 0o700)
             finally:

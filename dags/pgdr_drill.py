@@ -39,8 +39,7 @@ from pgdr.drill import VALIDATIONS
 from pgdr_airflow.assets import backups_asset
 from pgdr_airflow.drill import PgdrDrillReportOperator, PgdrDrillStepOperator, PgdrDrillTeardownOperator
 from pgdr_airflow.notifiers import drill_notifiers, drill_step_failed, failure_notifiers
-
-ISO_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)$"
+from pgdr_airflow.params import backup_param, target_time_param
 
 for cluster in load_config().clusters.values():
     d = cluster.drill
@@ -61,10 +60,8 @@ for cluster in load_config().clusters.values():
             tags=["pgdr", "drill", cluster.name],
             doc_md=__doc__,
             params={
-                "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}F(_\d{8}-\d{6}I)?)$",
-                                description="'latest' or a backup label like 20261125-020000F"),
-                "target_time": Param(None, type=["null", "string"], pattern=ISO_TIME,
-                                     description="Restore to this point in time instead of a fresh mark "
+                "backup": backup_param("F"),  # a drill proves real backups, not safety copies
+                "target_time": target_time_param("Restore to this point in time instead of a fresh mark "
                                                  "(ISO 8601 with a zone; no RPO is measured then)"),
                 "validations": Param(list(VALIDATIONS), type="array", uniqueItems=True,
                                      items={"type": "string", "enum": list(VALIDATIONS)},

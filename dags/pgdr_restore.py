@@ -40,8 +40,7 @@ from pgdr.paths import roots_pattern
 from pgdr.server import LISTEN
 from pgdr_airflow.notifiers import failure_notifiers
 from pgdr_airflow.operators import PgdrRestoreOperator
-
-ISO_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)$"
+from pgdr_airflow.params import LSN, backup_param, target_time_param
 
 for cluster in load_config().clusters.values():
     dag_id = f"pgdr_{cluster.name}_restore"
@@ -55,14 +54,13 @@ for cluster in load_config().clusters.values():
         tags=["pgdr", "restore", cluster.name],
         doc_md=__doc__,
         params={
-            "backup": Param("latest", type="string", pattern=r"^(latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$",
-                            description="'latest' or a backup label like 20261125-020000F"),
+            "backup": backup_param("FS"),
             "target": Param("end_of_backup", type="string",
                             enum=["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"],
                             description="How far to recover"),
-            "target_time": Param(None, type=["null", "string"], pattern=ISO_TIME, format="date-time",
-                                 description="For target=time: ISO 8601 with a zone, e.g. 2026-11-25T14:03:00+00:00"),
-            "target_lsn": Param(None, type=["null", "string"], pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$",
+            "target_time": target_time_param("For target=time: ISO 8601 with a zone, e.g. 2026-11-25T14:03:00+00:00",
+                                             format="date-time"),
+            "target_lsn": Param(None, type=["null", "string"], pattern=LSN,
                                 description="For target=lsn: e.g. 0/3000060"),
             "target_xid": Param(None, type=["null", "integer"], minimum=3, description="For target=xid"),
             "target_name": Param(None, type=["null", "string"], minLength=1, maxLength=63,

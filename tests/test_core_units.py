@@ -247,3 +247,37 @@ def test_tar_extractor_notices_a_stream_cut_short(tmp_path):
     x.feed(raw[:3000])
     with pytest.raises(IntegrityError, match="ends in the middle"):
         x.close()
+
+
+def test_a_label_with_a_trailing_newline_is_not_a_label():
+    """Python's `$` matches before a final newline: the label rule must hold for the whole string."""
+    import pytest
+
+    from pgdr.errors import UsageError
+    from pgdr.labels import check_label
+
+    assert check_label("20261125-020000F_20261126-020000I") == "20261125-020000F_20261126-020000I"
+    for bad in ("20261125-020000F\n", "20261125-020000S\n", "20261125-020000F_20261126-020000I\n"):
+        with pytest.raises(UsageError):
+            check_label(bad)
+
+
+def test_validators_hold_for_the_whole_string_not_up_to_a_final_newline():
+    """A path, an LSN, a listen address, a cluster or key name with a trailing newline is refused
+    (each failed before: `^…$` with re.match lets a final newline through)."""
+    import pytest
+
+    from pgdr.errors import PgdrError
+    from pgdr.lsn import parse_lsn
+    from pgdr.paths import check_path
+    from pgdr.server import LISTEN
+
+    with pytest.raises(PgdrError):
+        check_path("/var/lib/pgdr/restore/app\n", "--pgdata")
+    with pytest.raises((PgdrError, ValueError)):
+        parse_lsn("0/3000060\n")
+    assert not LISTEN.fullmatch("127.0.0.1\n")
+    from pgdr.config import parse_config
+
+    with pytest.raises(PgdrError):
+        parse_config({"clusters": {"app\n": {"repository": "file:///tmp/r"}}})

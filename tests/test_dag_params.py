@@ -93,3 +93,24 @@ def test_trigger_endpoint_rejects_bad_params(api):
                       json={"logical_date": None, "conf": {"backup": "not-a-label"}})
     assert run.status_code == 400, run.text
     assert "backup" in run.text
+
+
+def test_label_patterns_of_forms_and_api_come_from_the_core_rule():
+    """One rule for a backup label: the restore form, the drill form and the API's bodies accept exactly what
+    pgdr.labels accepts (the drill: real backups only, no safety copies)."""
+    import re
+
+    from pgdr.labels import LABEL
+    from pgdr_airflow.api import RestoreBody, VerifyBody
+    from pgdr_airflow.params import backup_choice
+
+    samples = ["20261125-020000F", "20261125-020000S", "20261125-020000F_20261126-020000I", "20261125-020000I",
+               "20261125-020000F_20261126-020000F", "2026112-020000F", "latest", "20261125-020000F\n", "x"]
+    restore = re.compile(backup_choice("FS"))
+    drill = re.compile(backup_choice("F"))
+    for s in samples:
+        core = bool(LABEL.fullmatch(s))
+        assert bool(restore.fullmatch(s)) == (core or s == "latest"), s
+        assert bool(drill.fullmatch(s)) == ((core and "S" not in s) or s == "latest"), s
+    assert RestoreBody.model_fields["backup"].metadata[0].pattern == backup_choice("FS")
+    assert VerifyBody.model_fields["scope"].metadata[0].pattern == backup_choice("FS", ("new", "all", "latest"))

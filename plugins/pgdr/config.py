@@ -285,7 +285,7 @@ def parse_config(raw, path: str | os.PathLike = "<config>") -> Config:
     clusters = {}
     for name, body in clusters_raw.items():
         key = f"clusters.{name}"
-        if not CLUSTER_NAME.match(name):
+        if not CLUSTER_NAME.fullmatch(name):
             r.fail(key, "cluster names are lowercase letters, digits and '_', starting with a letter")
         body = r.mapping(body, key, CLUSTER_KEYS)
         merged = {**defaults, **body}
@@ -396,7 +396,7 @@ def _drill(r: _Reader, m: dict, key: str) -> DrillConfig:
     if schedule not in CRON_PRESETS and len(schedule.split()) != 5:
         r.fail(f"{key}.schedule", f"must be a 5-field cron expression or one of {', '.join(sorted(CRON_PRESETS))}")
     scratch = r.string(m, "scratch_dir", key, "/var/tmp/pgdr-drill")
-    if not SAFE_PATH.match(scratch) or scratch.rstrip("/") in ("", "/"):
+    if not SAFE_PATH.fullmatch(scratch) or scratch.rstrip("/") in ("", "/"):
         r.fail(f"{key}.scratch_dir", "must be an absolute path of letters, digits, '.', '_', '-' and '/' "
                                      "(not / itself)")
     from pgdr.errors import UsageError
@@ -418,7 +418,7 @@ def _drill(r: _Reader, m: dict, key: str) -> DrillConfig:
             r.fail(f"{ck}.name", f"duplicate check name {name!r}")
         names.add(name)
         db = r.string(c, "database", ck, "postgres")
-        if not DB_NAME.match(db):
+        if not DB_NAME.fullmatch(db):
             r.fail(f"{ck}.database", f"{db!r} is not a database name")
         if "expected" not in c or c["expected"] is None or isinstance(c["expected"], (dict, list)):
             r.fail(f"{ck}.expected", "is required: the value the query's first column must return")
@@ -431,9 +431,9 @@ def _drill(r: _Reader, m: dict, key: str) -> DrillConfig:
         cm = r.mapping({} if canary_raw is True else canary_raw, f"{key}.canary", CANARY_KEYS)
         db = r.string(cm, "database", f"{key}.canary", "postgres")
         table = r.string(cm, "table", f"{key}.canary", "pgdr_drill_canary")
-        if not DB_NAME.match(db):
+        if not DB_NAME.fullmatch(db):
             r.fail(f"{key}.canary.database", f"{db!r} is not a database name")
-        if not TABLE_NAME.match(table):
+        if not TABLE_NAME.fullmatch(table):
             r.fail(f"{key}.canary.table", "must be a lowercase table name, optionally schema-qualified (schema.table)")
         canary = DrillCanary(database=db, table=table)
     for flag in ("on_new_backup", "heapallindexed"):
@@ -453,7 +453,7 @@ def _encryption(r: _Reader, raw, key: str) -> EncryptionConfig | None:
         return None
     m = r.mapping({} if raw is True else raw, key, ENCRYPTION_KEYS)
     env = r.string(m, "key_env", key, "PGDR_KEYRING")
-    if not ENV_NAME.match(env):
+    if not ENV_NAME.fullmatch(env):
         r.fail(f"{key}.key_env", f"must name an environment variable (like PGDR_KEYRING), got {env!r}")
     accept = m.get("accept_unencrypted", False)
     if not isinstance(accept, bool):

@@ -91,7 +91,7 @@ class Keyring:
         keys = []
         for n, entry in enumerate(e for e in re.split(r"[,\s]+", text.strip()) if e):
             key_id, sep, b64 = entry.partition(":")
-            if not sep or not KEY_ID.match(key_id):
+            if not sep or not KEY_ID.fullmatch(key_id):
                 raise UsageError(f"{source}: entry {n + 1} is not 'id:base64key' (ids are letters, digits, '.', "
                                  "'_' and '-')")
             try:
@@ -148,7 +148,7 @@ class Keyring:
 
 def generate_key(key_id: str) -> str:
     """A new keyring entry: ``id:base64key``."""
-    if not KEY_ID.match(key_id):
+    if not KEY_ID.fullmatch(key_id):
         raise UsageError(f"key id {key_id!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     return f"{key_id}:{base64.b64encode(os.urandom(32)).decode()}"
 

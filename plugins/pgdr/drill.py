@@ -119,7 +119,7 @@ def plan_drill(cluster: ClusterConfig, run_id: str, params: dict | None = None, 
     p = dict(params or {})
     d = cluster.drill
     backup = str(p.get("backup") or "latest")
-    if not LABEL.match(backup):
+    if not LABEL.fullmatch(backup):
         raise UsageError(f"backup {backup!r} is neither 'latest' nor a label like 20261125-020000F")
     target_time = p.get("target_time") or None
     if target_time:

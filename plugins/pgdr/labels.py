@@ -16,7 +16,13 @@ from datetime import datetime, timezone
 
 from pgdr.errors import UsageError
 
-LABEL = re.compile(r"^\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?$")
+def label_pattern(kinds: str = "FS") -> str:
+    """The regular expression (unanchored) of a label whose chain starts at one of ``kinds`` (F full, S safety);
+    forms and the API build theirs from it, so they cannot drift from the core's rule."""
+    return rf"\d{{8}}-\d{{6}}[{kinds}](_\d{{8}}-\d{{6}}I)?"
+
+
+LABEL = re.compile(f"^{label_pattern()}$")
 KINDS = {"F": "full", "S": "safety", "I": "incr"}
 
 
@@ -35,7 +41,7 @@ def make_incr_label(full_label: str, when: datetime) -> str:
 
 
 def check_label(label: str) -> str:
-    if not LABEL.match(label):
+    if not LABEL.fullmatch(label):
         raise UsageError(f"{label!r} is not a backup label (expected like 20261125-020000F, or 'latest'; "
                          "safety backups end in S, incrementals look like 20261125-020000F_20261126-020000I)")
     return label

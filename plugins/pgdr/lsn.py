@@ -8,7 +8,7 @@ LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
 
 def parse_lsn(text: str) -> int:
-    if not LSN.match(text):
+    if not LSN.fullmatch(text):
         raise ValueError(f"{text!r} is not an LSN (expected like 0/3000060)")
     hi, lo = text.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)

@@ -40,7 +40,7 @@ def check_path(text, what: str = "path") -> Path:
         raise UsageError(f"{what} {s!r} contains '.' or '..'; give the plain absolute path")
     if "//" in trimmed:
         raise UsageError(f"{what} {s!r} contains an empty component ('//')")
-    if not SAFE_PATH.match(trimmed):
+    if not SAFE_PATH.fullmatch(trimmed):
         bad = sorted({c for c in s if not re.match(r"[A-Za-z0-9_.+/-]", c)})
         shown = " ".join(repr(c) for c in bad)
         raise UsageError(f"{what} {s!r} has characters pgdr does not accept in paths ({shown}); "

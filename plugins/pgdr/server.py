@@ -29,7 +29,7 @@ LOOPBACK = "127.0.0.1"
 def check_listen(value: str | None) -> str:
     """``listen_addresses`` for a restored server: loopback unless asked; addresses or host names only."""
     value = (value or LOOPBACK).replace(" ", "")
-    if not LISTEN.match(value):
+    if not LISTEN.fullmatch(value):
         raise UsageError(f"listen addresses {value!r}: give a comma-separated list of IP addresses or host names "
                          "(or '*')")
     return value

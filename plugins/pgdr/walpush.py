@@ -368,7 +368,7 @@ def push_file(archive, path: str, spool: str | None = None):
 
     stamp = re.compile(r"\.\d{8}T\d{6}Z(?=\.|$)")  # the archive time in a segment's key
     name = os.path.basename(path)
-    if SEGMENT.match(name):
+    if SEGMENT.fullmatch(name):
         require_supported_segment_size(segment_size_of_file(path), path)
     pending = os.path.join(spool or "", name + ".pending")
     try:

@@ -453,7 +453,7 @@ class WalStreamer:
         if self.archive.find(name):
             return
         got, content = stream.timeline_history(tli)
-        if not HISTORY.match(got):
+        if not HISTORY.fullmatch(got):
             raise PostgresError(f"TIMELINE_HISTORY {tli} returned {got!r}")
         self.archive.push_history(got, content)
 

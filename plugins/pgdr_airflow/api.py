@@ -32,6 +32,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag, resolve_user_from_token
 from pgdr.errors import BackupNotFound, ConfigError, PgdrError
 from pgdr.labels import LABEL
+from pgdr_airflow.params import ISO_TIME, LSN, backup_choice
 
 log = logging.getLogger(__name__)
 READ_DAGS = ("backup", "verify", "retention", "restore")
@@ -385,7 +386,7 @@ class BackupBody(_Body):
 
 
 class VerifyBody(_Body):
-    scope: str = Field("new", pattern=r"^(new|all|latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$")
+    scope: str = Field("new", pattern=backup_choice("FS", ("new", "all", "latest")))
     note: str | None = Field(None, max_length=1000)
 
 
@@ -393,14 +394,11 @@ class DrillBody(_Body):
     note: str | None = Field(None, max_length=1000)
 
 
-ISO_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$"
-
-
 class RestoreBody(_Body):
-    backup: str = Field("latest", pattern=r"^(latest|\d{8}-\d{6}[FS](_\d{8}-\d{6}I)?)$")
+    backup: str = Field("latest", pattern=backup_choice("FS"))
     target: Literal["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"] = "end_of_backup"
     target_time: str | None = Field(None, pattern=ISO_TIME)
-    target_lsn: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+    target_lsn: str | None = Field(None, pattern=LSN)
     target_xid: int | None = Field(None, ge=3)
     target_name: str | None = Field(None, min_length=1, max_length=63)
     target_action: Literal["promote", "pause", "shutdown"] = "promote"
@@ -533,7 +531,7 @@ def refresh(user: GetUserDep, cluster=Depends(run_creator("backup"))):
 
 
 def _label(label: str) -> None:
-    if not LABEL.match(label):  # the core's own label rule: full, safety (…S) and incremental (…F_…I) labels
+    if not LABEL.fullmatch(label):  # the core's own label rule: full, safety (…S) and incremental (…F_…I) labels
         raise ApiError("usage", f"label: {label!r} is not a backup label (like 20261125-020000F or "
                        "20261125-020000F_20261126-020000I)", 400, field="label")
 

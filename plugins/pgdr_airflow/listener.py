@@ -32,7 +32,7 @@ REFRESH_AFTER = {("backup", "backup"), ("verify", "verify"), ("retention", "expi
 def on_task_instance_running(previous_state, task_instance):
     """With Airflow's [sentry] integration on: pgdr's context (cluster, backup label, error kind) on every event
     the task sends. The listener runs inside the Sentry scope Airflow opens around the task."""
-    m = DAG_ID.match(getattr(task_instance, "dag_id", "") or "")
+    m = DAG_ID.fullmatch(getattr(task_instance, "dag_id", "") or "")
     if not m:
         return
     try:
@@ -84,7 +84,7 @@ def on_task_instance_failed(previous_state, task_instance, error):
 
 
 def _after(ti, outcome: str, error) -> None:
-    m = DAG_ID.match(getattr(ti, "dag_id", "") or "")
+    m = DAG_ID.fullmatch(getattr(ti, "dag_id", "") or "")
     if not m:
         return
     kind, task_id = m["kind"], ti.task_id

@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--s3-mb", type=int, default=1, help="0: skip the S3 rows")
     ap.add_argument("--latency-ms", type=float, default=30)
     ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster (stopped), repository and config in "
+                                                         "--workdir, for a closer look")
     args = ap.parse_args()
 
     bins = probe(embedded_bin_dir() or "", "postgres")
@@ -134,7 +136,7 @@ def main() -> int:
         if args.s3_mb:
             s3_rows(args, work, src, bins, row)
     finally:
-        src.destroy()
+        src.stop() if args.keep else src.destroy()
     print("\n| row | wall s | peak RSS MB | notes |\n|---|---|---|---|")
     for name, wall, rss, extra in results:
         print(f"| {name} | {wall:.1f} | {rss:.0f} | {extra} |")

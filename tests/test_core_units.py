@@ -281,3 +281,60 @@ def test_validators_hold_for_the_whole_string_not_up_to_a_final_newline():
 
     with pytest.raises(PgdrError):
         parse_config({"clusters": {"app\n": {"repository": "file:///tmp/r"}}})
+
+
+def _incremental(blocks: dict[int, bytes], truncation: int) -> bytes:
+    """An INCREMENTAL.<name> file as pg_basebackup sends it: magic, count, truncation length, block numbers,
+    padding to a block boundary (when there are blocks), the blocks."""
+    import struct
+
+    numbers = sorted(blocks)
+    head = struct.pack(f"<III{len(numbers)}I", 0xD3AE1F0D, len(numbers), truncation, *numbers)
+    if numbers:
+        head += bytes(-len(head) % 8192)
+    return head + b"".join(blocks[n] for n in numbers)
+
+
+def test_applying_an_incremental_in_place_rewrites_whole_files_and_leaves_unchanged_relations_alone(tmp_path):
+    """The chain applier on a parent's restored state: a whole file shorter than the parent's copy ends at its
+    own length; a file with a second name (a hard link) is replaced, never written through; a relation with
+    no changed block and the same length is left as it is; one with changed blocks and a new truncation
+    length is rebuilt like pg_combinebackup does; what the incremental does not hold is removed."""
+    from pgdr.incremental import ChainApplier
+
+    root = tmp_path / "pgdata"
+    (root / "base" / "5").mkdir(parents=True)
+    (root / "PG_VERSION").write_bytes(b"18\n" + b"x" * 5000)  # longer than the new copy
+    (root / "global").mkdir()
+    (root / "global" / "pg_filenode.map").write_bytes(b"old map")
+    outside = tmp_path / "elsewhere"
+    os.link(root / "global" / "pg_filenode.map", outside)  # a second name for the parent's copy
+    unchanged = os.urandom(3 * 8192)
+    (root / "base" / "5" / "1259").write_bytes(unchanged)
+    before = os.stat(root / "base" / "5" / "1259")
+    (root / "base" / "5" / "2619").write_bytes(b"\1" * (4 * 8192))
+    (root / "base" / "5" / "dropped").write_bytes(b"gone")
+    new_block = os.urandom(8192)
+    raw = _tar([("PG_VERSION", tarfile.REGTYPE, b"18\n"),
+                ("global", tarfile.DIRTYPE, b""), ("global/pg_filenode.map", tarfile.REGTYPE, b"new map"),
+                ("base", tarfile.DIRTYPE, b""), ("base/5", tarfile.DIRTYPE, b""),
+                ("base/5/INCREMENTAL.1259", tarfile.REGTYPE, _incremental({}, 3)),
+                ("base/5/INCREMENTAL.2619", tarfile.REGTYPE, _incremental({1: new_block, 5: new_block}, 2))])
+    applier = ChainApplier(root)
+    try:
+        for i in range(0, len(raw), 3001):
+            applier.feed(raw[i:i + 3001])
+        applier.close()
+        applier.prune()
+    finally:
+        applier.release()
+    assert (root / "PG_VERSION").read_bytes() == b"18\n"
+    assert (root / "global" / "pg_filenode.map").read_bytes() == b"new map"
+    assert outside.read_bytes() == b"old map"  # the other name still has the old content
+    after = os.stat(root / "base" / "5" / "1259")
+    assert (root / "base" / "5" / "1259").read_bytes() == unchanged
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not even opened for writing
+    rebuilt = (root / "base" / "5" / "2619").read_bytes()
+    assert rebuilt == b"\1" * 8192 + new_block + bytes(3 * 8192) + new_block  # truncated to 2, blocks 1 and 5
+    assert not (root / "base" / "5" / "dropped").exists()
+    assert applier.reconstructed == {"base/5/1259": 3 * 8192, "base/5/2619": 6 * 8192}

@@ -148,21 +148,21 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
             e.label == label or (is_incremental(e.label) and e.label.endswith("_" + label[:15] + "I")))]
         if done:
             return _run_backup(cluster, conn, storage, done[-1].label, part_size, wal_timeout, None,
-                               existing_only=True)
+                               existing_only=True, info=info)
     from pgdr.incremental import incremental_support
 
     decision = choose_type(backup_type, repo.backups(), cluster.backup_type_policy, slot,
-                           incremental_support(conn, info.major), info.system_identifier, info.major)
+                           incremental_support(info), info.system_identifier, info.major)
     if decision.type == "full":
         log.info("backup of cluster %s: full (%s)", cluster.name, decision.reason)
-        result = _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None)
+        result = _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None, info=info)
         result.type_reason = decision.reason
         return result
     parent = decision.parent
     incr_label = make_incr_label(chain_full(parent.full or parent.label), slot)
     log.info("backup of cluster %s: incremental %s on top of %s", cluster.name, incr_label, parent.label)
     try:
-        result = _run_backup(cluster, conn, storage, incr_label, part_size, wal_timeout, parent)
+        result = _run_backup(cluster, conn, storage, incr_label, part_size, wal_timeout, parent, info=info)
     except PostgresError as e:
         if "summar" not in str(e).lower() and "incremental" not in str(e).lower():
             raise
@@ -195,27 +195,22 @@ def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest)
     return data
 
 
-def _require_supported_segment_size(conn: ConnInfo, cluster: str) -> None:
-    """A backup whose WAL pgdr could not archive or replay is refused before anything is written."""
-    from pgdr.postgres import connect
-    from pgdr.wal import require_supported_segment_size
-
-    with connect(conn) as c:
-        size = int(c.execute("select setting from pg_settings where name = 'wal_segment_size'").fetchone()[0])
-    require_supported_segment_size(size, f"cluster '{cluster}'")
 
 
 def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None,
                 part_size: int, wal_timeout: float, parent: BackupManifest | None,
-                existing_only: bool = False) -> BackupResult:
-    info = server_info(conn)
+                existing_only: bool = False, info=None) -> BackupResult:
+    info = info or server_info(conn)
     if info.wal_level == "minimal":
         raise PostgresError("wal_level is 'minimal'; physical backups need 'replica' or 'logical' (restart required)")
     if info.tablespaces:
         raise PgdrError(
             f"cluster '{cluster.name}' has extra tablespaces ({', '.join(info.tablespaces)}); pgdr does not yet "
             "back up tablespaces outside the data directory and refuses rather than take an incomplete backup")
-    _require_supported_segment_size(conn, cluster.name)
+    from pgdr.wal import require_supported_segment_size
+
+    # A backup whose WAL pgdr could not archive or replay is refused before anything is written.
+    require_supported_segment_size(info.wal_segment_size, f"cluster '{cluster.name}'")
     bins = find_bin_dir(info.major, cluster.pg_bin_dir, tool="pg_basebackup")
     repo = Repository(storage, cluster.name)
     repo.check_identity(info.system_identifier, info.version_num)

@@ -83,7 +83,7 @@ def run_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> Check
         try:
             from pgdr.incremental import incremental_support
 
-            ok, detail = incremental_support(conn, info.major)
+            ok, detail = incremental_support(info)
             wanted = cluster.backup_type_policy is not None
             add("summarize_wal", ok or not wanted, detail + ("" if ok or not wanted else
                 "; backup_type_policy asks for incrementals, so every backup falls back to a full"), critical=False)

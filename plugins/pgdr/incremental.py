@@ -459,15 +459,13 @@ def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None
 
 # ------------------------------------------------------------------------------------------- the server
 
-def incremental_support(conn, major: int) -> tuple[bool, str]:
-    """Whether the server can take an incremental backup now, and in words why not."""
+def incremental_support(info) -> tuple[bool, str]:
+    """Whether the server (its pgdr.postgres.ServerInfo) can take an incremental backup now, and in words
+    why not."""
+    major = info.major
     if major < 17:
         return False, f"PostgreSQL {major} has no incremental backups (17 or newer with summarize_wal = on)"
-    from pgdr.postgres import connect
-
-    with connect(conn) as c:
-        row = c.execute("select setting from pg_settings where name = 'summarize_wal'").fetchone()
-    setting = row[0] if row else None
+    setting = info.summarize_wal
     if setting != "on":
         return False, (f"summarize_wal = {setting or 'unknown'}: PostgreSQL takes incremental backups only with "
                        "summarize_wal = on (ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf(); the "

@@ -47,6 +47,8 @@ class ServerInfo:
     can_replicate: bool
     tablespaces: list
     databases: list
+    wal_segment_size: int = 16 * 1024 * 1024
+    summarize_wal: str | None = None  # None before PostgreSQL 17
 
     @property
     def major(self) -> int:
@@ -79,7 +81,9 @@ def server_info(conn: ConnInfo) -> ServerInfo:
                        (select timeline_id from pg_control_checkpoint()),
                        current_setting('wal_level'),
                        current_setting('max_wal_senders')::int,
-                       (select rolsuper or rolreplication from pg_roles where rolname = current_user)
+                       (select rolsuper or rolreplication from pg_roles where rolname = current_user),
+                       (select setting::bigint from pg_settings where name = 'wal_segment_size'),
+                       (select setting from pg_settings where name = 'summarize_wal')
                 """
             ).fetchone()
             spaces = [r[0] for r in c.execute(
@@ -87,7 +91,7 @@ def server_info(conn: ConnInfo) -> ServerInfo:
             dbs = [r[0] for r in c.execute("select datname from pg_database where datallowconn order by 1")]
         except psycopg.Error as e:
             raise PostgresError(f"querying {conn.describe()} failed: {str(e).strip()}") from None
-    return ServerInfo(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), spaces, dbs)
+    return ServerInfo(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), spaces, dbs, int(row[7]), row[8])
 
 
 def replication_probe(conn: ConnInfo) -> str:

@@ -73,11 +73,12 @@ def build(bins, src, args) -> None:
     src.psql("checkpoint")
 
 
-def pgbackrest_setup(pgbackrest, conf, work, src):
+def pgbackrest_setup(pgbackrest, conf, work, src, extra: str = ""):
+    """A pgBackRest stanza 'bench' for ``src``: zst level 3, process-max 2 (``extra``: more [global] lines)."""
     conf.write_text(
         f"[global]\nrepo1-path={work / 'repo-pgbackrest'}\nlog-path={work / 'repo-pgbackrest'}\n"
         f"lock-path={work / 'repo-pgbackrest'}\n"
-        "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n"
+        f"compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n{extra}"
         f"[bench]\npg1-path={src.datadir}\npg1-port={src.port}\npg1-socket-path={src.socket_dir}\n")
     (work / "repo-pgbackrest").mkdir()
     shutil.chown(work / "repo-pgbackrest", "postgres", "postgres")

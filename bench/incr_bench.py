@@ -11,9 +11,10 @@ Rows:
   (target ≤ 1.2×);
 - S3 backup and restore with 30 ms per request: transfer_concurrency 1 (sequential, as before) against 4.
 
-pgBackRest rows: the Debian package here is 2.45, which does not support PostgreSQL 18 (nor 17), so it
-cannot stand beside these rows; bench/bench.py compares full backups and restores on PostgreSQL 15.
-Numbers are printed, never asserted.
+pgBackRest rows, beside pgdr's on the same cluster (block incremental: repo1-bundle, repo1-block; zst 3,
+process-max 2), when ``--pgbackrest PATH`` (or $PGBACKREST) names a pgBackRest that supports PostgreSQL 18.
+Debian's package (2.45) does not; a build of pgBackRest's own source (2.56 or newer: meson, ninja and the
+-dev packages its README lists) does. Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench import measure  # noqa: E402
+from pgdr.pgbin import as_user  # noqa: E402
 from pgdr.pgbin import embedded_bin_dir, probe  # noqa: E402
 from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
 
@@ -43,6 +45,15 @@ def change_one_percent(src: SandboxCluster, step: int) -> None:
     src.psql(f"update pgbench_accounts set abalance = abalance + {step} where aid > {first} "
              f"and aid <= {first + n // 100}")
     src.psql("checkpoint")
+
+
+def drop_caches() -> None:
+    """Each restore starts from a cold page cache, with nothing of the last one still being written back."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
 
 
 def stored(repo: Path, label: str) -> int:
@@ -57,6 +68,8 @@ def main() -> int:
     ap.add_argument("--s3-mb", type=int, default=1, help="0: skip the S3 rows")
     ap.add_argument("--latency-ms", type=float, default=30)
     ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
+    ap.add_argument("--pgbackrest", default=os.environ.get("PGBACKREST"),
+                    help="a pgBackRest build supporting PostgreSQL 18, for its rows beside pgdr's")
     ap.add_argument("--keep", action="store_true", help="leave the cluster (stopped), repository and config in "
                                                          "--workdir, for a closer look")
     args = ap.parse_args()
@@ -70,7 +83,10 @@ def main() -> int:
     work.mkdir(parents=True)
     work.chmod(0o755)
     src = SandboxCluster(bins, work / "source", free_port())
-    src.init(extra_conf="summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n").start()
+    brconf = work / "pgbackrest.conf"
+    archive = (f"archive_mode = on\narchive_command = '{args.pgbackrest} --config={brconf} --stanza=bench "
+               "archive-push %p'\n") if args.pgbackrest else ""
+    src.init(extra_conf="summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n" + archive).start()
     results = []
 
     def row(name, m, extra=""):
@@ -89,9 +105,18 @@ def main() -> int:
         for start in range(0, rows, 4096):
             src.psql(f"insert into noise select g, (select string_agg(sha512((random() + x + g)::text::bytea), ''::bytea) "
                      f"from generate_series(1, 128) x) from generate_series({start + 1}, {min(start + 4096, rows)}) g")
+        # Settle the freshly loaded rows (hint bits, visibility map) now, so autovacuum does not rewrite them
+        # in the middle of the chain and every backup compares like with like.
+        src.psql("vacuum (freeze, analyze)")
         src.psql("checkpoint")
         size = int(src.psql("select sum(pg_database_size(datname)) from pg_database"))
         print(f"cluster size: {size / 1e6:.0f} MB", flush=True)
+        br = None
+        if args.pgbackrest:
+            from bench import pgbackrest_setup
+
+            pgbackrest_setup(args.pgbackrest, brconf, work, src, "repo1-bundle=y\nrepo1-block=y\n")
+            br = [args.pgbackrest, f"--config={brconf}", "--stanza=bench"]
         repo = work / "repo"
         config = work / "pgdr.yaml"
         config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "repository": f"file://{repo}",
@@ -100,14 +125,28 @@ def main() -> int:
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
 
         def backup(kind, label):
+            drop_caches()
             out = work / f"out-{label}.json"
             with open(out, "w") as f:
                 m = measure(pgdr + ["backup", "--cluster", "bench", "--type", kind, "--label", label], stdout=f)
             return m, json.loads(out.read_text())
 
+        def br_backup(kind):
+            drop_caches()
+            before = br_stored()
+            m = measure(as_user(br + [f"--type={kind}", "backup"], "postgres"))
+            return m, br_stored() - before
+
+        def br_stored():
+            return sum(f.stat().st_size for f in (work / "repo-pgbackrest" / "backup").rglob("*") if f.is_file())
+
         m, full = backup("full", "20261101-000000F")
         row("pgdr full backup (zstd 3)", m, f"stored {full['stored_size'] / 1e6:.1f} MB")
         full_time, full_bytes = m["wall"], full["stored_size"]
+        if br:
+            bfull_m, bfull = br_backup("full")
+            row("pgBackRest full backup (zst 3, process-max 2, bundle + block)", bfull_m,
+                f"stored {bfull / 1e6:.1f} MB; pgdr {full_time / bfull_m['wall']:.2f}x its time")
         labels = []
         for i in range(1, args.chain + 1):
             change_one_percent(src, i)
@@ -118,8 +157,16 @@ def main() -> int:
                 row("pgdr incremental after ~1% of pages changed", m,
                     f"stored {inc['stored_size'] / 1e6:.1f} MB; {m['wall'] / full_time:.2f}x the full's time, "
                     f"{inc['stored_size'] / full_bytes:.3f}x its bytes")
+            if br:
+                bm, binc = br_backup("incr")
+                if i == 1:
+                    row("pgBackRest incremental (block) after the same change", bm,
+                        f"stored {binc / 1e6:.1f} MB; {bm['wall'] / bfull_m['wall']:.2f}x its full's time; "
+                        f"pgdr {m['wall'] / bm['wall']:.2f}x its time, {inc['stored_size'] / max(binc, 1):.2f}x its bytes")
         m, full2 = backup("full", "20261120-000000F")
         row("pgdr full backup of the chain's end state", m, f"stored {full2['stored_size'] / 1e6:.1f} MB")
+        if br:
+            br_backup("full")  # pgBackRest's own full of the end state, restored below
 
         def restore(label, name):
             target = work / f"restore-{name}"
@@ -127,11 +174,34 @@ def main() -> int:
             shutil.rmtree(target)
             return m
 
+        def br_restore(name, set_label=None):
+            target = work / f"restore-br-{name}"
+            target.mkdir(mode=0o700)
+            shutil.chown(target, "postgres", "postgres")
+            m = measure(as_user(br + [f"--pg1-path={target}", "restore"] + ([f"--set={set_label}"] if set_label
+                                                                            else []), "postgres"))
+            shutil.rmtree(target)
+            return m
+
+        drop_caches()
         chain_m = restore(labels[-1], "chain")
+        drop_caches()
         full_m = restore(full2["label"], "full")
         row(f"pgdr restore of full + {args.chain} incrementals (in place, no staging)", chain_m,
             f"{chain_m['wall'] / full_m['wall']:.2f}x the full's restore")
         row("pgdr restore of a full of the same data", full_m)
+        if br:
+            sets = json.loads(subprocess.run(as_user(br + ["info", "--output=json"], "postgres"), check=True,
+                                             capture_output=True, text=True).stdout)[0]["backup"]
+            chain_set = [b["label"] for b in sets if b["type"] == "incr"][-1]
+            drop_caches()
+            bchain = br_restore("chain", chain_set)
+            drop_caches()
+            bfullr = br_restore("full")
+            row(f"pgBackRest restore of full + {args.chain} incrementals", bchain,
+                f"{bchain['wall'] / bfullr['wall']:.2f}x its full's restore; pgdr {chain_m['wall'] / bchain['wall']:.2f}x")
+            row("pgBackRest restore of a full of the same data", bfullr,
+                f"pgdr {full_m['wall'] / bfullr['wall']:.2f}x")
 
         if args.s3_mb:
             s3_rows(args, work, src, bins, row)

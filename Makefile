@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 
-.PHONY: venv test demo ui lock bench bench-wal clean
+.PHONY: venv test demo ui lock bench bench-wal bench-perf clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -48,6 +48,9 @@ bench: venv
 
 bench-wal: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) bench/wal_bench.py $(BENCH_ARGS)
+
+bench-perf: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) bench/perf.py $(BENCH_ARGS)
 
 lock: $(PY)
 	$(UV) pip install -q --python $(PY) -r requirements.txt

@@ -50,14 +50,16 @@ def write_backlog(pg, segments: int) -> list[str]:
     """``segments`` completed segments, each holding a committed row, all waiting to be archived."""
     pg.psql("create table if not exists backlog (i int)")
     pg.psql("select pg_switch_wal()")
-    first = pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
+    first = pg.psql("select pg_walfile_name(pg_current_wal_lsn() + 1)")  # (a boundary LSN names the segment before)
     pg.psql("; ".join(f"insert into backlog values ({i}); select pg_switch_wal()" for i in range(segments)))
     pg.psql("select pg_switch_wal()")  # one statement string is one transaction: its commit is in the next
     last = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)")
     status = pg.datadir / "pg_wal" / "archive_status"
-    wait_for(lambda: (status / f"{last}.ready").exists(), f"{last} marked ready", timeout=30)
-    names = sorted(f.name[:-6] for f in status.iterdir() if f.name.endswith(".ready") and first <= f.name[:24] <= last)
-    assert names[0] == first and names[-1] == last and len(names) >= segments, names
+    wait_for(lambda: (status / f"{last}.ready").exists() or (status / f"{last}.done").exists(),
+             f"{last} marked ready", timeout=30)
+    names = [first[:16] + f"{n:08X}" for n in range(int(first[16:], 16), int(last[16:], 16) + 1)]
+    assert len(names) >= segments and all((status / f"{n}.ready").exists() or (status / f"{n}.done").exists()
+                                          for n in names), names
     for f in status.iterdir():  # older WAL (initdb's, the table's): not part of this backlog
         if f.name.endswith(".ready") and f.name[:-6] < first:
             f.rename(f.with_suffix(".done"))
@@ -251,7 +253,10 @@ def test_failure_is_reported_by_the_call_and_retried_and_the_fast_answer_trusts_
         outside.write_bytes(b"x")
         assert answer_push(argv[:-1] + [str(outside)]) is None  # not in a pg_wal: archived in the calling process
         os.pwrite(lock, f"1234\n{identity('app', str(tmp_path / 'b.yaml'))}\n".encode(), 0)
-        assert answer_push(argv) is None  # the running pusher serves another configuration: in this process
+        t0 = time.monotonic()
+        slow = [a if a != "0.3" else "10" for a in argv]
+        assert answer_push(slow) is None  # a pusher of another configuration that stays: in this process
+        assert 3 <= time.monotonic() - t0 < 9  # (after giving it the time a pusher takes to see an edit)
         os.ftruncate(lock, 0)
         os.chown(wal, *_postgres_ids())
         assert answer_push(argv) is None  # root, on the server's pg_wal: the queue is the server user's
@@ -278,3 +283,111 @@ def test_wal_push_usage_errors_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pgdr", "--config", str(config), "wal-push", "--cluster", "app",
                            "--parallel", "x", str(seg)], capture_output=True, text=True)
     assert proc.returncode == 2 and "--parallel" in proc.stderr
+
+
+def test_an_edited_configuration_is_followed_by_the_next_segments(workdir):
+    """The repository moves (the configuration file is edited) while WAL keeps coming: the running pusher
+    stops within a second or so, and every segment after the edit is acknowledged only once it is in the new
+    repository (before: the old pusher went on archiving into the old one for as long as WAL kept coming)."""
+    pg = paused_archiver(workdir, "queue-edit")
+    try:
+        old_repo, new_repo = (archive_repo(workdir, f"queue-edit-{t}-{next(_n)}") for t in ("a", "b"))
+        config = write_config(workdir / f"queue-edit-{next(_n)}.yaml", {"app": {"repository": old_repo,
+                                                                               "wal": {"mode": "push"}}})
+        config.chmod(0o644)
+        before = write_backlog(pg, 3)
+        start_archiving(pg, config)
+        wait_for(lambda: all(state(pg, n) == "done" for n in before), "the first segments archived")
+        pid = pusher_pid(pg)
+        write_config(config, {"app": {"repository": new_repo, "wal": {"mode": "push"}}})
+        config.chmod(0o644)
+        after = write_backlog(pg, 3)
+        wait_for(lambda: all(state(pg, n) == "done" for n in after), "the segments after the edit archived")
+        from pgdr.storage.file import FileStorage
+
+        def names(url):
+            return set(WalArchive(FileStorage(url.removeprefix("file://")), "app").segment_keys())
+        # (The old pusher may have read ahead into the old repository before it noticed: harmless, its
+        # acknowledgements name the old configuration and no call took them.)
+        assert set(after) <= names(new_repo)
+        assert set(before) <= names(old_repo) and not set(before) & names(new_repo)
+        assert pusher_pid(pg) != pid
+    finally:
+        pg.destroy()
+
+
+def test_a_stale_acknowledgement_for_an_earlier_file_of_that_name_is_replaced(workdir):
+    """A standby restoring a segment it had streamed replaces the file (a new inode) and marks it ready again:
+    the pusher's own acknowledgement for the earlier file must not stall it; it is pushed again (found
+    archived) and acknowledged for the file as it is now."""
+    pg = paused_archiver(workdir, "queue-stale")
+    try:
+        names = write_backlog(pg, 2)
+        repo = archive_repo(workdir, f"queue-stale-{next(_n)}")
+        config = write_config(workdir / f"queue-stale-{next(_n)}.yaml", {"app": {"repository": repo,
+                                                                                "wal": {"mode": "push"}}})
+        config.chmod(0o644)
+        wal = pg.datadir / "pg_wal"
+        seg = wal / names[0]
+        (wal / SPOOL_DIR).mkdir(mode=0o700)
+        stale = Ack(identity("app", str(config)), "1 2 3 4", "0" * 64, "an earlier file's key")
+        stale.write(str(wal / SPOOL_DIR / f"{seg.name}.ok"))
+        subprocess.run(["chown", "-R", "postgres:postgres", str(wal / SPOOL_DIR)], check=True)
+        start_archiving(pg, config, "--timeout", "5")
+        wait_for(lambda: all(state(pg, n) == "done" for n in names), "archived despite the stale acknowledgement",
+                 timeout=60)
+        assert int(pg.psql("select failed_count from pg_stat_archiver")) == 0
+        assert_archived_once_and_intact(pg, config, names)
+    finally:
+        pg.destroy()
+
+
+def test_the_queue_stands_aside_for_a_pid1_postmaster_and_a_nearly_full_disk(tmp_path):
+    """A pusher left to a postmaster that is PID 1 (a container's init) would, if killed, look like a crashed
+    backend; a nearly full pg_wal disk needs archiving to go on without writing beside it. Both: the call
+    archives in its own process (None: the full command)."""
+    wal = tmp_path / "pg_wal"
+    (wal / "archive_status").mkdir(parents=True)
+    seg = wal / "000000010000000000000009"
+    seg.write_bytes(b"x")
+    (wal / "archive_status" / f"{seg.name}.ready").touch()
+    argv = ["--config", str(tmp_path / "a.yaml"), "-q", "wal-push", "--cluster", "app", "--timeout", "0.2", str(seg)]
+    (tmp_path / "postmaster.pid").write_text("1\n/var/lib/postgresql/data\n")
+    assert answer_push(argv) is None
+    assert not (wal / SPOOL_DIR).exists()
+    (tmp_path / "postmaster.pid").write_text("4242\n")
+    assert answer_push(argv) == 1  # (a pusher starts and cannot archive a 1-byte file in 0.2 s: timed out)
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], check=True)
+    try:
+        wal = small / "pg_wal"
+        (wal / "archive_status").mkdir(parents=True)
+        seg = wal / "00000001000000000000000A"
+        seg.write_bytes(b"x")
+        (wal / "archive_status" / f"{seg.name}.ready").touch()
+        assert answer_push(argv[:-1] + [str(seg)]) is None
+        assert not (wal / SPOOL_DIR).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+def test_a_file_that_changes_while_read_is_not_stored(tmp_path):
+    """The pusher reads ahead of PostgreSQL: a segment recycled under it must not be stored under its name."""
+    import pytest
+
+    from pgdr.storage.file import FileStorage
+    from pgdr.walpush import push_file
+
+    archive = WalArchive(FileStorage(str(tmp_path / "repo")), "app")
+    hist = tmp_path / "00000002.history"
+    hist.write_text("1\t0/3000000\tno recovery target specified\n")
+
+    def changed():
+        raise OSError("00000002.history changed while it was being archived; not stored")
+
+    with pytest.raises(OSError, match="changed"):
+        push_file(archive, str(hist), None, before_store=changed)
+    assert archive.history_files() == []
+    assert push_file(archive, str(hist), None).status == "archived"

@@ -22,7 +22,7 @@ def run(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             return 200
         raise
-    return main(argv)
+    return main(argv, answered=True)
 
 
 if __name__ == "__main__":

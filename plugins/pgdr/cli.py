@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     pq.add_argument("pg_wal")
     pq.add_argument("--parallel", type=int, default=4)
     pq.add_argument("--idle", type=float, default=30.0)
+    pq.add_argument("--identity", default=None)  # the configuration as the call that started it saw it
     wf = cmd("wal-fetch", "restore one WAL file from the archive (restore_command = 'pgdr wal-fetch … %f %p')")
     wf.add_argument("name", help="WAL file name (%%f)")
     wf.add_argument("dest", help="where to write it (%%p)")
@@ -281,8 +282,11 @@ def run(args) -> object:
 
             if not 1 <= args.parallel <= MAX_PARALLEL:
                 raise UsageError(f"--parallel {args.parallel}: between 1 and {MAX_PARALLEL}")
-            return _Done(run_pusher(archive, os.path.abspath(args.pg_wal), args.parallel,
-                                    identity(args.cluster, getattr(args, "config", None)), idle=args.idle))
+            config = getattr(args, "config", None)
+            # The identity of the configuration this process read (its file as it was at the start).
+            who = args.identity or identity(args.cluster, config)
+            return _Done(run_pusher(archive, os.path.abspath(args.pg_wal), args.parallel, who,
+                                    current_identity=lambda: identity(args.cluster, config), idle=args.idle))
         if args.command == "wal-fetch":
             from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
 
@@ -532,14 +536,15 @@ def _human(result) -> str:
     return json.dumps(result.to_dict(), indent=2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, answered: bool = False) -> int:
+    """``answered``: pgdr.fast already declined this call (python -m pgdr, the pgdr command): not again."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "wal-fetch" in argv:
-        return _wal_fetch_main(argv)
-    return _main(argv)
+        return _wal_fetch_main(argv, answered)
+    return _main(argv, answered)
 
 
-def _wal_fetch_main(argv: list[str]) -> int:
+def _wal_fetch_main(argv: list[str], answered: bool = False) -> int:
     """``pgdr wal-fetch`` is PostgreSQL's restore_command, which reads its exit status: 0 restored; 1 (any
     status up to 125) "not in the archive", so recovery may end there; above 125 abort recovery (FATAL). Only
     a file the archive does not hold may exit 1: every other failure — repository unreachable, checksum or
@@ -548,7 +553,7 @@ def _wal_fetch_main(argv: list[str]) -> int:
     FETCH_FAILED = 200  # pgdr.errors.WAL_FETCH_FAILED, spelled out: nothing may fail before the try
 
     try:
-        code = _main(argv)
+        code = _main(argv, answered)
         sys.stdout.flush()
     except SystemExit as e:  # argparse: 2 on a usage error, 0 for --help
         if e.code in (0, None):
@@ -561,12 +566,13 @@ def _wal_fetch_main(argv: list[str]) -> int:
     return code
 
 
-def _main(argv: list[str]) -> int:
-    from pgdr.fast import answer
+def _main(argv: list[str], answered: bool = False) -> int:
+    if not answered:
+        from pgdr.fast import answer
 
-    code = answer(argv)
-    if code is not None:
-        return code  # archive_command / restore_command answered from local disk (pgdr.fast)
+        code = answer(argv)
+        if code is not None:
+            return code  # archive_command / restore_command answered from local disk (pgdr.fast)
     parser = _parser()
     args = parser.parse_args(argv)
     fetching = args.command == "wal-fetch"

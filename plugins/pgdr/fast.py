@@ -61,9 +61,18 @@ def parse(argv: list[str], command: str, valued: frozenset[str] = frozenset()) -
 
 
 def identity(cluster: str, config: str | None) -> str:
-    """Who is asking: the cluster and the configuration file (an answer left for another config is ignored)."""
+    """Who is asking: the cluster and the configuration file, as it is now (its path, device, inode, size and
+    modification time: an edited file is another configuration). An answer left for another is ignored."""
     config = config or os.environ.get("PGDR_CONFIG") or ""
-    return f"{cluster}|{os.path.abspath(config) if config else ''}"
+    if not config:
+        return f"{cluster}|"
+    path = os.path.abspath(config)
+    try:
+        st = os.stat(path)
+        version = f"{st.st_dev}.{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+    except OSError:
+        version = "?"
+    return f"{cluster}|{path}|{version}"
 
 
 def answer(argv: list[str]) -> int | None:

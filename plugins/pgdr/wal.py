@@ -225,9 +225,10 @@ class WalArchive:
 
     # push
     def push(self, path: str | os.PathLike, name: str | None = None, system_identifier: str | None = None,
-             choose_key=None) -> WalPushResult:
+             choose_key=None, before_store=None) -> WalPushResult:
         """Archive a file; ``choose_key(sha256, key)`` may name the key a new upload goes to (the push queue's
-        retry after a crash reuses the key it recorded, so the segment is never stored twice)."""
+        retry after a crash reuses the key it recorded, so the segment is never stored twice);
+        ``before_store()``, called once the file is read, may refuse it (raise) before anything is stored."""
         path = Path(path)
         name = check_wal_name(name or path.name)
         # One read: hashed and compressed together; what is held is the compressed form, never the segment.
@@ -238,6 +239,8 @@ class WalArchive:
             if size != seg_size:
                 raise IntegrityError(f"{path} is {size} bytes; its header says segments are {seg_size}")
             self._check_identity(sysid)
+        if before_store is not None:
+            before_store()
         return self._store(name, sha, size, lambda: self._seal(iter(compressed), name), choose_key)
 
     def _compress_file(self, path: Path) -> tuple[str, int, bytes, list[bytes]]:
@@ -282,6 +285,7 @@ class WalArchive:
         existing = self.find(name)
         for key in existing:
             if self._parse_key(key)[1] == sha:
+                self.storage.make_durable(key)  # listed is not yet durable (a writer killed before its fsync)
                 log.info("%s is already archived with the same content; nothing to do", name)
                 return WalPushResult(self.cluster, name, "already_archived", size, -1, sha, key)
         if existing:

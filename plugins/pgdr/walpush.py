@@ -22,11 +22,21 @@ base backups skip it):
     <NAME>.pending     the key an upload of NAME is going to: a retry after a crash writes the same key, so a
                        segment is never stored twice (pgdr.wal)
 
-An acknowledgement counts only for the same cluster and configuration file, and
-for the very file PostgreSQL asks about (device, inode, size and modification
-time as the pusher read it). Anything else — no spool, a path outside pg_wal,
-``--json``, ``--parallel 0`` — runs the full command, which archives in the
-calling process, as it always could.
+An acknowledgement counts only for the same cluster and configuration file (its
+path and its device, inode, size and modification time: an edited configuration
+is another one), and for the very file PostgreSQL asks about (device, inode,
+size and modification time as the pusher read it). A pusher stops when its
+configuration changes, after 10 minutes of work (the next call starts a fresh
+one, with fresh credentials), on SIGTERM (once its uploads in flight are done),
+when nothing was ready for 30 s, or when the server stops.
+
+Anything unusual runs the full command, which archives in the calling process,
+as it always could: no spool, a path outside pg_wal or a file the server is not
+waiting on, ``--json``, ``--parallel 0``, a caller that is not the server's own
+user, less than 64 MiB free beside pg_wal (archiving must go on when the disk
+fills: that is when it frees space), and a postmaster running as PID 1 (a
+container's init: a pusher left to it, were it killed, would look like a crashed
+backend and restart the server).
 
 The part that runs on every archive_command call imports only the standard library.
 """
@@ -45,6 +55,8 @@ LOG = "pusher.log"
 DEFAULT_PARALLEL = 4
 MAX_PARALLEL = 8  # each in flight holds at most one compressed segment: 8 stay far under 256 MB
 DEFAULT_TIMEOUT = 60.0
+MIN_FREE = 64 << 20  # below this, beside pg_wal, calls archive in their own process and write nothing there
+MAX_AGE = 600.0  # a pusher hands over to a fresh one after this long (configuration, credentials, keys)
 _ACK_MAGIC = "pgdr-push-ack 1"
 _HEX = frozenset("0123456789ABCDEF")
 
@@ -60,11 +72,16 @@ def is_wal_file_name(name: str) -> bool:
 
 def spool_of(path: str) -> str | None:
     """The push spool for a file PostgreSQL asks to archive: a file in pg_wal that the server marked ready
-    (``archive_status/<NAME>.ready``). None for anything else (a file copied elsewhere, a segment pushed by
-    hand that the server is not waiting on): the pusher only archives what the server's queue holds."""
+    (``archive_status/<NAME>.ready``), when the caller is pg_wal's owner (the server's user). None for
+    anything else (a file copied elsewhere, a segment pushed by hand, root at the console): the pusher
+    only archives what the server's queue holds, and only the server's user writes the spool."""
     pg_wal = os.path.dirname(os.path.abspath(path))
     ready = os.path.join(pg_wal, "archive_status", os.path.basename(path) + ".ready")
-    if os.path.basename(pg_wal) != "pg_wal" or not os.path.exists(ready):
+    try:
+        if os.path.basename(pg_wal) != "pg_wal" or not os.path.exists(ready) or \
+                os.stat(pg_wal).st_uid != os.geteuid():
+            return None
+    except OSError:
         return None
     return os.path.join(pg_wal, SPOOL_DIR)
 
@@ -97,9 +114,13 @@ class Ack:
         # Not fsynced: an acknowledgement lost in a crash only means the segment is looked up again, and the
         # repository says "already archived". Written only after the upload returned.
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.text())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(self.text())
+            os.replace(tmp, path)
+        except OSError:
+            _unlink(tmp)
+            raise
 
 
 def _read_text(path: str) -> str | None:
@@ -108,6 +129,23 @@ def _read_text(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def _unsafe_here(pg_wal: str) -> str | None:
+    """Why the queue must not be used for this server now (None: it may)."""
+    try:
+        with open(os.path.join(os.path.dirname(pg_wal), "postmaster.pid")) as f:
+            if f.readline().strip() == "1":
+                return "the postmaster is PID 1"
+    except OSError:
+        pass
+    try:
+        vfs = os.statvfs(pg_wal)
+    except OSError as e:
+        return str(e)
+    if vfs.f_bavail * vfs.f_frsize < MIN_FREE:
+        return "less than 64 MiB free beside pg_wal"
+    return None
 
 
 class _Pusher:
@@ -168,41 +206,41 @@ def answer_push(argv: list[str]) -> int | None:
         timeout = float(args.options.get("--timeout", DEFAULT_TIMEOUT))
     except ValueError:
         return None  # the full command says what is wrong
+    if not 0 <= parallel <= MAX_PARALLEL or not 0 < timeout <= 3600:
+        return None  # the same: a usage error, exit 2
     path = args.positionals[0]
     name = os.path.basename(path)
     spool = spool_of(path)
-    if parallel <= 0 or spool is None or not is_wal_file_name(name) or not 0 < timeout <= 3600:
+    if parallel == 0 or spool is None or not is_wal_file_name(name):
+        return None
+    pg_wal = os.path.dirname(spool)
+    unsafe = _unsafe_here(pg_wal)
+    if unsafe:
+        if not args.quiet:
+            print(f"pgdr: archiving {name} in this process ({unsafe})", file=sys.stderr)
         return None
     try:
         stamp = file_stamp(os.stat(path))
-        if os.stat(os.path.dirname(spool)).st_uid != os.geteuid():
-            return None  # not the server's own user (root pushing by hand): the queue is the server's
         os.makedirs(spool, mode=0o700, exist_ok=True)
     except OSError:
         return None  # the full command reports it
     who = identity(args.cluster, args.config)
     config = ["--config", os.path.abspath(args.config)] if args.config else []
-    pusher = _Pusher(spool, [*config, "wal-push-queue", "--cluster", args.cluster,
-                             "--parallel", str(min(parallel, MAX_PARALLEL)), os.path.dirname(spool)])
+    pusher = _Pusher(spool, [*config, "wal-push-queue", "--cluster", args.cluster, "--parallel", str(parallel),
+                             "--identity", who, pg_wal])
     ok, error = os.path.join(spool, name + ".ok"), os.path.join(spool, name + ".error")
     deadline = time.monotonic() + timeout
-    next_look, pause = 0.0, 0.001
+    next_look, pause, other_since = 0.0, 0.001, None
     while True:
         ack = Ack.read(ok)
         if ack is not None and ack.who == who and ack.stamp == stamp:
-            try:
-                os.unlink(ok)
-            except OSError:
-                pass
+            _unlink(ok)
             if not args.quiet:
                 print(f"pgdr: {name} archived by the push queue ({ack.key})", file=sys.stderr)
             return 0
         message = _read_text(error)
         if message is not None:
-            try:
-                os.unlink(error)
-            except OSError:
-                pass
+            _unlink(error)
             print(f"pgdr: {name} was not archived: {message.strip()} (PostgreSQL will retry)", file=sys.stderr)
             return 1
         now = time.monotonic()
@@ -210,15 +248,24 @@ def answer_push(argv: list[str]) -> int | None:
             next_look = now + 0.1
             running = pusher.running()
             if running and running != who:
-                print(f"pgdr: the push queue of {os.path.dirname(spool)} runs for another configuration "
-                      f"({running}); archiving {name} in this process", file=sys.stderr)
-                return None
-            if running is None and not pusher.starting():
+                # Another configuration's pusher (or this one's before an edit): it stops within a second
+                # when its configuration changed. One that stays is another cluster's or file's.
+                other_since = other_since or now
+                if now - other_since > 3:
+                    print(f"pgdr: the push queue of {pg_wal} runs for another configuration ({running}); "
+                          f"archiving {name} in this process", file=sys.stderr)
+                    return None
+            elif running is None and not pusher.starting():
                 if pusher.starts >= 3:
                     print(f"pgdr: the WAL push queue keeps stopping (see {os.path.join(spool, LOG)}); archiving "
                           f"{name} in this process", file=sys.stderr)
                     return None
-                pusher.start()
+                try:
+                    pusher.start()
+                except OSError as e:
+                    print(f"pgdr: cannot start the WAL push queue ({e}); archiving {name} in this process",
+                          file=sys.stderr)
+                    return None
         if now >= deadline:
             print(f"pgdr: {name} not archived by the push queue within {timeout:g} s (see "
                   f"{os.path.join(spool, LOG)}); PostgreSQL will retry", file=sys.stderr)
@@ -229,12 +276,16 @@ def answer_push(argv: list[str]) -> int | None:
 
 # ---- the pusher (imports what it needs: it starts once, not per segment)
 
-def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0, poll: float = 0.02) -> dict:
+def run_pusher(archive, pg_wal: str, parallel: int, who: str, current_identity=None, idle: float = 30.0,
+               max_age: float = MAX_AGE) -> dict:
     """Archive every ready WAL file of the server owning ``pg_wal``, ``parallel`` in flight, acknowledging
-    each in the spool once durable. Runs until nothing was ready for ``idle`` seconds, the server stopped,
-    or the spool is gone. One per spool: returns at once when another holds the lock."""
+    each in the spool once durable. Stops (its uploads in flight finished) when nothing was ready for
+    ``idle`` seconds, after ``max_age`` seconds, when ``current_identity()`` (the configuration, read again
+    every second) is no longer ``who``, on SIGTERM, when the server stopped, or when the spool is gone.
+    One per spool: returns at once when another holds the lock."""
     import fcntl
     import logging
+    import signal
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -244,32 +295,58 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
     datadir = os.path.dirname(os.path.abspath(pg_wal))
     os.makedirs(spool, mode=0o700, exist_ok=True)
     lock_fd = os.open(os.path.join(spool, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    for attempt in range(5):  # a call testing the lock holds it for a moment
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if attempt == 4:
+                os.close(lock_fd)
+                return {"archived": 0, "failed": 0, "reason": "another pusher runs"}
+            time.sleep(0.01)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(lock_fd, 0)
+        os.write(lock_fd, f"{os.getpid()}\n{who}\n".encode())
     except OSError:
-        os.close(lock_fd)
-        return {"archived": 0, "failed": 0, "reason": "another pusher runs"}
-    os.ftruncate(lock_fd, 0)
-    os.write(lock_fd, f"{os.getpid()}\n{who}\n".encode())
+        pass  # a full disk: calls see an unnamed pusher, which is fine
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
     wake = threading.Event()
     archive.cpu_slots = threading.BoundedSemaphore(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                    else os.cpu_count() or 1)
     in_flight: dict[str, object] = {}
+    # name -> the file stamp this pusher acknowledged (its .ok waits for the call), or, once the call took
+    # it, the time it was first seen taken: until PostgreSQL marks it done (.ready -> .done, a moment later)
+    # it is not pushed again. Still ready a while later (the server crashed after the call returned, say):
+    # pushed again, and found archived.
+    acked: dict[str, str] = {}
+    taken: dict[str, float] = {}
+    backoff: dict[str, float] = {}  # name -> not before (its acknowledgement could not be written)
     archived = failed = 0
-    last_work = last_rotation = time.monotonic()
+    started = last_work = last_rotation = last_config = time.monotonic()
     reason = "idle"
     log.info("push queue for %s: up to %d segments in flight", pg_wal, parallel)
 
-    def one(name: str) -> bool:
+    def one(name: str):
+        """(True, stamp) archived and acknowledged; (False, None) failed and reported; (None, None) archived
+        but the acknowledgement could not be written (a full disk): tried again later."""
         try:
-            path = os.path.join(pg_wal, name)
-            st = os.stat(path)
-            result = push_file(archive, path, spool)
-            after = os.stat(path)
-            if file_stamp(after) != file_stamp(st):
-                raise OSError(f"{name} changed while it was archived")
-            Ack(who, file_stamp(st), result.sha256, result.key).write(os.path.join(spool, name + ".ok"))
-            return True
+            return _one(name)
+        finally:
+            wake.set()
+
+    def _one(name: str):
+        path = os.path.join(pg_wal, name)
+        try:
+            stamp = file_stamp(os.stat(path))
+
+            def unchanged() -> None:
+                if file_stamp(os.stat(path)) != stamp:
+                    raise OSError(f"{name} changed while it was being archived; not stored")
+
+            result = push_file(archive, path, spool, before_store=unchanged)
+            unchanged()
         except Exception as e:  # noqa: BLE001 - reported to the archive_command call, which exits 1
             log.warning("could not archive %s: %s", name, e)
             try:
@@ -278,26 +355,31 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
                     f.write(" ".join(str(e).split()) or type(e).__name__)
                 os.replace(tmp, os.path.join(spool, name + ".error"))
             except OSError:
-                pass
-            return False
-        finally:
-            wake.set()
+                backoff[name] = time.monotonic() + 5
+            return False, None
+        try:
+            Ack(who, stamp, result.sha256, result.key).write(os.path.join(spool, name + ".ok"))
+        except OSError as e:
+            log.warning("archived %s, but cannot write its acknowledgement (%s); trying again in 5 s", name, e)
+            backoff[name] = time.monotonic() + 5
+            return None, None
+        return True, stamp
 
-    # name -> when its acknowledgement was first seen taken by its archive_command call; until PostgreSQL
-    # marks it done (.ready -> .done, a moment later) it is not pushed again. Still ready a while later
-    # (the server crashed after the call returned, say): pushed again, and found archived.
-    acknowledged: dict[str, float] = {}
     pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgdr-push")
+    poll = 0.02
     try:
         while True:
             now = time.monotonic()
+            changed = False
             for name, fut in list(in_flight.items()):  # before listing: a finished push's answer is on disk
                 if fut.done():
                     del in_flight[name]
-                    if fut.result():
+                    changed = True
+                    ok, stamp = fut.result()
+                    if ok:
                         archived += 1
-                        acknowledged[name] = float("inf")
-                    else:
+                        acked[name] = stamp
+                    elif ok is False:
                         failed += 1
             try:
                 ready = [f[:-6] for f in os.listdir(status) if f.endswith(".ready")]
@@ -306,31 +388,44 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
                 reason = "server gone"
                 break
             ready_set = set(ready)
-            for f in spooled:  # answers nobody will ask for any more
+            for f in spooled:  # answers nobody will ask for any more, and leftovers of a crash
                 base, _, ext = f.rpartition(".")
-                if ext in ("ok", "error", "pending") and base not in ready_set and base not in in_flight:
+                if (ext in ("ok", "error", "pending") and base not in ready_set and base not in in_flight) or \
+                        (".tmp" in f and _older_than(os.path.join(spool, f), 60)):
                     _unlink(os.path.join(spool, f))
-            for name in [n for n in acknowledged if n not in ready_set]:
-                del acknowledged[name]
+            for d in (acked, taken, backoff):
+                for name in [n for n in d if n not in ready_set]:
+                    del d[name]
             waiting = False
             # Timeline history first, as PostgreSQL's archiver does, then oldest first.
-            for name in sorted(ready, key=lambda n: (not n.endswith(".history"), n)):
+            ready.sort(key=lambda n: (not n.endswith(".history"), n))
+            for i, name in enumerate(ready):
                 if name in in_flight or not is_wal_file_name(name) or name + ".error" in spooled:
                     continue
-                ack = Ack.read(os.path.join(spool, name + ".ok")) if name + ".ok" in spooled else None
-                if ack is not None and ack.who == who:
-                    continue  # waiting for its archive_command call
-                if ack is not None:
-                    _unlink(os.path.join(spool, name + ".ok"))  # another configuration's: not ours to trust
-                elif name in acknowledged:  # (its acknowledgement may have been taken since the listing)
-                    if acknowledged[name] == float("inf"):
-                        acknowledged[name] = now  # taken just now
-                    if now - acknowledged[name] < 5:
+                if backoff.get(name, 0) > now:
+                    waiting = True
+                    continue
+                if name + ".ok" in spooled:
+                    if name in acked and (i >= 4 or _stamp_of(pg_wal, name) == acked[name]):
+                        continue  # waiting for its call (the oldest few: still the very file acknowledged)
+                    ack = Ack.read(os.path.join(spool, name + ".ok"))
+                    if ack is not None and ack.who == who and ack.stamp == _stamp_of(pg_wal, name):
+                        acked[name] = ack.stamp  # an earlier pusher's, for this very file
                         continue
-                    del acknowledged[name]
+                    if ack is not None:  # another configuration's, or for an earlier file of that name
+                        _unlink(os.path.join(spool, name + ".ok"))
+                    acked.pop(name, None)
+                elif name in acked or name in taken:  # its call took the acknowledgement (maybe just now)
+                    acked.pop(name, None)
+                    first = taken.setdefault(name, now)
+                    if now - first < 5:
+                        continue
+                    del taken[name]
                 waiting = True
-                if len(in_flight) < parallel:
-                    in_flight[name] = pool.submit(one, name)
+                if len(in_flight) >= parallel:
+                    break
+                in_flight[name] = pool.submit(one, name)
+                changed = True
             if in_flight or waiting:
                 last_work = now
             elif not os.path.exists(os.path.join(datadir, "postmaster.pid")):
@@ -341,27 +436,55 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, idle: float = 30.0
             if not os.path.isdir(spool):
                 reason = "spool removed"
                 break
+            if now - last_config > 1:
+                last_config = now
+                if current_identity is not None and current_identity() != who:
+                    stop.set()
+                    reason = "its configuration changed"
+            if now - started > max_age and not stop.is_set():
+                stop.set()
+                reason = f"{max_age:g} s of work: a fresh pusher takes over"
+            if stop.is_set():
+                reason = reason if reason != "idle" else "stopped (SIGTERM)"
+                break
             if now - last_rotation > 60:
                 last_rotation = now
                 _rotate_log(spool)
+            poll = 0.02 if changed else min(poll * 2, 0.2)
             wake.wait(poll)
             wake.clear()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for fut in in_flight.values():
-            if fut.done() and not fut.cancelled():
-                archived += 1 if fut.result() else 0
+            if fut.done() and not fut.cancelled() and fut.result()[0]:
+                archived += 1
         os.close(lock_fd)
     log.info("push queue for %s stops (%s): %d archived, %d failed", pg_wal, reason, archived, failed)
     return {"archived": archived, "failed": failed, "reason": reason}
 
 
-def push_file(archive, path: str, spool: str | None = None):
+def _stamp_of(pg_wal: str, name: str) -> str | None:
+    try:
+        return file_stamp(os.stat(os.path.join(pg_wal, name)))
+    except OSError:
+        return None
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
+
+
+def push_file(archive, path: str, spool: str | None = None, before_store=None):
     """Archive one file PostgreSQL asked to archive, checked as ``wal-push`` checks it. With a spool, one
     process at a time pushes a given name (a flock on ``<NAME>.pending``), and the key is recorded there,
     fsynced, before the upload starts: a retry after a crash, or a second pusher, writes the same key or
-    finds it archived — never a second copy of the same segment."""
+    finds it archived — never a second copy of the same segment. ``before_store()`` runs once the content
+    is read and may refuse it (raise) before anything is stored."""
     import fcntl
+    import logging
     import re
 
     from pgdr.wal import SEGMENT, require_supported_segment_size, segment_size_of_file
@@ -372,14 +495,14 @@ def push_file(archive, path: str, spool: str | None = None):
         require_supported_segment_size(segment_size_of_file(path), path)
     pending = os.path.join(spool or "", name + ".pending")
     try:
-        if spool is None:
-            raise FileNotFoundError("no spool")
+        if spool is None or os.stat(os.path.dirname(spool)).st_uid != os.geteuid():
+            raise PermissionError("not this user's spool")
         os.makedirs(spool, mode=0o700, exist_ok=True)
         fd = os.open(pending, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
-        # No spool, or one this user cannot write (root pushing a segment by hand): then no pusher of this
+        # No spool, or not this user's (root pushing a segment by hand), or no room: then no pusher of this
         # user is at it either. Archived as ever; the repository refuses different content under one name.
-        return archive.push(path)
+        return archive.push(path, before_store=before_store)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
 
@@ -387,12 +510,15 @@ def push_file(archive, path: str, spool: str | None = None):
             known = os.pread(fd, 4096, 0).decode(errors="replace").split()
             if len(known) == 2 and known[0] == sha and stamp.sub("", known[1]) == stamp.sub("", key):
                 return known[1]  # the same content, compression and encryption: the same object
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{sha} {key}\n".encode(), 0)
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{sha} {key}\n".encode(), 0)
+                os.fsync(fd)
+            except OSError as e:  # a full disk must not stop archiving: only a retry's key is not recorded
+                logging.getLogger(__name__).warning("cannot record the key of %s (%s)", name, e)
             return key
 
-        result = archive.push(path, choose_key=choose)
+        result = archive.push(path, choose_key=choose, before_store=before_store)
         _unlink(pending)
         return result
     finally:

@@ -54,6 +54,11 @@ class Storage(ABC):
     def put_bytes(self, key: str, data: bytes, *, lock: bool = False) -> None:
         self.put_stream(key, [data], lock=lock)
 
+    def make_durable(self, key: str) -> None:
+        """Make sure an object found in a listing survives a crash of this host (a writer killed between its
+        rename and its directory fsync leaves one that is listed but not yet durable). Stores whose writes
+        are durable once visible (S3) have nothing to do."""
+
     def retention(self, key: str) -> Retention | None:
         """The object's lock, or None where the backend has no Object Lock."""
         return None

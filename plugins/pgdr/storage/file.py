@@ -87,6 +87,18 @@ class FileStorage(Storage):
             raise
         return written
 
+    def make_durable(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(path.parent)
+        except OSError as e:
+            raise self._error("sync", key, e) from e
+
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")

@@ -101,8 +101,19 @@ def cluster_home(ui: Path) -> Path:
 
 
 def demo_cluster(ui: Path, bins) -> SandboxCluster:
-    """The throwaway cluster, on a free port (not started)."""
-    return SandboxCluster(bins, cluster_home(ui) / "data", free_port())
+    """The throwaway cluster, on a free port (not started), its socket in a short private directory of its own
+    (a socket's path may not pass 107 bytes, and a checkout's path can be long)."""
+    source = SandboxCluster(bins, cluster_home(ui) / "data", free_port())
+    source.socket_dir = Path(tempfile.mkdtemp(prefix="pgdr-ui-sock-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(source.socket_dir, SERVER_USER, SERVER_USER)
+    return source
+
+
+def stop_demo_cluster(source: SandboxCluster) -> None:
+    """Stops the cluster, kept for the next run; its socket directory goes."""
+    source.stop()
+    shutil.rmtree(source.socket_dir, ignore_errors=True)
 
 
 def start_demo_cluster(ui: Path, source: SandboxCluster) -> None:
@@ -201,8 +212,7 @@ Ctrl-C stops Airflow and the throwaway cluster.
         if airflow:
             print("stopping Airflow and the throwaway cluster…", file=sys.stderr, flush=True)
             _stop(airflow)
-        source.stop()  # kept for the next run
-        shutil.rmtree(source.socket_dir, ignore_errors=True)
+        stop_demo_cluster(source)
 
 
 if __name__ == "__main__":

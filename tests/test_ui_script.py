@@ -35,7 +35,7 @@ def test_the_next_run_backs_up_the_same_cluster_into_the_same_repository(workdir
             assert code == 0, (out, err[-2000:])
             labels.append(label)
         finally:
-            source.stop()
+            ui_script.stop_demo_cluster(source)
     code, listing, _ = pgdr("--json", "list", "--cluster", "demo", config=config)
     assert code == 0 and [b["label"] for b in listing["backups"]] == labels
     assert not list(ui.glob("repo-*"))  # nothing was moved aside: the repository is the cluster's own

@@ -40,7 +40,7 @@ from pgdr.paths import roots_pattern
 from pgdr.server import LISTEN
 from pgdr_airflow.notifiers import failure_notifiers
 from pgdr_airflow.operators import PgdrRestoreOperator
-from pgdr_airflow.params import LSN, backup_param, target_time_param
+from pgdr_airflow.params import LSN, TARGET_ACTIONS, TARGETS, backup_param, target_time_param
 
 for cluster in load_config().clusters.values():
     dag_id = f"pgdr_{cluster.name}_restore"
@@ -55,9 +55,7 @@ for cluster in load_config().clusters.values():
         doc_md=__doc__,
         params={
             "backup": backup_param("FS"),
-            "target": Param("end_of_backup", type="string",
-                            enum=["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"],
-                            description="How far to recover"),
+            "target": Param("end_of_backup", type="string", enum=list(TARGETS), description="How far to recover"),
             "target_time": target_time_param("For target=time: ISO 8601 with a zone, e.g. 2026-11-25T14:03:00+00:00",
                                              format="date-time"),
             "target_lsn": Param(None, type=["null", "string"], pattern=LSN,
@@ -65,7 +63,7 @@ for cluster in load_config().clusters.values():
             "target_xid": Param(None, type=["null", "integer"], minimum=3, description="For target=xid"),
             "target_name": Param(None, type=["null", "string"], minLength=1, maxLength=63,
                                  description="For target=name: a restore point made with pg_create_restore_point()"),
-            "target_action": Param("promote", type="string", enum=["promote", "pause", "shutdown"]),
+            "target_action": Param("promote", type="string", enum=list(TARGET_ACTIONS)),
             "target_exclusive": Param(False, type="boolean", description="Stop just before the target"),
             "pgdata": Param(f"{cluster.restore_roots[0]}/{cluster.name}", type="string", maxLength=1024,
                             pattern=roots_pattern(cluster.restore_roots),

@@ -1,4 +1,4 @@
-"""Test helpers: seed data, per-table content hashes, config files, running the CLI."""
+"""Test helpers: seed data, per-table content hashes, config files, running the CLI, WAL streaming."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -100,3 +102,45 @@ def repo_snapshot(storage) -> dict:
 
     return {o.key: hashlib.sha256(storage.get_bytes(o.key)).hexdigest() for o in storage.list("")
             if "/reports/" not in o.key and "/lock/" not in o.key and not o.key.endswith("/catalog.json")}
+
+
+def wait_for(condition, what: str, timeout: float = 90) -> None:
+    """Until ``condition()`` is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"never happened: {what}")
+
+
+def start_streamer(config: Path, spool: Path, log_file: Path, *extra) -> subprocess.Popen:
+    """``pgdr --json wal-stream`` for cluster ``app``, uploading the open segment every 0.5 s: its result
+    on stdout (a pipe), its log in ``log_file`` (a file, so a long run never blocks on a full pipe)."""
+    cmd = [sys.executable, "-m", "pgdr", "--config", str(config), "--json", "wal-stream", "--cluster", "app",
+           "--spool", str(spool), "--partial-interval", "0.5", *extra]
+    with open(log_file, "w") as log:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+
+
+def archived_to(config: Path, lsn: str) -> bool:
+    """Whether the archive of cluster ``app`` (segments or the partial one) holds WAL up to ``lsn``."""
+    from pgdr.lsn import parse_lsn
+
+    code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
+    return bool(report and report.get("newest_lsn") and parse_lsn(report["newest_lsn"]) >= parse_lsn(lsn))
+
+
+@contextmanager
+def restored_to_latest(config: Path, workdir: Path, pg):
+    """The archive of cluster ``app`` has no gap; its newest backup restores to the end of the archived WAL
+    and starts. Yields (the restored cluster, restore's JSON result); the cluster is removed afterwards."""
+    from test_backup_restore import restore_and_start  # a test module that imports this one
+
+    code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
+    assert code == 0 and report["gaps"] == [], report
+    restored, result = restore_and_start(config, workdir, pg, "latest", "--target", "latest")
+    try:
+        yield restored, result
+    finally:
+        restored.destroy()

@@ -114,6 +114,12 @@ def test_page_shows_real_backups_verify_and_drill(env, browser):
     _wait(lambda: d.execute_script("return document.body.dataset.auditLoaded === '1'"), what="the audit log")
     audit = d.find_element(By.ID, "audit").text
     assert "backup" in audit and "verify" in audit
+    # each record's parameters as JSON, cut at 160 characters, never in the middle of an HTML entity
+    shown = d.execute_script(
+        "return [...document.querySelectorAll('#audit tbody tr')].map((tr) => tr.cells[7].textContent)")
+    params = d.execute_script("return DATA.audit.map((r) => JSON.stringify(r.parameters || {}))")
+    assert len(params) >= 3
+    assert shown == [p[:160] for p in params]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     d.switch_to.default_content()
     d.save_screenshot(str(ARTIFACTS / "dr-page-light.png"))

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import archive_repo, pgdr, write_config
+from helpers import archive_repo, archived_to, pgdr, restored_to_latest, start_streamer, wait_for, write_config
 from pgdr.sandbox import SandboxCluster, free_port
 from test_backup_restore import socket_dir, storage_of
 from test_dags import airflow_db, connections, load_dag_module  # noqa: F401  (airflow_db: the session fixture)
@@ -29,28 +29,6 @@ def own_cluster(workdir, major, tag, extra_conf=""):
 
     name = f"{tag}{major}-{next(_n)}"
     return name, SandboxCluster(_bins(major), workdir / name / "data", free_port()).init(extra_conf=extra_conf).start()
-
-
-def start_streamer(config, spool, log_file, *extra):
-    cmd = [sys.executable, "-m", "pgdr", "--config", str(config), "--json", "wal-stream", "--cluster", "app",
-           "--spool", str(spool), "--partial-interval", "0.5", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_file, "w"), text=True)
-
-
-def wait_for(condition, what, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"never happened: {what}")
-
-
-def archived_to(config, lsn: str) -> bool:
-    from pgdr.lsn import parse_lsn
-
-    code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
-    return bool(report and report.get("newest_lsn") and parse_lsn(report["newest_lsn"]) >= parse_lsn(lsn))
 
 
 def rows(c):
@@ -105,21 +83,12 @@ def test_killed_stream_with_wal_not_uploaded_loses_nothing_on_a_fresh_worker(wor
     finally:
         if streamer is not None and streamer.poll() is None:
             streamer.kill()
-    expected = rows(pg)
-    assert expected == f"4000:{sum(range(1, 4001))}"
-    code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
-    assert code == 0 and report["gaps"] == [], report
-
-    dest = workdir / f"{name}-restored"
-    port = free_port()
-    code, res, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", port,
-                          "--socket-dir", socket_dir(workdir), "--target", "latest", config=config)
-    assert code == 0, err
-    restored = SandboxCluster(pg.bins, dest, port)
     try:
-        assert rows(restored) == expected  # every committed row, B and C included
+        expected = rows(pg)
+        assert expected == f"4000:{sum(range(1, 4001))}"
+        with restored_to_latest(config, workdir, pg) as (restored, _):
+            assert rows(restored) == expected  # every committed row, B and C included
     finally:
-        restored.destroy()
         pg.destroy()
 
 
@@ -338,18 +307,8 @@ def test_next_run_takes_the_slot_over_from_the_running_one(workdir):
         assert second.poll() is None  # still streaming, on the slot
         second.send_signal(signal.SIGTERM)
         assert second.wait(60) == 0
-        code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
-        assert code == 0 and report["gaps"] == [], report
-        dest = workdir / f"{name}-restored"
-        port = free_port()
-        code, res, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", port,
-                              "--socket-dir", socket_dir(workdir), "--target", "latest", config=config)
-        assert code == 0, err
-        restored = SandboxCluster(pg.bins, dest, port)
-        try:
+        with restored_to_latest(config, workdir, pg) as (restored, _):
             assert rows(restored) == rows(pg) == f"4000:{sum(range(1, 4001))}"
-        finally:
-            restored.destroy()
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:

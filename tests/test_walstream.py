@@ -7,37 +7,22 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import pgdr, write_config
+from helpers import archived_to, pgdr, restored_to_latest, start_streamer, wait_for, write_config
 from pgdr.sandbox import SandboxCluster, free_port
-from test_backup_restore import socket_dir, storage_of
+from test_backup_restore import restore_and_start, storage_of
 
 
 _n = itertools.count()
 
 
-def start_streamer(config, spool, *extra):
-    cmd = [sys.executable, "-m", "pgdr", "--config", str(config), "--json", "wal-stream", "--cluster", "app",
-           "--spool", str(spool), "--partial-interval", "0.5", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_archived(config, lsn: str, timeout=60):
-    """Until the archive (segments or partial) holds WAL up to ``lsn``."""
-    from pgdr.lsn import parse_lsn
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
-        if report and report.get("newest_lsn") and parse_lsn(report["newest_lsn"]) >= parse_lsn(lsn):
-            return report
-        time.sleep(0.5)
-    raise AssertionError(f"WAL up to {lsn} never reached the archive")
+def wait_archived(config, pg):
+    """Until the archive (segments or partial) holds the server's WAL up to now."""
+    lsn = pg.psql("select pg_current_wal_lsn()")
+    wait_for(lambda: archived_to(config, lsn), f"WAL up to {lsn} archived", timeout=60)
 
 
 def all_rows(c):
@@ -64,8 +49,9 @@ def streamed(request, workdir, monkeypatch):
 
 def test_kill_restart_no_gap_and_latest_restore_has_every_row(streamed, workdir):
     pg, config, spool = streamed
+    logs = [spool.with_name(f"{spool.name}-{i}.log") for i in range(3)]
     pg.psql("create table stream_rows (id int primary key, batch text)")
-    streamer = start_streamer(config, spool)
+    streamer = start_streamer(config, spool, logs[0])
     try:
         time.sleep(1.5)  # slot created, streaming
         code, backup, err = pgdr("--json", "backup", "--cluster", "app", config=config)
@@ -73,7 +59,7 @@ def test_kill_restart_no_gap_and_latest_restore_has_every_row(streamed, workdir)
         pg.psql("insert into stream_rows select g, 'A' from generate_series(1, 1000) g")
         pg.psql("select pg_switch_wal()")
         pg.psql("insert into stream_rows select g, 'B' from generate_series(1001, 2000) g")  # mid-segment
-        wait_archived(config, pg.psql("select pg_current_wal_lsn()"))
+        wait_archived(config, pg)
         os.kill(streamer.pid, signal.SIGKILL)  # no goodbye: the slot still holds what was not archived
         streamer.wait(10)
 
@@ -81,43 +67,34 @@ def test_kill_restart_no_gap_and_latest_restore_has_every_row(streamed, workdir)
         pg.psql("select pg_switch_wal()")
         pg.psql("insert into stream_rows select g, 'D' from generate_series(3001, 4000) g")
 
-        streamer = start_streamer(config, spool)  # resumes from the slot (the spool argument is ignored)
-        wait_archived(config, pg.psql("select pg_current_wal_lsn()"))
+        # Resumes from the slot (the spool argument is ignored).
+        streamer = start_streamer(config, spool, logs[1])
+        wait_archived(config, pg)
         streamer.send_signal(signal.SIGTERM)
-        out, err = streamer.communicate(timeout=60)
-        assert streamer.returncode == 0, err
+        out, _ = streamer.communicate(timeout=60)
+        assert streamer.returncode == 0, logs[1].read_text()[-2000:]
         result = json.loads(out)
         assert result["stopped_because"] == "stopped" and result["lag_bytes"] is not None
 
         # Another worker starts from the slot: nothing lost, nothing archived twice.
-        again = start_streamer(config, spool.with_name(spool.name + "-new"), "--duration", "3")
-        out, err = again.communicate(timeout=60)
-        assert again.returncode == 0, err
+        again = start_streamer(config, spool.with_name(spool.name + "-new"), logs[2], "--duration", "3")
+        again.communicate(timeout=60)
+        assert again.returncode == 0, logs[2].read_text()[-2000:]
     finally:
         if streamer.poll() is None:
             streamer.kill()
 
     expected = all_rows(pg)
     assert expected == f"4000:{sum(range(1, 4001))}"
-    code, report, _ = pgdr("--json", "wal-check", "--cluster", "app", config=config)
-    assert code == 0 and report["gaps"] == [], report
     dups = [o.key for o in storage_of(config).list("app/wal/") if ".partial" not in o.key]
     assert len(dups) == len({k.rsplit("/", 1)[-1][:24] for k in dups}), "a segment was archived twice"
     if "encryption" in config.read_text():  # streamed segments and partials are sealed too
         wal = [o.key for o in storage_of(config).list("app/wal/0")]
         assert wal and all(k.endswith(".enc") or k.endswith(".partial.json") for k in wal), wal
 
-    dest = workdir / f"stream-restore-{pg.port}"
-    port = free_port()
-    code, res, err = pgdr("--json", "restore", "--cluster", "app", "--pgdata", dest, "--start", "--port", port,
-                          "--socket-dir", socket_dir(workdir), "--target", "latest", config=config)
-    assert code == 0, err
-    restored = SandboxCluster(pg.bins, dest, port)
-    try:
+    with restored_to_latest(config, workdir, pg) as (restored, res):  # no gap, and a restore to its end
         assert res["recovery"]["state"] == "promoted"
         assert all_rows(restored) == expected  # every committed row, the mid-segment ones included
-    finally:
-        restored.destroy()
 
     # A hole in the archive: found by wal-check and refused by restore, before anything is written.
     storage = storage_of(config)
@@ -148,7 +125,7 @@ def test_backup_taking_its_wal_from_the_archive(streamed, workdir):
     pg.psql("insert into kept select generate_series(1, 500)")
 
     # The slot exists (capture ran once), but nothing captures WAL now: the backup waits, not restorable.
-    first = start_streamer(config, spool, "--duration", "1")
+    first = start_streamer(config, spool, spool.with_name(f"{spool.name}-1.log"), "--duration", "1")
     assert first.wait(60) == 0
     code, out, err = pgdr("--json", "backup", "--cluster", "app", "--label", "20261125-120000F",
                           "--wal-timeout", "3", config=config)
@@ -160,7 +137,7 @@ def test_backup_taking_its_wal_from_the_archive(streamed, workdir):
     assert code == 1 and "waiting_for_wal" in out["message"]
 
     # WAL capture resumes from the slot; the retry of the same run finds its backup and completes it.
-    streamer = start_streamer(config, spool)
+    streamer = start_streamer(config, spool, spool.with_name(f"{spool.name}-2.log"))
     try:
         time.sleep(1.5)
         code, backup, err = pgdr("--json", "backup", "--cluster", "app", "--label", "20261125-120000F", config=config)
@@ -171,12 +148,7 @@ def test_backup_taking_its_wal_from_the_archive(streamed, workdir):
     code, info, _ = pgdr("--json", "info", "--cluster", "app", "--backup", "20261125-120000F", config=config)
     assert info["wal_included"] is False and info["status"] == "ok"
     before = pg.table_hashes(["postgres"])
-    dest = workdir / f"archive-wal-restore-{pg.port}"
-    port = free_port()
-    code, res, err = pgdr("--json", "restore", "--cluster", "app", "--backup", "20261125-120000F", "--pgdata", dest,
-                          "--start", "--port", port, "--socket-dir", socket_dir(workdir), config=config)
-    assert code == 0, err
-    restored = SandboxCluster(pg.bins, dest, port)
+    restored, res = restore_and_start(config, workdir, pg, "20261125-120000F")
     try:
         assert res["recovery"]["state"] == "promoted" and "WAL comes from the archive" in res["pg_verifybackup"]
         assert restored.table_hashes(["postgres"]) == before

@@ -32,7 +32,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag, resolve_user_from_token
 from pgdr.errors import BackupNotFound, ConfigError, PgdrError
 from pgdr.labels import LABEL
-from pgdr_airflow.params import ISO_TIME, LSN, backup_choice
+from pgdr_airflow.params import ISO_TIME, LSN, TARGET_ACTIONS, TARGETS, backup_choice
 
 log = logging.getLogger(__name__)
 READ_DAGS = ("backup", "verify", "retention", "restore")
@@ -396,12 +396,12 @@ class DrillBody(_Body):
 
 class RestoreBody(_Body):
     backup: str = Field("latest", pattern=backup_choice("FS"))
-    target: Literal["end_of_backup", "latest", "immediate", "time", "lsn", "xid", "name"] = "end_of_backup"
+    target: Literal[TARGETS] = "end_of_backup"  # the restore form's choices
     target_time: str | None = Field(None, pattern=ISO_TIME)
     target_lsn: str | None = Field(None, pattern=LSN)
     target_xid: int | None = Field(None, ge=3)
     target_name: str | None = Field(None, min_length=1, max_length=63)
-    target_action: Literal["promote", "pause", "shutdown"] = "promote"
+    target_action: Literal[TARGET_ACTIONS] = "promote"
     target_exclusive: bool = False
     pgdata: str | None = Field(None, pattern=r"^/[A-Za-z0-9._/-]+$")
     port: int | None = Field(None, ge=1024, le=65535)

@@ -50,6 +50,8 @@ def ui_env(ui: Path, config: Path, port: int, pg_port: int) -> dict:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",  # a demo with a printed password: this machine only
+        "AIRFLOW__CORE__PARALLELISM": "4",  # not 32 worker processes on a small machine
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
         "AIRFLOW_CONN_PGDR_DEMO": json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": pg_port,
                                               "login": "postgres", "schema": "postgres"}),

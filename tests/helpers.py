@@ -104,13 +104,13 @@ def repo_snapshot(storage) -> dict:
             if "/reports/" not in o.key and "/lock/" not in o.key and not o.key.endswith("/catalog.json")}
 
 
-def wait_for(condition, what: str, timeout: float = 90) -> None:
+def wait_for(condition, what: str, timeout: float = 90, poll: float = 0.3) -> None:
     """Until ``condition()`` is true; AssertionError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.3)
+        time.sleep(poll)
     raise AssertionError(f"never happened: {what}")
 
 

@@ -145,3 +145,11 @@ def test_tablespaces_are_refused_with_a_clear_message(pg15, tmp_path, workdir):
         assert [o.key for o in storage_of(config).list("app/backup/")] == []
     finally:
         pg15.psql("drop tablespace extra")
+
+
+def test_a_light_drill_refuses_validations_it_would_not_run(tmp_path):
+    """--light runs no validations besides 'started and queried': asking for some is a usage error, not
+    silently ignored."""
+    config = write_config(tmp_path / "d.yaml", {"app": {"repository": f"file://{tmp_path}/r"}})
+    code, out, _ = pgdr("--json", "drill", "--cluster", "app", "--light", "--validations", "amcheck", config=config)
+    assert code == 2 and out["error"] == "usage" and "--light" in out["message"], out

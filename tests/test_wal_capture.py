@@ -12,13 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers import archive_repo, archived_to, pgdr, restored_to_latest, start_streamer, wait_for, write_config
 from pgdr.sandbox import SandboxCluster, free_port
-from test_backup_restore import socket_dir, storage_of
+from test_backup_restore import storage_of
 from test_dags import airflow_db, connections, load_dag_module  # noqa: F401  (airflow_db: the session fixture)
 
 _n = itertools.count()

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import helpers
 from helpers import archive_repo, pgdr, write_config
 from pgdr.fast import identity
 from pgdr.sandbox import SandboxCluster, free_port
@@ -30,12 +31,7 @@ _n = itertools.count(1)
 
 
 def wait_for(condition, what, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
+    helpers.wait_for(condition, what, timeout, poll=0.05)  # archiving is fast: look often
 
 
 def paused_archiver(workdir, tag):

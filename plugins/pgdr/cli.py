@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "the last key listed; keep old keys while backups need them.")
     kg.add_argument("--id", required=True, help="the key's id, recorded in every object it encrypts (like 2026-11)")
     cmd("check", "check that the cluster and repository are ready for backups")
-    b = cmd("backup", "take a full physical backup into the repository")
+    b = cmd("backup", "take a physical backup into the repository (full, or with --type incr|auto incremental)")
     b.add_argument("--label", help="backup label (default: now, like 20261125-020000F); reusing a committed label "
                                    "does nothing, reusing an unfinished one replaces it")
     b.add_argument("--wal-timeout", type=float, default=600,
@@ -152,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--backup", default="latest", help="label or 'latest' (default)")
     dr.add_argument("--target-time", metavar="ISO8601",
                     help="restore to this point in time instead of a fresh mark (no RPO measured)")
-    dr.add_argument("--validations", default=",".join(("amcheck", "read_all", "checks", "canary")),
-                    help="comma-separated: amcheck, read_all, checks, canary (default: all)")
+    dr.add_argument("--validations", default=None,
+                    help="comma-separated: amcheck, read_all, checks, canary (default: all; not with --light)")
     dr.add_argument("--heapallindexed", action="store_true", default=None,
                     help="pg_amcheck also checks every heap tuple has its index entries (slower)")
     dr.add_argument("--keep-minutes", type=int, help="keep the scratch server up this long before tearing down")
@@ -212,7 +212,11 @@ def run(args) -> object:
             return drill.list_drills(storage, cluster.name)
         from pgdr.results import utcnow
 
-        params = {"backup": args.backup, "target_time": args.target_time, "validations": args.validations}
+        if args.light and args.validations is not None:
+            raise UsageError("--light runs no validations besides 'started and queried': drop --validations, or "
+                             "--light")
+        params = {"backup": args.backup, "target_time": args.target_time,
+                  "validations": args.validations or ",".join(("amcheck", "read_all", "checks", "canary"))}
         if args.heapallindexed is not None:
             params["heapallindexed"] = True
         if args.keep_minutes is not None:
@@ -600,7 +604,11 @@ def _main(argv: list[str], answered: bool = False) -> int:
         return 1
     text = result.to_json() if as_json else _human(result)
     if text:
-        print(text)
+        try:
+            print(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `pgdr info … | head`: the reader had enough; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return args._exit
 
 

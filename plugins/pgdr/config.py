@@ -88,8 +88,8 @@ class AlertConfig:
 
 @dataclass(frozen=True)
 class WalConfig:
-    mode: str = "stream"  # stream: pg_receivewal from the Airflow worker; push: archive_command on the server
-    spool_dir: str = "/var/tmp/pgdr-spool"
+    mode: str = "stream"  # stream: pgdr's replication client on the Airflow worker; push: archive_command
+    spool_dir: str = "/var/tmp/pgdr-spool"  # ignored: nothing is spooled on local disk (accepted for old configs)
     window_minutes: int = 10
     partial_interval_seconds: int = 5
     rpo_seconds: int = 60
@@ -368,7 +368,7 @@ def _positive_hours(r: _Reader, m: dict, key: str) -> float:
 def _wal(r: _Reader, m: dict, key: str) -> WalConfig:
     mode = r.string(m, "mode", key, "stream")
     if mode not in ("stream", "push"):
-        r.fail(f"{key}.mode", "must be 'stream' (pg_receivewal from Airflow) or 'push' (archive_command)")
+        r.fail(f"{key}.mode", "must be 'stream' (pgdr's replication client from Airflow) or 'push' (archive_command)")
     spool = r.string(m, "spool_dir", key, "/var/tmp/pgdr-spool")
     if not spool.startswith("/"):
         r.fail(f"{key}.spool_dir", "must be an absolute path")

@@ -176,11 +176,13 @@ def recovery_target_from_params(params: dict):
     from pgdr.errors import UsageError
     from pgdr.recovery import RecoveryTarget
 
+    from pgdr_airflow.params import TARGETS
+
     kind = params.get("target") or "end_of_backup"
     if kind == "end_of_backup":
         return None
-    if kind not in ("latest", "immediate", "time", "lsn", "xid", "name"):
-        raise UsageError(f"target {kind!r} is not one of end_of_backup, latest, immediate, time, lsn, xid, name")
+    if kind not in TARGETS:
+        raise UsageError(f"target {kind!r} is not one of {', '.join(TARGETS)}")
     value = None
     if kind in ("time", "lsn", "xid", "name"):
         value = params.get(f"target_{kind}")
@@ -220,8 +222,7 @@ class PgdrRestoreOperator(PgdrOperator):
         except (RestoreRefused, UsageError, BackupNotFound) as e:
             self.log.error("restore refused: %s", e)
             raise _fail(f"restore refused: {e}") from None
-        if isinstance(result, dict):
-            self.log.info("DRY RUN, nothing written. Plan: %s", result["summary"])
+        if isinstance(result, dict):  # a dry run: the core logged its plan
             return result
         return result.to_dict()
 

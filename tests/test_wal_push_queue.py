@@ -62,6 +62,14 @@ def write_backlog(pg, segments: int) -> list[str]:
     return names
 
 
+def push_config(workdir, tag, repository) -> Path:
+    """A push-mode configuration the server's user (archive_command) can read."""
+    config = write_config(workdir / f"{tag}-{next(_n)}.yaml", {"app": {"repository": repository,
+                                                                       "wal": {"mode": "push"}}})
+    config.chmod(0o644)
+    return config
+
+
 def start_archiving(pg, config, *extra) -> None:
     command = " ".join([sys.executable, "-m", "pgdr", "--config", str(config), "-q", "wal-push", "--cluster", "app",
                         *extra, "%p"])
@@ -113,9 +121,8 @@ def test_a_backlog_goes_up_in_parallel_and_each_call_is_acknowledged_only_once_d
     try:
         names = write_backlog(pg, 14)
         hold_name.append(names[4])
-        config = write_config(workdir / f"queue-s3-{next(_n)}.yaml", {"app": {"repository": {
-            "url": f"s3://{s3_bucket}/r", "endpoint_url": proxy.url, "region": "us-east-1"}, "wal": {"mode": "push"}}})
-        config.chmod(0o644)
+        config = push_config(workdir, "queue-s3", {"url": f"s3://{s3_bucket}/r", "endpoint_url": proxy.url,
+                                                   "region": "us-east-1"})
         start_archiving(pg, config, "--parallel", "4")
         wait_for(held.is_set, f"the upload of {names[4]} reached the S3 server")
 
@@ -155,9 +162,7 @@ def test_pusher_killed_again_and_again_mid_backlog_loses_nothing_and_stores_noth
     try:
         names = write_backlog(pg, 24)
         repo = archive_repo(workdir, f"queue-kill-{next(_n)}")
-        config = write_config(workdir / f"queue-kill-{next(_n)}.yaml", {"app": {"repository": repo,
-                                                                               "wal": {"mode": "push"}}})
-        config.chmod(0o644)
+        config = push_config(workdir, "queue-kill", repo)
         start_archiving(pg, config, "--parallel", "3")
         killed: set[int] = set()
         while len(killed) < 5 and not all(state(pg, n) == "done" for n in names):
@@ -203,9 +208,7 @@ def test_failure_is_reported_by_the_call_and_retried_and_the_fast_answer_trusts_
         repo_dir = Path(repo.removeprefix("file://"))
         os.chown(repo_dir / "app", 0, 0)
         os.chmod(repo_dir / "app", 0o755)
-        config = write_config(workdir / f"queue-fail-{next(_n)}.yaml", {"app": {"repository": repo,
-                                                                               "wal": {"mode": "push"}}})
-        config.chmod(0o644)
+        config = push_config(workdir, "queue-fail", repo)
         start_archiving(pg, config)
         wait_for(lambda: int(pg.psql("select failed_count from pg_stat_archiver")) > 0, "archive_command failed")
         log = (pg.datadir / "server.log").read_text()
@@ -288,9 +291,7 @@ def test_an_edited_configuration_is_followed_by_the_next_segments(workdir):
     pg = paused_archiver(workdir, "queue-edit")
     try:
         old_repo, new_repo = (archive_repo(workdir, f"queue-edit-{t}-{next(_n)}") for t in ("a", "b"))
-        config = write_config(workdir / f"queue-edit-{next(_n)}.yaml", {"app": {"repository": old_repo,
-                                                                               "wal": {"mode": "push"}}})
-        config.chmod(0o644)
+        config = push_config(workdir, "queue-edit", old_repo)
         before = write_backlog(pg, 3)
         start_archiving(pg, config)
         wait_for(lambda: all(state(pg, n) == "done" for n in before), "the first segments archived")
@@ -320,9 +321,7 @@ def test_a_stale_acknowledgement_for_an_earlier_file_of_that_name_is_replaced(wo
     try:
         names = write_backlog(pg, 2)
         repo = archive_repo(workdir, f"queue-stale-{next(_n)}")
-        config = write_config(workdir / f"queue-stale-{next(_n)}.yaml", {"app": {"repository": repo,
-                                                                                "wal": {"mode": "push"}}})
-        config.chmod(0o644)
+        config = push_config(workdir, "queue-stale", repo)
         wal = pg.datadir / "pg_wal"
         seg = wal / names[0]
         (wal / SPOOL_DIR).mkdir(mode=0o700)

@@ -164,6 +164,24 @@ def test_a_missing_chain_member_is_named_by_verify_and_refused_by_restore(chain,
     assert not dest.exists() or not any(dest.iterdir())
 
 
+def test_a_damaged_middle_member_stops_the_chain_restore_and_leaves_nothing(chain, workdir):
+    """A stored byte changed in a middle member of the chain (its parent already applied in place) is found
+    by its SHA-256 before any of that piece is applied: the restore fails naming it, and the target is left
+    empty."""
+    copy = workdir / f"incr-damaged-repo-{next(_n)}"
+    shutil.copytree(chain["repo"].removeprefix("file://"), copy)
+    damaged = chain["backups"][2]["label"]
+    (part,) = (copy / "app" / "backup" / damaged).glob("base.tar.*")
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    config = write_config(workdir / "incr-damaged.yaml", {"app": {"dsn": chain["pg"].dsn,
+                                                                  "repository": {"url": f"file://{copy}"}}})
+    out, restored, err, dest = _restore(config, workdir, "--backup", chain["backups"][3]["label"], expect=1)
+    assert damaged in err and "does not match its SHA-256" in err, err
+    assert not dest.exists() or not any(dest.iterdir())
+
+
 def _incremental_file(blocks: dict[int, bytes], truncation: int) -> bytes:
     """An INCREMENTAL.<name> file as pg_basebackup sends it: magic, count, truncation length, block numbers,
     padding to a block boundary (when there are blocks), the blocks."""

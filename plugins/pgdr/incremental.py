@@ -125,7 +125,8 @@ class _IncrementalFile:
 
     Blocks are written straight from the stream's pieces, a run of consecutive block numbers in one
     ``pwrite`` (an incremental lists them in order: a changed range is one write, not one per 8 kB block);
-    only a block split between two pieces is copied aside. ``parent`` is the applier's descriptor of the
+    only a block split between two pieces is copied aside (the tar's 512-byte alignment splits one at almost
+    every piece). ``parent`` is the applier's descriptor of the
     member's directory, open until the member ends."""
 
     def __init__(self, name: str, parent: int, leaf: str, size: int, known: int | None = None):
@@ -152,13 +153,18 @@ class _IncrementalFile:
             raise self._fail("is longer than its tar header says")
         if self.blocks is None:
             self.buf += chunk
-            if not self._header():
+            if not self._header() or not self.buf:  # most: a header and nothing else (no changed block)
                 return
             chunk, self.buf = self.buf, bytearray()  # what followed the header
-        elif self.buf:
-            self.buf += chunk
-            chunk, self.buf = self.buf, bytearray()
         with memoryview(chunk) as view:
+            if self.buf:  # a block split between the previous piece and this one: complete it, copying only it
+                need = BLCKSZ - len(self.buf)
+                self.buf += view[:need]
+                if len(self.buf) < BLCKSZ:
+                    return
+                block, self.buf = self.buf, bytearray()
+                self._write(memoryview(block))
+                view = view[need:]
             self._write(view)
 
     def _write(self, view: memoryview) -> None:
@@ -242,7 +248,7 @@ class _IncrementalFile:
         """The file's final length, once every byte arrived."""
         if self.blocks is None or self.index != len(self.blocks) or self.got != self.size:
             raise self._fail("ends early")
-        length = max([self.truncation] + [b + 1 for b in self.blocks]) * BLCKSZ
+        length = max(self.truncation, max(self.blocks) + 1 if self.blocks else 0) * BLCKSZ
         if self.unchanged:
             return length
         if os.fstat(self.fd).st_size != length:  # most relation files of an incremental have not changed size

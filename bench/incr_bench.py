@@ -2,19 +2,31 @@
 and S3 transfers behind 30 ms of latency per request (moto + bench/latency_proxy.py), sequential against
 parallel. Peak RSS of every measured pgdr process is printed too (target: under 256 MB).
 
-    .venv/bin/python bench/incr_bench.py                       # pgbench scale 40 + 200 MB random (~850 MB)
+    .venv/bin/python bench/incr_bench.py                       # pgbench scale 150 + 200 MB random (~2.5 GB)
+    .venv/bin/python bench/incr_bench.py --scale 40            # the earlier, smaller cluster (~870 MB)
     .venv/bin/python bench/incr_bench.py --scale 10 --s3-mb 0  # a quick look, no S3 rows
+    .venv/bin/python bench/incr_bench.py --pgbackrest /var/tmp/pgbr-build/src/pgbackrest   # pgBackRest rows too
 
 Rows:
-- full backup, then an incremental after ~1% of the pages changed: time and stored bytes (target ≤ 0.1×);
+- full backup, then an incremental after each ~1% of the pages changed: time and stored bytes (target ≤ 0.1×
+  the full's time); the first incremental, and the median of the chain's;
+- every backup and restore starts with a checkpoint, `sync` and a cold page cache (drop_caches);
 - restore of a full + 6 incrementals (each after ~1% changed) against the restore of a full of the same data
-  (target ≤ 1.2×);
+  (target ≤ 1.2×): ``--repeat`` rounds, each side first in every other round, each restore into a new
+  directory after ``sync`` (no writeback of the previous one competing), no directory deleted until the
+  comparison ends (on a file system without a journal, ext4 here, a file created within a minute of a mass
+  delete waits while the allocator skips the recently deleted inodes: up to ~1 ms a file, which would land
+  on whichever restore came second); the median of each side, and every run in the notes;
 - S3 backup and restore with 30 ms per request: transfer_concurrency 1 (sequential, as before) against 4.
 
-pgBackRest rows, beside pgdr's on the same cluster (block incremental: repo1-bundle, repo1-block; zst 3,
-process-max 2), when ``--pgbackrest PATH`` (or $PGBACKREST) names a pgBackRest that supports PostgreSQL 18.
-Debian's package (2.45) does not; a build of pgBackRest's own source (2.56 or newer: meson, ninja and the
--dev packages its README lists) does. Numbers are printed, never asserted.
+pgBackRest rows (``--pgbackrest PATH`` or ``$PGBACKREST``): the same cluster, the same changes, beside pgdr's:
+full, incremental with block incremental (``repo1-bundle``, ``repo1-block``, zst 3, process-max 2), and the
+restore of the chain against a full of the same data. PostgreSQL 18 needs pgBackRest 2.55 or newer (the
+Debian package here is 2.45); build one from source (meson setup build && ninja -C build, with the libpq,
+openssl, libxml2, libyaml, zstd, lz4, bz2 and zlib -dev packages) and point the bench at
+``build/src/pgbackrest``. Its WAL goes to its own repository (archive_command, switched on after the build),
+since its backups need the archive.
+Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,8 +47,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench import measure  # noqa: E402
-from pgdr.pgbin import as_user  # noqa: E402
-from pgdr.pgbin import embedded_bin_dir, probe  # noqa: E402
+from pgdr.pgbin import as_user, embedded_bin_dir, probe  # noqa: E402
 from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
 
 
@@ -48,7 +61,7 @@ def change_one_percent(src: SandboxCluster, step: int) -> None:
 
 
 def drop_caches() -> None:
-    """Each restore starts from a cold page cache, with nothing of the last one still being written back."""
+    """A cold page cache: what is measured next reads from disk, as a real backup or restore does."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -60,16 +73,77 @@ def stored(repo: Path, label: str) -> int:
     return sum(f.stat().st_size for f in (repo / "bench" / "backup" / label).rglob("*") if f.is_file())
 
 
+def timed(cmd: list[str], **kw) -> dict:
+    """bench.measure, plus the CPU seconds (user + system) of the command and everything it waited for."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = measure(cmd, **kw)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return m
+
+
+class PgBackRest:
+    """A pgBackRest stanza beside pgdr's repository, on the same cluster (run as the server's user)."""
+
+    def __init__(self, exe: str, work: Path, src: SandboxCluster):
+        self.exe, self.src = exe, src
+        self.repo = work / "repo-pgbackrest"
+        self.conf = work / "pgbackrest.conf"
+
+    def cmd(self, *args) -> list[str]:
+        return as_user([self.exe, f"--config={self.conf}", "--stanza=bench", *args], self.src.user)
+
+    def version(self) -> str:
+        return subprocess.run([self.exe, "version"], capture_output=True, text=True, check=True).stdout.strip()
+
+    def setup(self) -> None:
+        self.conf.write_text(
+            f"[global]\nrepo1-path={self.repo}\nlog-path={self.repo}\nlock-path={self.repo}\n"
+            "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n"
+            "repo1-bundle=y\nrepo1-block=y\nrepo1-retention-full=100\n"
+            f"[bench]\npg1-path={self.src.datadir}\npg1-port={self.src.port}\n"
+            f"pg1-socket-path={self.src.socket_dir}\n")
+        self.conf.chmod(0o644)
+        self.repo.mkdir()
+        if self.src.user:
+            shutil.chown(self.repo, self.src.user, self.src.user)
+        self.src.psql(f"alter system set archive_command = '{self.exe} --config={self.conf} --stanza=bench "
+                      "archive-push %p'")
+        self.src.psql("select pg_reload_conf()")
+        for args in (("stanza-create",), ("check",)):
+            proc = subprocess.run(self.cmd(*args), capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"pgbackrest {args[0]} failed: {proc.stdout}{proc.stderr}")
+
+    def labels(self) -> list[str]:
+        out = subprocess.run(self.cmd("--output=json", "info"), capture_output=True, text=True, check=True).stdout
+        return [b["label"] for b in json.loads(out)[0]["backup"]]
+
+    def stored(self, label: str) -> int:
+        out = subprocess.run(self.cmd("--output=json", f"--set={label}", "info"), capture_output=True, text=True,
+                             check=True).stdout
+        b = [b for b in json.loads(out)[0]["backup"] if b["label"] == label][0]
+        return b["info"]["repository"]["delta"]
+
+    def restore_cmd(self, label: str, target: Path) -> list[str]:
+        target.mkdir(mode=0o700)
+        if self.src.user:
+            shutil.chown(target, self.src.user, self.src.user)
+        return self.cmd(f"--set={label}", f"--pg1-path={target}", "--type=immediate", "restore")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=int, default=40, help="pgbench scale (40 ≈ 600 MB)")
+    ap.add_argument("--scale", type=int, default=150, help="pgbench scale (150 ≈ 2.3 GB, 40 ≈ 600 MB)")
     ap.add_argument("--chain", type=int, default=6)
     ap.add_argument("--random-mb", type=int, default=200, help="MB of incompressible rows (what S3 moves)")
     ap.add_argument("--s3-mb", type=int, default=1, help="0: skip the S3 rows")
     ap.add_argument("--latency-ms", type=float, default=30)
-    ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of the restore comparison (each side first "
+                                                          "in every other round)")
     ap.add_argument("--pgbackrest", default=os.environ.get("PGBACKREST"),
-                    help="a pgBackRest build supporting PostgreSQL 18, for its rows beside pgdr's")
+                    help="a pgBackRest binary (2.55+ for PostgreSQL 18) for rows beside pgdr's")
+    ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
     ap.add_argument("--keep", action="store_true", help="leave the cluster (stopped), repository and config in "
                                                          "--workdir, for a closer look")
     args = ap.parse_args()
@@ -83,20 +157,23 @@ def main() -> int:
     work.mkdir(parents=True)
     work.chmod(0o755)
     src = SandboxCluster(bins, work / "source", free_port())
-    brconf = work / "pgbackrest.conf"
-    archive = (f"archive_mode = on\narchive_command = '{args.pgbackrest} --config={brconf} --stanza=bench "
-               "archive-push %p'\n") if args.pgbackrest else ""
-    src.init(extra_conf="summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n" + archive).start()
+    # With pgBackRest, archiving is on from the start (a restart to turn it on later) but goes nowhere until
+    # the cluster is built: pgbench's load would otherwise push a few GB of WAL through archive-push.
+    archive = "archive_mode = on\narchive_command = 'true'\n" if args.pgbackrest else ""
+    src.init(extra_conf=f"summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n{archive}").start()
+    brest = PgBackRest(args.pgbackrest, work, src) if args.pgbackrest else None
     results = []
+
+    def settle():
+        src.psql("checkpoint")
+        drop_caches()
 
     def row(name, m, extra=""):
         results.append((name, m["wall"], m["rss_mb"], extra))
         print(f"  {name}: {m['wall']:.1f} s, peak RSS {m['rss_mb']:.0f} MB {extra}", flush=True)
-        src.psql("checkpoint")
-        os.sync()
 
     try:
-        print(f"building: pgbench scale {args.scale} …", flush=True)
+        print(f"building: pgbench scale {args.scale} + {args.random_mb} MB of random rows …", flush=True)
         subprocess.run([bins.tool("pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p",
                         str(src.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
         src.psql("create table noise (id int primary key, payload bytea)")
@@ -105,18 +182,15 @@ def main() -> int:
         for start in range(0, rows, 4096):
             src.psql(f"insert into noise select g, (select string_agg(sha512((random() + x + g)::text::bytea), ''::bytea) "
                      f"from generate_series(1, 128) x) from generate_series({start + 1}, {min(start + 4096, rows)}) g")
-        # Settle the freshly loaded rows (hint bits, visibility map) now, so autovacuum does not rewrite them
-        # in the middle of the chain and every backup compares like with like.
+        # A settled cluster: autovacuum's first pass over the freshly loaded table (hint bits, visibility map:
+        # every page) would otherwise land in whichever incremental it happens to run before.
         src.psql("vacuum (freeze, analyze)")
-        src.psql("checkpoint")
+        settle()
         size = int(src.psql("select sum(pg_database_size(datname)) from pg_database"))
         print(f"cluster size: {size / 1e6:.0f} MB", flush=True)
-        br = None
-        if args.pgbackrest:
-            from bench import pgbackrest_setup
-
-            pgbackrest_setup(args.pgbackrest, brconf, work, src, "repo1-bundle=y\nrepo1-block=y\n")
-            br = [args.pgbackrest, f"--config={brconf}", "--stanza=bench"]
+        if brest:
+            brest.setup()
+            print(f"beside {brest.version()}", flush=True)
         repo = work / "repo"
         config = work / "pgdr.yaml"
         config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "repository": f"file://{repo}",
@@ -125,95 +199,112 @@ def main() -> int:
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
 
         def backup(kind, label):
-            drop_caches()
+            settle()
             out = work / f"out-{label}.json"
             with open(out, "w") as f:
-                m = measure(pgdr + ["backup", "--cluster", "bench", "--type", kind, "--label", label], stdout=f)
+                m = timed(pgdr + ["backup", "--cluster", "bench", "--type", kind, "--label", label], stdout=f)
             return m, json.loads(out.read_text())
 
-        def br_backup(kind):
-            drop_caches()
-            before = br_stored()
-            m = measure(as_user(br + [f"--type={kind}", "backup"], "postgres"))
-            return m, br_stored() - before
-
-        def br_stored():
-            return sum(f.stat().st_size for f in (work / "repo-pgbackrest" / "backup").rglob("*") if f.is_file())
+        def brest_backup(kind):
+            settle()
+            m = timed(brest.cmd(f"--type={kind}", "backup"))
+            label = brest.labels()[-1]
+            return m, label, brest.stored(label)
 
         m, full = backup("full", "20261101-000000F")
         row("pgdr full backup (zstd 3)", m, f"stored {full['stored_size'] / 1e6:.1f} MB")
         full_time, full_bytes = m["wall"], full["stored_size"]
-        if br:
-            bfull_m, bfull = br_backup("full")
-            row("pgBackRest full backup (zst 3, process-max 2, bundle + block)", bfull_m,
-                f"stored {bfull / 1e6:.1f} MB; pgdr {full_time / bfull_m['wall']:.2f}x its time")
-        labels = []
+        if brest:
+            bm, blabel, bstored = brest_backup("full")
+            row("pgBackRest full backup (zst 3, process-max 2, bundle + block)", bm, f"stored {bstored / 1e6:.1f} MB")
+            bfull_time, bfull_bytes = bm["wall"], bstored
+        labels, incs, binc_labels, bincs = [], [], [], []
         for i in range(1, args.chain + 1):
             change_one_percent(src, i)
             m, inc = backup("incr", f"202611{i + 1:02d}-000000F")
             labels.append(inc["label"])
+            incs.append((m, inc["stored_size"]))
             assert inc["type"] == "incr", inc
-            if i == 1:
-                row("pgdr incremental after ~1% of pages changed", m,
-                    f"stored {inc['stored_size'] / 1e6:.1f} MB; {m['wall'] / full_time:.2f}x the full's time, "
-                    f"{inc['stored_size'] / full_bytes:.3f}x its bytes")
-            if br:
-                bm, binc = br_backup("incr")
-                if i == 1:
-                    row("pgBackRest incremental (block) after the same change", bm,
-                        f"stored {binc / 1e6:.1f} MB; {bm['wall'] / bfull_m['wall']:.2f}x its full's time; "
-                        f"pgdr {m['wall'] / bm['wall']:.2f}x its time, {inc['stored_size'] / max(binc, 1):.2f}x its bytes")
+            if brest:
+                bm, blabel, bstored = brest_backup("incr")
+                binc_labels.append(blabel)
+                bincs.append((bm, bstored))
+        m, first = incs[0]
+        row("pgdr incremental after ~1% of pages changed", m,
+            f"stored {first / 1e6:.1f} MB; {m['wall'] / full_time:.2f}x the full's time, "
+            f"{first / full_bytes:.3f}x its bytes; cpu {m['cpu']:.1f} s")
+        walls = [m["wall"] for m, _ in incs]
+        med = statistics.median(walls)
+        row(f"pgdr incremental, median of the chain's {len(incs)}", {"wall": med, "rss_mb": max(
+            m["rss_mb"] for m, _ in incs)}, f"{med / full_time:.2f}x the full's time (runs: "
+            f"{', '.join(f'{w:.2f}' for w in walls)} s)")
+        if brest:
+            bm, bfirst = bincs[0]
+            row("pgBackRest incremental (block incremental) after ~1% changed", bm,
+                f"stored {bfirst / 1e6:.1f} MB; {bm['wall'] / bfull_time:.2f}x its full's time, "
+                f"{bfirst / bfull_bytes:.3f}x its bytes; cpu {bm['cpu']:.1f} s")
+            bwalls = [m["wall"] for m, _ in bincs]
+            bmed = statistics.median(bwalls)
+            row(f"pgBackRest incremental, median of the chain's {len(bincs)}", {"wall": bmed, "rss_mb": max(
+                m["rss_mb"] for m, _ in bincs)}, f"{bmed / bfull_time:.2f}x its full's time (runs: "
+                f"{', '.join(f'{w:.2f}' for w in bwalls)} s)")
         m, full2 = backup("full", "20261120-000000F")
         row("pgdr full backup of the chain's end state", m, f"stored {full2['stored_size'] / 1e6:.1f} MB")
-        if br:
-            br_backup("full")  # pgBackRest's own full of the end state, restored below
+        if brest:
+            bm, bfull2, bstored = brest_backup("full")
+            row("pgBackRest full backup of the chain's end state", bm, f"stored {bstored / 1e6:.1f} MB")
 
-        def restore(label, name):
-            target = work / f"restore-{name}"
-            m = measure(pgdr + ["restore", "--cluster", "bench", "--backup", label, "--pgdata", str(target)])
-            shutil.rmtree(target)
-            return m
+        def compare(name_a, cmd_a, name_b, cmd_b, tag):
+            """Both restores, ``--repeat`` rounds in alternating order; returns their medians' rows."""
+            runs = {name_a: [], name_b: []}
+            targets = []
+            for r in range(args.repeat):
+                order = [(name_a, cmd_a), (name_b, cmd_b)]
+                for name, make in (order if r % 2 == 0 else order[::-1]):
+                    target = work / f"restore-{tag}-{len(targets)}"
+                    targets.append(target)
+                    cmd = make(target)
+                    settle()
+                    runs[name].append(timed(cmd))
+            for target in targets:
+                shutil.rmtree(target)
+            med = {name: statistics.median(m["wall"] for m in ms) for name, ms in runs.items()}
 
-        def br_restore(name, set_label=None):
-            target = work / f"restore-br-{name}"
-            target.mkdir(mode=0o700)
-            shutil.chown(target, "postgres", "postgres")
-            m = measure(as_user(br + [f"--pg1-path={target}", "restore"] + ([f"--set={set_label}"] if set_label
-                                                                            else []), "postgres"))
-            shutil.rmtree(target)
-            return m
+            def agg(name):
+                ms = runs[name]
+                walls = ", ".join(f"{m['wall']:.2f}" for m in ms)
+                return {"wall": med[name], "rss_mb": max(m["rss_mb"] for m in ms)}, (
+                    f"runs: {walls} s; cpu {statistics.median(m['cpu'] for m in ms):.1f} s")
 
-        drop_caches()
-        chain_m = restore(labels[-1], "chain")
-        drop_caches()
-        full_m = restore(full2["label"], "full")
-        row(f"pgdr restore of full + {args.chain} incrementals (in place, no staging)", chain_m,
-            f"{chain_m['wall'] / full_m['wall']:.2f}x the full's restore")
-        row("pgdr restore of a full of the same data", full_m)
-        if br:
-            sets = json.loads(subprocess.run(as_user(br + ["info", "--output=json"], "postgres"), check=True,
-                                             capture_output=True, text=True).stdout)[0]["backup"]
-            chain_set = [b["label"] for b in sets if b["type"] == "incr"][-1]
-            drop_caches()
-            bchain = br_restore("chain", chain_set)
-            drop_caches()
-            bfullr = br_restore("full")
-            row(f"pgBackRest restore of full + {args.chain} incrementals", bchain,
-                f"{bchain['wall'] / bfullr['wall']:.2f}x its full's restore; pgdr {chain_m['wall'] / bchain['wall']:.2f}x")
-            row("pgBackRest restore of a full of the same data", bfullr,
-                f"pgdr {full_m['wall'] / bfullr['wall']:.2f}x")
+            (ma, na), (mb, nb) = agg(name_a), agg(name_b)
+            row(name_a, ma, f"{med[name_a] / med[name_b]:.2f}x the full's restore ({na})")
+            row(name_b, mb, nb)
+
+        def pgdr_restore(label):
+            return lambda target: pgdr + ["restore", "--cluster", "bench", "--backup", label, "--pgdata",
+                                          str(target)]
+
+        compare(f"pgdr restore of full + {args.chain} incrementals (in place, no staging)", pgdr_restore(labels[-1]),
+                "pgdr restore of a full of the same data", pgdr_restore(full2["label"]), "pgdr")
+        if brest:
+            compare(f"pgBackRest restore of full + {args.chain} incrementals",
+                    lambda target: brest.restore_cmd(binc_labels[-1], target),
+                    "pgBackRest restore of a full of the same data", lambda target: brest.restore_cmd(bfull2, target),
+                    "pgbackrest")
 
         if args.s3_mb:
-            s3_rows(args, work, src, bins, row)
+            s3_rows(args, work, src, bins, row, settle)
     finally:
         src.stop() if args.keep else src.destroy()
+    print(f"\ncluster {size / 1e6:.0f} MB (pgbench scale {args.scale} + {args.random_mb} MB random); "
+          f"{os.cpu_count()} cores; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n| row | wall s | peak RSS MB | notes |\n|---|---|---|---|")
     for name, wall, rss, extra in results:
         print(f"| {name} | {wall:.1f} | {rss:.0f} | {extra} |")
     return 0
 
 
-def s3_rows(args, work, src, bins, row) -> None:
+def s3_rows(args, work, src, bins, row, settle) -> None:
     from latency_proxy import LatencyProxy
 
     port = free_port()
@@ -245,10 +336,12 @@ def s3_rows(args, work, src, bins, row) -> None:
                                                                      "region": "us-east-1", "part_size_mb": 8,
                                                                      "transfer_concurrency": conc}}}}))
             pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
+            settle()
             proxy.reset()
             row(f"pgdr S3 backup, {args.latency_ms:.0f} ms/request, transfer_concurrency {conc}",
                 measure(pgdr + ["backup", "--cluster", "bench"]), f"max in flight {proxy.stats()['max_in_flight']}")
             target = work / f"restore-s3-{conc}"
+            settle()
             proxy.reset()
             row(f"pgdr S3 restore, {args.latency_ms:.0f} ms/request, transfer_concurrency {conc}",
                 measure(pgdr + ["restore", "--cluster", "bench", "--pgdata", str(target)]),

@@ -164,6 +164,79 @@ def test_a_missing_chain_member_is_named_by_verify_and_refused_by_restore(chain,
     assert not dest.exists() or not any(dest.iterdir())
 
 
+def test_a_damaged_middle_member_stops_the_chain_restore_and_leaves_nothing(chain, workdir):
+    """A stored byte changed in a middle member of the chain (its parent already applied in place) is found
+    by its SHA-256 before any of that piece is applied: the restore fails naming it, and the target is left
+    empty."""
+    copy = workdir / f"incr-damaged-repo-{next(_n)}"
+    shutil.copytree(chain["repo"].removeprefix("file://"), copy)
+    damaged = chain["backups"][2]["label"]
+    (part,) = (copy / "app" / "backup" / damaged).glob("base.tar.*")
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    config = write_config(workdir / "incr-damaged.yaml", {"app": {"dsn": chain["pg"].dsn,
+                                                                  "repository": {"url": f"file://{copy}"}}})
+    out, restored, err, dest = _restore(config, workdir, "--backup", chain["backups"][3]["label"], expect=1)
+    assert damaged in err and "does not match its SHA-256" in err, err
+    assert not dest.exists() or not any(dest.iterdir())
+
+
+def _incremental_file(blocks: dict[int, bytes], truncation: int) -> bytes:
+    """An INCREMENTAL.<name> file as pg_basebackup sends it: magic, count, truncation length, block numbers,
+    padding to a block boundary (when there are blocks), the blocks."""
+    import struct
+
+    numbers = sorted(blocks)
+    head = struct.pack(f"<III{len(numbers)}I", 0xD3AE1F0D, len(numbers), truncation, *numbers)
+    if numbers:
+        head += bytes(-len(head) % 8192)
+    return head + b"".join(blocks[n] for n in numbers)
+
+
+@pytest.mark.parametrize("piece", [1, 4096, 8191, 8193, 3 * 8192, 1 << 20])
+def test_runs_of_blocks_land_at_their_offsets_however_the_stream_is_cut(tmp_path, piece):
+    """Consecutive changed blocks are written as one run, straight from the stream's pieces; a block cut
+    between two pieces, a run cut anywhere, a hole and a new length all rebuild the file pg_combinebackup
+    would. A relation the applier knows it left at the incremental's length keeps its content."""
+    import io
+    import os
+    import tarfile
+
+    from pgdr.incremental import ChainApplier
+
+    root = tmp_path / "pgdata"
+    (root / "base" / "5").mkdir(parents=True)
+    old = [bytes([i]) * 8192 for i in range(12)]
+    (root / "base" / "5" / "16384").write_bytes(b"".join(old))
+    unchanged = root / "base" / "5" / "2619"
+    unchanged.write_bytes(b"u" * 2 * 8192)
+    new = {n: os.urandom(8192) for n in (0, 1, 2, 3, 7, 9, 10, 13, 14)}
+    members = [("base", tarfile.DIRTYPE, b""), ("base/5", tarfile.DIRTYPE, b""),
+               ("base/5/INCREMENTAL.16384", tarfile.REGTYPE, _incremental_file(new, 11)),
+               ("base/5/INCREMENTAL.2619", tarfile.REGTYPE, _incremental_file({}, 2))]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.mode = kind, len(data), 0o600 if kind == tarfile.REGTYPE else 0o700
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    raw = buf.getvalue()
+    lengths = {"base/5/16384": 12 * 8192, "base/5/2619": 2 * 8192}
+    applier = ChainApplier(root, lengths=lengths)
+    try:
+        for i in range(0, len(raw), piece):
+            applier.feed(raw[i:i + piece])
+        applier.close()
+    finally:
+        applier.release()
+    # Truncated to 11 blocks, then blocks 0-3, 7, 9-10 and 13-14 written: 11 and 12 read as zeros.
+    expected = [new.get(n, old[n] if n < 11 else bytes(8192)) for n in range(15)]
+    assert (root / "base" / "5" / "16384").read_bytes() == b"".join(expected)
+    assert lengths["base/5/16384"] == 15 * 8192 and applier.reconstructed["base/5/16384"] == 15 * 8192
+    assert unchanged.read_bytes() == b"u" * 2 * 8192 and lengths["base/5/2619"] == 2 * 8192
+
+
 # ------------------------------------------------------------------------------------------------ retention
 
 NOW = datetime(2026, 12, 30, 12, 0, tzinfo=timezone.utc)

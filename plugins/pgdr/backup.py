@@ -142,16 +142,17 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
     slot = label_time(label) if label else utcnow()
     repo = Repository(storage, cluster.name)
     info = server_info(conn)
+    entries = repo.catalog()  # read once: every manifest is a request on S3, and a repository holds hundreds
     if label:
         # A retry of a slot that already produced a backup (full or incremental) returns it.
-        done = [e.manifest for e in repo.catalog() if e.manifest is not None and (
+        done = [e.manifest for e in entries if e.manifest is not None and (
             e.label == label or (is_incremental(e.label) and e.label.endswith("_" + label[:15] + "I")))]
         if done:
             return _run_backup(cluster, conn, storage, done[-1].label, part_size, wal_timeout, None,
                                existing_only=True, info=info)
     from pgdr.incremental import incremental_support
 
-    decision = choose_type(backup_type, repo.backups(), cluster.backup_type_policy, slot,
+    decision = choose_type(backup_type, repo.backups(entries), cluster.backup_type_policy, slot,
                            incremental_support(info), info.system_identifier, info.major)
     if decision.type == "full":
         log.info("backup of cluster %s: full (%s)", cluster.name, decision.reason)

@@ -54,6 +54,7 @@ BLCKSZ = 8192
 RELSEG_SIZE = 131072  # blocks per relation segment file (1 GB of 8 kB blocks)
 MAX_CHAIN = 1000
 LABEL_DROP = ("INCREMENTAL FROM LSN:", "INCREMENTAL FROM TLI:")
+_HEAD_LE, _HEAD_BE = struct.Struct("<III"), struct.Struct(">III")  # magic, block count, truncation length
 
 
 # ----------------------------------------------------------------------------------------------- chains
@@ -120,14 +121,21 @@ def _lsn(text: str) -> int:
 # ------------------------------------------------------------------------------------------ applying
 
 class _IncrementalFile:
-    """Applies one ``INCREMENTAL.<name>`` member's bytes to an open file, as they stream by."""
+    """Applies one ``INCREMENTAL.<name>`` member's bytes to an open file, as they stream by.
 
-    def __init__(self, name: str, parent: int, leaf: str, size: int):
+    Blocks are written straight from the stream's pieces, a run of consecutive block numbers in one
+    ``pwrite`` (an incremental lists them in order: a changed range is one write, not one per 8 kB block);
+    only a block split between two pieces is copied aside (the tar's 512-byte alignment splits one at almost
+    every piece). ``parent`` is the applier's descriptor of the
+    member's directory, open until the member ends."""
+
+    def __init__(self, name: str, parent: int, leaf: str, size: int, known: int | None = None):
         self.name, self.size = name, size
-        self.parent, self.leaf = os.dup(parent), leaf  # the target file is opened once its header says why
+        self.parent, self.leaf = parent, leaf  # the target file is opened once its header says why
+        self.known = known  # the length this restore gave the file, when the applier knows it
         self.fd: int | None = None
         self.unchanged = False  # no block, same length: the target file is left as it is, never opened
-        self.buf = bytearray()
+        self.buf = bytearray()  # the header until it is whole, then a block split between two pieces
         self.fmt = "<I"
         self.blocks: list[int] | None = None
         self.header_len = 0
@@ -143,28 +151,53 @@ class _IncrementalFile:
         self.got += len(chunk)
         if self.got > self.size:
             raise self._fail("is longer than its tar header says")
-        self.buf += chunk
         if self.blocks is None:
-            if not self._header():
+            self.buf += chunk
+            if not self._header() or not self.buf:  # most: a header and nothing else (no changed block)
                 return
-        while len(self.buf) >= BLCKSZ and self.index < len(self.blocks):
-            with memoryview(self.buf) as view:
-                os.pwrite(self.fd, view[:BLCKSZ], self.blocks[self.index] * BLCKSZ)
-            del self.buf[:BLCKSZ]
-            self.index += 1
-        if self.index == len(self.blocks) and self.buf:
-            raise self._fail("holds more bytes than its blocks")
+            chunk, self.buf = self.buf, bytearray()  # what followed the header
+        with memoryview(chunk) as view:
+            if self.buf:  # a block split between the previous piece and this one: complete it, copying only it
+                need = BLCKSZ - len(self.buf)
+                self.buf += view[:need]
+                if len(self.buf) < BLCKSZ:
+                    return
+                block, self.buf = self.buf, bytearray()
+                self._write(memoryview(block))
+                view = view[need:]
+            self._write(view)
+
+    def _write(self, view: memoryview) -> None:
+        """Every whole block in ``view`` to its offset; a partial one at the end waits for the next piece."""
+        blocks, pos = self.blocks, 0
+        whole = min(len(view) // BLCKSZ, len(blocks) - self.index)
+        while whole:
+            first = blocks[self.index]
+            run = 1
+            while run < whole and blocks[self.index + run] == first + run:
+                run += 1
+            end = pos + run * BLCKSZ
+            offset = first * BLCKSZ
+            while pos < end:  # a regular file takes it whole; a short write is continued, never dropped
+                n = os.pwrite(self.fd, view[pos:end], offset)
+                pos += n
+                offset += n
+            self.index += run
+            whole -= run
+        if pos < len(view):
+            if self.index == len(blocks):
+                raise self._fail("holds more bytes than its blocks")
+            self.buf += view[pos:]
 
     def _header(self) -> bool:
         if len(self.buf) < 12:
             return False
-        magic_le = struct.unpack_from("<I", self.buf)[0]
-        if magic_le != MAGIC:
-            if struct.unpack_from(">I", self.buf)[0] != MAGIC:
-                raise self._fail(f"does not start with the incremental magic (found {magic_le:#x})")
+        magic, count, self.truncation = _HEAD_LE.unpack_from(self.buf)
+        if magic != MAGIC:
+            magic_be, count, self.truncation = _HEAD_BE.unpack_from(self.buf)
+            if magic_be != MAGIC:
+                raise self._fail(f"does not start with the incremental magic (found {magic:#x})")
             self.fmt = ">I"
-        count = struct.unpack_from(self.fmt, self.buf, 4)[0]
-        self.truncation = struct.unpack_from(self.fmt, self.buf, 8)[0]
         if count > RELSEG_SIZE or self.truncation > RELSEG_SIZE:
             raise self._fail(f"claims {count} blocks and a truncation length of {self.truncation} blocks, more "
                              f"than a relation segment holds ({RELSEG_SIZE})")
@@ -176,42 +209,46 @@ class _IncrementalFile:
         if len(self.buf) < header:
             return False
         order = "<" if self.fmt == "<I" else ">"
-        blocks = list(struct.unpack_from(f"{order}{count}I", self.buf, 12))
-        if any(b >= RELSEG_SIZE for b in blocks) or len(set(blocks)) != len(blocks):
+        blocks = list(struct.unpack_from(f"{order}{count}I", self.buf, 12)) if count else []
+        if count and (max(blocks) >= RELSEG_SIZE or len(set(blocks)) != len(blocks)):
             raise self._fail("lists a block number twice or past the end of a relation segment")
-        if any(self.buf[raw:header]):
+        if header > raw and any(self.buf[raw:header]):
             raise self._fail("has a non-zero header padding")
         del self.buf[:header]
         self.blocks = blocks
         self.header_len = header
         if not blocks:  # most relation files of an incremental: unchanged since the parent
-            try:
-                st = os.stat(self.leaf, dir_fd=self.parent, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == self.truncation * BLCKSZ:
-                self.unchanged = True
+            if self.known is not None:  # a regular file this restore wrote, of this length: no need to look
+                self.unchanged = self.known == self.truncation * BLCKSZ
+            else:
+                try:
+                    st = os.stat(self.leaf, dir_fd=self.parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                self.unchanged = (st is not None and stat.S_ISREG(st.st_mode)
+                                  and st.st_size == self.truncation * BLCKSZ)
+            if self.unchanged:
                 return True
         self.fd = os.open(self.leaf, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=self.parent)
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
             raise IntegrityError(f"tar member {self.name!r}: its file in the target is not a regular file")
         # Blocks at or past the truncation length were truncated away since the parent: drop them first.
-        if os.fstat(self.fd).st_size > self.truncation * BLCKSZ:
+        if st.st_size > self.truncation * BLCKSZ:
             os.ftruncate(self.fd, self.truncation * BLCKSZ)
         return True
 
     def close(self) -> None:
-        for fd in (self.fd, self.parent):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.parent = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def finish(self) -> int:
         """The file's final length, once every byte arrived."""
         if self.blocks is None or self.index != len(self.blocks) or self.got != self.size:
             raise self._fail("ends early")
-        length = max([self.truncation] + [b + 1 for b in self.blocks]) * BLCKSZ
+        length = max(self.truncation, max(self.blocks) + 1 if self.blocks else 0) * BLCKSZ
         if self.unchanged:
             return length
         if os.fstat(self.fd).st_size != length:  # most relation files of an incremental have not changed size
@@ -226,10 +263,13 @@ class ChainApplier(TarExtractor):
     directories); unlike it, a member may replace the file the parent left there.
     """
 
-    def __init__(self, root: Path, base: bool = False, skip_wal: bool = False):
+    def __init__(self, root: Path, base: bool = False, skip_wal: bool = False, lengths: dict[str, int] | None = None):
         super().__init__(root)
         self.base = base  # the chain's full: unpacked into an empty target, holds no INCREMENTAL. file
         self.skip_wal = skip_wal  # not the chain's last member: its WAL is never used (the last one's is)
+        # path -> length of every regular file the chain's members wrote so far, kept up to date by each (the
+        # chain's restore shares one): an unchanged relation is recognised without a look at the disk.
+        self.lengths = lengths
         self._skip = False
         self.files: set[str] = set()  # paths (relative, reconstructed names) this member holds
         self.dirs: set[str] = set()
@@ -263,7 +303,8 @@ class ChainApplier(TarExtractor):
         self.files.add(path)
         parent = self._open_dir(name, parts[:-1])
         if incremental:
-            self._inc = _IncrementalFile(name, parent, leaf, size)
+            self._inc = _IncrementalFile(name, parent, leaf, size,
+                                         self.lengths.get(path) if self.lengths is not None else None)
             self._inc_path = path
             return
         if path == "backup_label":
@@ -273,11 +314,20 @@ class ChainApplier(TarExtractor):
             self._label_mode = mode
             return
         perm = (mode & 0o640) | 0o600 if mode else 0o600
-        self._fd = self._rewrite(leaf, parent, perm, size) if not self.base else None
+        # The chain's full goes into an empty target: every file is new (O_EXCL refuses a second member of
+        # one name), nothing to look up or unlink first.
+        self._fd = None if self.base else self._rewrite(leaf, parent, perm, size)
         if self._fd is None:
-            self._unlink(name, leaf, parent)
-            self._fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm,
-                               dir_fd=parent)
+            if not self.base:
+                self._unlink(name, leaf, parent)
+            try:
+                self._fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   perm, dir_fd=parent)
+            except FileExistsError:
+                raise IntegrityError(f"tar member {name!r} names a path that already exists in the target; "
+                                     "refusing it") from None
+        if self.lengths is not None:
+            self.lengths[path] = size
 
     @staticmethod
     def _rewrite(leaf: str, parent: int, perm: int, size: int) -> int | None:
@@ -296,7 +346,8 @@ class ChainApplier(TarExtractor):
             return None
         if st.st_size > size:
             os.ftruncate(fd, size)
-        os.fchmod(fd, perm)
+        if stat.S_IMODE(st.st_mode) != perm:
+            os.fchmod(fd, perm)
         return fd
 
     @staticmethod
@@ -328,9 +379,11 @@ class ChainApplier(TarExtractor):
         if self._inc is not None:
             inc, self._inc = self._inc, None
             try:
-                self.reconstructed[self._inc_path] = inc.finish()
+                self.reconstructed[self._inc_path] = length = inc.finish()
             finally:
                 inc.close()
+            if self.lengths is not None:
+                self.lengths[self._inc_path] = length
             return
         if self._label is not None:
             text, self._label = bytes(self._label), None
@@ -368,6 +421,8 @@ class ChainApplier(TarExtractor):
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if rel not in self.files:
                     os.unlink(os.path.join(dirpath, name))
+                    if self.lengths is not None:
+                        self.lengths.pop(rel, None)
                     removed += 1
             for name in dirnames:
                 full = os.path.join(dirpath, name)
@@ -383,13 +438,13 @@ def strip_incremental_lines(text: bytes) -> bytes:
                     if not line.decode("utf-8", "replace").startswith(LABEL_DROP))
 
 
-def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False,
-                 last: bool = True) -> tuple[int, dict[str, int]]:
+def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False, last: bool = True,
+                 lengths: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
     """One chain member, every object checked before use (pgdr.unpack), applied in place on ``target`` (the
     full: unpacked into it). Returns the bytes read and {path: length} of the files it reconstructed."""
     from pgdr.unpack import feed_parts
 
-    applier = ChainApplier(target, base=base, skip_wal=not last)
+    applier = ChainApplier(target, base=base, skip_wal=not last, lengths=lengths)
     try:
         read = feed_parts(repo, m, applier.feed)
         applier.close()
@@ -409,9 +464,10 @@ def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: boo
 
 def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -> int:
     """The full into ``target``, then every incremental in order, in place. Returns the bytes read."""
-    read, reconstructed = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1)
+    lengths: dict[str, int] = {}
+    read, reconstructed = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1, lengths=lengths)
     for i, m in enumerate(chain[1:], start=2):
-        got, reconstructed = apply_member(repo, m, target, last=i == len(chain))
+        got, reconstructed = apply_member(repo, m, target, last=i == len(chain), lengths=lengths)
         read += got
     if len(chain) > 1:
         rewrite_backup_manifest(target, reconstructed)

@@ -115,15 +115,16 @@ class Repository:
                 out.append(CatalogEntry(label, None, str(e)))
         return out
 
-    def backups(self) -> list[BackupManifest]:
+    def backups(self, entries: list[CatalogEntry] | None = None) -> list[BackupManifest]:
         """Committed backups of the cluster, oldest first: the bases for restore and WAL replay.
 
         Safety backups (type ``safety``: what a confirmed replace found in its destination) are not
         among them: they are restored only by their own label and are never a base for replaying the
         cluster's archived WAL. One whose manifest cannot be read or fails authentication is left out,
-        and the log names it."""
+        and the log names it. ``entries``: a ``catalog()`` the caller already read (every manifest is read
+        once, not twice)."""
         out = []
-        for e in self.catalog():
+        for e in self.catalog() if entries is None else entries:
             if e.manifest is None and not (e.error or "").startswith("unfinished"):
                 log.warning("backup %s is left out: %s", e.label, e.error)
             elif e.manifest is not None and e.manifest.status == "ok" and e.manifest.type != "safety":

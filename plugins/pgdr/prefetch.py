@@ -334,9 +334,11 @@ def _answer(args, name: str, dest: str, count: int) -> int | None:
     spool = Spool(spool_of(dest))
     who = identity(args.cluster, args.config)
     try:
+        if os.stat(os.path.dirname(spool.path)).st_uid != os.geteuid():
+            return None  # not the server's own user (root fetching by hand): the spool is the server's
         spool.make()
     except OSError:
-        return None  # no pg_wal to put it in, or not ours: the full command says what is wrong
+        return None  # no pg_wal to put it in: the full command says what is wrong
     holder = spool.holder()
     if holder is not None and spool.who_of(holder) not in (who, None):
         return None  # the spool is served for another cluster or configuration file: nothing of it is used

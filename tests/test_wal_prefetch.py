@@ -5,6 +5,7 @@ fetch's own exit codes are untouched: the prefetcher only ever fills the spool, 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from helpers import pgdr, write_config
@@ -13,6 +14,20 @@ from test_wal import completed_segments
 
 def _ready(spool):
     return sorted(p.name[:24] for p in spool.glob("0*") if len(p.name) == 24 + 1 + 64)
+
+
+def remove_spool(spool):
+    """What a restore does when recovery ended; the prefetcher may be writing into it meanwhile."""
+    assert _wait(lambda: shutil.rmtree(spool, ignore_errors=True) or not spool.exists())
+
+
+def _prefetcher(spool):
+    """The pid of the prefetcher serving ``spool`` (the first line of its lock file), None while none does."""
+    try:
+        first = (spool / "prefetcher.lock").read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    return int(first) if first.isdigit() and _alive(int(first)) else None
 
 
 def _wait(pred, timeout=30):
@@ -42,18 +57,16 @@ def test_one_prefetcher_follows_recovery_and_leaves_with_the_spool(pg15, tmp_pat
 
     fetch(segs[0])
     assert _wait(lambda: _ready(spool) == [s.name for s in segs[1:3]])
-    pid = int((spool / "prefetcher.pid").read_text())
+    pid = _prefetcher(spool)
     for i in (1, 2, 3):
         out = fetch(segs[i])
         assert out["key"].startswith(".pgdr-prefetch/")  # served from the spool
         # The same prefetcher moves ahead with PostgreSQL and drops what it passed.
         assert _wait(lambda: _ready(spool) == [s.name for s in segs[i + 1:i + 3]])
-        assert int((spool / "prefetcher.pid").read_text()) == pid
+        assert _prefetcher(spool) == pid
     os.kill(pid, 0)
     # Recovery ended: the spool is removed, and the prefetcher goes with it.
-    import shutil
-
-    shutil.rmtree(spool)
+    remove_spool(spool)
     assert _wait(lambda: not _alive(pid))
 
 
@@ -82,7 +95,7 @@ def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_
     obj.write_bytes(b"damaged")
     code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG", config=config)
     assert code == 0, err
-    assert _wait(lambda: (spool / "prefetcher.pid").exists())
+    assert _wait(lambda: _prefetcher(spool))
     time.sleep(1)  # the prefetcher tried segs[1], failed, and put nothing in the spool
     assert _ready(spool) == []
     code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[1].name, pg_wal / "RECOVERYXLOG", config=config)
@@ -90,6 +103,4 @@ def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_
     code, _, err = pgdr("wal-fetch", "--cluster", "app", "000000010000FFFF000000FE", pg_wal / "RECOVERYXLOG",
                         config=config)
     assert code == 1, err
-    import shutil
-
-    shutil.rmtree(spool)
+    remove_spool(spool)

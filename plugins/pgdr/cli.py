@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("after")
     pf.add_argument("directory")
     pf.add_argument("--count", type=int, default=8)
-    pf.add_argument("--follow", action="store_true")
+    pf.add_argument("--follow", action="store_true")  # the only mode now; accepted for old command lines
     pf.add_argument("--idle", type=float, default=60.0)
     cmd("wal-check", "archived WAL ranges per timeline and every gap")
     cmd("wal-lag", "how far WAL capture is behind the server, and the slot's health")
@@ -292,24 +292,30 @@ def run(args) -> object:
             return _Done(run_pusher(archive, os.path.abspath(args.pg_wal), args.parallel, who,
                                     current_identity=lambda: identity(args.cluster, config), idle=args.idle))
         if args.command == "wal-fetch":
-            from pgdr.wal import SEGMENT, prefetch_dir, take_prefetched
+            from pgdr.fast import identity
+            from pgdr.prefetch import Spool, spool_of
+            from pgdr.wal import SEGMENT
 
-            if SEGMENT.match(args.name) and _take_prefetched(take_prefetched, args.name, args.dest):
+            # Here when the spool did not answer (pgdr.fast): fetch in this process.
+            who = identity(args.cluster, getattr(args, "config", None))
+            spool = Spool(spool_of(args.dest))
+            if _take_prefetched(spool, args.name, args.dest, who):
                 result = archive.result_for(args.name, args.dest)
             else:
                 result = archive.fetch(args.name, args.dest)
             if args.prefetch > 0 and SEGMENT.match(args.name) and result.source == "segment":
-                _ensure_prefetcher(args, prefetch_dir(args.dest))
+                _ensure_prefetcher(args, spool, who)
             return result
         if args.command == "wal-prefetch":
             from pathlib import Path
 
-            from pgdr.wal import prefetch, run_prefetcher
+            from pgdr.fast import identity
+            from pgdr.prefetch import MAX_COUNT
+            from pgdr.wal import run_prefetcher
 
-            if args.follow:
-                return _Done(run_prefetcher(archive, Path(args.directory), max(1, min(args.count, 64)), args.idle))
-            names = prefetch(archive, args.after, args.count, Path(args.directory))
-            return _Done({"prefetched": names})
+            return _Done(run_prefetcher(archive, Path(args.directory).absolute(), max(1, min(args.count, MAX_COUNT)),
+                                        identity(args.cluster, getattr(args, "config", None)), args.idle,
+                                        after=args.after))
         if args.command == "wal-lag":
             from pgdr.walstream import measure_lag
 
@@ -431,51 +437,24 @@ class _Done:
         return self.data
 
 
-def _ensure_prefetcher(args, directory) -> None:
-    """Record the segment just fetched; start the one prefetcher of this recovery unless it runs already.
-    Never fails the fetch: a prefetch that does not happen only means the next fetch downloads itself."""
-    from pgdr.wal import claim_prefetcher, note_fetched
-
+def _ensure_prefetcher(args, spool, who: str) -> None:
+    """Tell the prefetcher of this recovery which segment was just fetched; start it unless it runs. Never
+    fails the fetch: a prefetch that does not happen only means the next call fetches for itself."""
     try:
-        note_fetched(args.name, directory)
-        if not claim_prefetcher(directory):
-            return
-        import subprocess
-
-        cmd = [sys.executable, "-m", "pgdr", "-q"]
-        if getattr(args, "config", None):
-            cmd += ["--config", os.path.abspath(args.config)]
-        cmd += ["wal-prefetch", "--cluster", args.cluster, args.name, str(directory), "--count",
-                str(args.prefetch), "--follow"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        (directory / "prefetcher.pid").write_text(str(proc.pid))
+        spool.want(args.name)
+        if spool.holder() is None:
+            spool.start_prefetcher(args.cluster, getattr(args, "config", None), args.name, args.prefetch)
     except Exception as e:  # noqa: BLE001 - the segment is in place: nothing here may fail the fetch
         log.warning("could not start WAL prefetch: %s", e)
 
 
-def _take_prefetched(take, name, dest) -> bool:
-    """A prefetched copy, if there is a good one; a broken spool just means the foreground fetch does the work."""
+def _take_prefetched(spool, name: str, dest: str, who: str) -> bool:
+    """A prefetched copy, if there is a good one; a broken spool just means the fetch does the work."""
     try:
-        return take(name, dest)
+        return spool.take(name, dest, who) is not None
     except Exception as e:  # noqa: BLE001
         log.warning("ignoring the prefetch spool for %s: %s", name, e)
         return False
-
-
-def _spawn_prefetch(args, directory) -> None:
-    """Start a detached `pgdr wal-prefetch` for the segments after this one; never fails the fetch."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "pgdr", "-q"]
-    if getattr(args, "config", None):
-        cmd += ["--config", os.path.abspath(args.config)]
-    cmd += ["wal-prefetch", "--cluster", args.cluster, args.name, str(directory), "--count", str(args.prefetch)]
-    try:
-        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    except Exception as e:  # noqa: BLE001 - prefetch is an optimisation: the foreground fetch does the work
-        log.warning("could not start WAL prefetch: %s", e)
 
 
 def _target(args):

@@ -81,4 +81,8 @@ def answer(argv: list[str]) -> int | None:
         from pgdr.walpush import answer_push
 
         return answer_push(argv)
+    if "wal-fetch" in argv:
+        from pgdr.prefetch import answer_fetch
+
+        return answer_fetch(argv)
     return None

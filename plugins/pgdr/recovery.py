@@ -260,12 +260,19 @@ def measure_recovery(plan: RecoveryPlan, target: RecoveryTarget, outcome: "Recov
         expected_lsn=target.value if target.kind == "lsn" else plan.expected_lsn)
 
 
-def restore_command(config_path: str | None, cluster: str) -> str:
-    parts = [sys.executable, "-m", "pgdr"]
+def restore_command_argv(config_path: str | None, cluster: str) -> list[str]:
+    """``pgdr wal-fetch`` as the restored server runs it, without %f %p: pgdr/__main__.py run with ``python
+    -S`` (site-packages only once the prefetch spool could not answer; see pgdr.__main__)."""
+    import pgdr
+
+    parts = [sys.executable, "-S", str(Path(pgdr.__file__).absolute().parent / "__main__.py")]
     if config_path:
         parts += ["--config", str(Path(config_path).absolute())]
-    parts += ["-q", "wal-fetch", "--cluster", cluster]
-    return " ".join(shlex.quote(p) for p in parts) + " %f %p"
+    return parts + ["-q", "wal-fetch", "--cluster", cluster]
+
+
+def restore_command(config_path: str | None, cluster: str) -> str:
+    return " ".join(shlex.quote(p) for p in restore_command_argv(config_path, cluster)) + " %f %p"
 
 
 def write_recovery_settings(pgdata: Path, target: RecoveryTarget, command: str, owner_ids=None) -> None:

@@ -22,7 +22,7 @@ from pgdr.lock import pid_alive
 from pgdr.pgbin import as_user, find_bin_dir, reachable_by, user_ids
 from pgdr.lsn import parse_lsn
 from pgdr.recovery import (RecoveryPlan, RecoveryTarget, measure_recovery, plan_recovery, query_replay_position,
-                           restore_command, wait_for_recovery, write_recovery_settings)
+                           restore_command, restore_command_argv, wait_for_recovery, write_recovery_settings)
 from pgdr.repository import Repository
 from pgdr.results import JsonResult
 from pgdr.paths import confine
@@ -232,10 +232,7 @@ def _check_restore_command(config_path: str | None, cluster: str, user: str | No
     user, with its environment) must be able to start, read the configuration and reach the repository.
     It is asked for a file no archive holds (timeline 0's history); only "not archived" (1) is the answer of
     a working command — anything else would stop recovery at its first segment."""
-    import sys
-
-    cmd = [sys.executable, "-m", "pgdr"] + (["--config", str(Path(config_path).absolute())] if config_path else [])
-    cmd += ["-q", "wal-fetch", "--cluster", cluster, "--prefetch", "0", "00000000.history", "/nonexistent/pgdr-check"]
+    cmd = restore_command_argv(config_path, cluster) + ["--prefetch", "0", "00000000.history", "/nonexistent/pgdr-check"]
     try:
         proc = subprocess.run(as_user(cmd, user), capture_output=True, text=True, env=env, cwd="/", timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:

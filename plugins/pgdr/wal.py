@@ -35,6 +35,7 @@ from pgdr.compression import SUFFIX, compress_stream, decompress_stream
 from pgdr.crypto import seal, unseal
 from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, RepositoryError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
+from pgdr.prefetch import PREFETCH_DIR, TOOK, Spool
 from pgdr.repository import Repository
 from pgdr.results import JsonResult, iso, parse_iso, utcnow
 from pgdr.storage import Storage
@@ -193,6 +194,10 @@ class WalArchive:
         return seal(compressed, self.storage.keyring.new_data_key(), context) if self.storage.encrypt else compressed
 
     def _unpack(self, key: str, context: str) -> bytes:
+        return b"".join(self._unpack_stream(key, context))
+
+    def _unpack_stream(self, key: str, context: str):
+        """An archived object's content, decompressed (and unsealed), in pieces."""
         body = self.storage.get_stream(key)
         if key.endswith(ENC):
             body = unseal(body, self.storage.keyring, context, key)
@@ -202,7 +207,7 @@ class WalArchive:
                                  "refusing it (set encryption.accept_unencrypted: true for WAL archived before "
                                  "encryption was turned on)")
         comp = CODEC_OF_EXT.get(key.rsplit(".", 1)[-1], "none")
-        return b"".join(decompress_stream(body, comp, name=key))
+        return decompress_stream(body, comp, name=key)
 
     def find(self, name: str) -> list[str]:
         """Keys of the archived copies of a completed segment or history file (normally one)."""
@@ -369,7 +374,7 @@ class WalArchive:
             if hashlib.sha256(data).hexdigest() != sha:
                 raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
             if SEGMENT.match(name):
-                self._check_segment(name, data, key)
+                self._check_segment(name, data[:40], len(data), key)
             return data, "history" if HISTORY.match(name) else "segment", key
         if allow_partial and SEGMENT.match(name):
             found = self._read_partial(name)
@@ -414,34 +419,74 @@ class WalArchive:
             return data, "partial", key
         raise IntegrityError(problem)
 
-    def _check_segment(self, name: str, data: bytes, key: str) -> None:
-        _, seg_size = segment_header(data)
-        if len(data) != seg_size:
-            raise IntegrityError(f"{key}: {len(data)} bytes, but its header says {seg_size}")
+    def _check_segment(self, name: str, head: bytes, size: int, key: str) -> None:
+        """A segment's size and first page header (``head``: its first 40 bytes) agree with its name."""
+        _, seg_size = segment_header(head)
+        if size != seg_size:
+            raise IntegrityError(f"{key}: {size} bytes, but its header says {seg_size}")
         # The first page names its own position: a segment stored under the wrong name is caught here.
         # (Its timeline may be an ancestor's: a new timeline's first segment starts as a copy.)
-        tli, pageaddr = struct.unpack_from("<IQ", data, 4)
+        tli, pageaddr = struct.unpack_from("<IQ", head, 4)
         want_tli, segno = parse_segment(name, seg_size)
         if pageaddr != segno * seg_size or tli > want_tli:
             raise IntegrityError(f"{key}: holds WAL for timeline {tli} at {format_lsn(pageaddr)}, "
                                  f"not {name}")
 
+    def restore_to(self, name: str, path: str | os.PathLike, allow_partial: bool = True,
+                   sync: bool = True) -> tuple[str, str, str, int]:
+        """Write ``name``'s content, verified, to ``path`` (a temporary name the caller renames into place;
+        removed when anything fails): (source, key, SHA-256, size). Streamed: the segment is never held in
+        memory whole. ``sync``: on disk (fdatasync) before it returns."""
+        check_wal_name(name)
+        keys = self.find(name)
+        found = None
+        if not keys:  # looked up before anything is written (a missing file leaves no trace)
+            found = self._read_partial(name) if allow_partial and SEGMENT.match(name) else None
+            if not found:
+                raise WalNotFound(f"{name} is not in the archive of cluster '{self.cluster}'")
+        try:
+            with open(path, "wb") as f:
+                if keys:
+                    key = keys[0]
+                    _, sha, _ = self._parse_key(key)
+                    h, size, head = hashlib.sha256(), 0, b""
+                    for piece in self._unpack_stream(key, name):
+                        if len(head) < 40:
+                            head += bytes(piece[:40 - len(head)])
+                        h.update(piece)
+                        f.write(piece)
+                        size += len(piece)
+                    if h.hexdigest() != sha:
+                        raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
+                    if SEGMENT.match(name):
+                        self._check_segment(name, head, size, key)
+                    source = "history" if HISTORY.match(name) else "segment"
+                else:
+                    data, source, key = found
+                    f.write(data)
+                    sha, size = hashlib.sha256(data).hexdigest(), len(data)
+                if sync:
+                    f.flush()
+                    os.fdatasync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return source, key, sha, size
+
     def fetch(self, name: str, dest: str | os.PathLike) -> WalFetchResult:
-        data, source, key = self.read(name)
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.pgdr-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        source, key, _, size = self.restore_to(name, tmp)
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
         log.info("restored %s from %s (%s)", name, key, source)
-        return WalFetchResult(self.cluster, name, source, key, len(data), str(dest))
+        return WalFetchResult(self.cluster, name, source, key, size, str(dest))
 
     def result_for(self, name: str, dest) -> WalFetchResult:
-        return WalFetchResult(self.cluster, name, "segment", f"{PREFETCH_DIR}/{name}", Path(dest).stat().st_size,
-                              str(dest))
+        """The result of a fetch the prefetch spool answered (pgdr.prefetch)."""
+        return WalFetchResult(self.cluster, name, "segment" if SEGMENT.match(name) else "history",
+                              f"{PREFETCH_DIR}/{name}", Path(dest).stat().st_size, str(dest))
 
     # inventory
     def segment_keys(self) -> dict[str, list[str]]:
@@ -658,193 +703,142 @@ def _range(tli, first, last) -> WalRange:
                     last[0] - first[0] + 1)
 
 
-PREFETCH_DIR = ".pgdr-prefetch"
+# One prefetcher per recovery: the other end of the spool pgdr.prefetch describes. It keeps the ``count``
+# segments after the one PostgreSQL wants (or took last) downloaded, verified and on disk (fdatasync: the
+# server's own fsync of each restored segment then finds nothing to write), ``workers`` in flight, and
+# answers the request of the call waiting now first (its own worker; while it waits, one window download at
+# most competes with it). A "not in the archive" answer comes only from a lookup begun after the request was
+# seen. It removes what PostgreSQL has passed, and stops when nobody asked for anything for ``idle`` seconds
+# (5 once the server has left recovery), the spool is gone, or the server stopped. Its failures are only
+# logged and answered "error": the call then fetches the file itself, with wal-fetch's exit codes.
 
-
-def prefetch_dir(dest: str | os.PathLike) -> Path:
-    """Where prefetched segments wait: beside the file PostgreSQL asked for (inside pg_wal)."""
-    return Path(dest).absolute().parent / PREFETCH_DIR
-
-
-def take_prefetched(name: str, dest: str | os.PathLike) -> bool:
-    """Move an already prefetched, verified copy of ``name`` into place; False when there is none."""
-    d = prefetch_dir(dest)
-    for path in d.glob(f"{name}.*") if d.is_dir() else []:
-        sha = path.name[len(name) + 1:]
-        if len(sha) != 64:
-            continue
-        data = path.read_bytes()
-        path.unlink()
-        if hashlib.sha256(data).hexdigest() != sha:
-            log.warning("discarding prefetched %s: its content changed on disk", name)
-            continue
-        tmp = Path(dest).with_name(f".{Path(dest).name}.pgdr-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-        log.info("restored %s from the prefetch spool", name)
-        return True
-    return False
-
-
-def prefetch(archive: "WalArchive", after: str, count: int, directory: Path) -> list[str]:
-    """Download the ``count`` segments after ``after`` (same timeline) into ``directory``, in parallel."""
+def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: str = "", idle: float = 60.0,
+                   workers: int = 4, poll: float = 0.01, after: str | None = None) -> dict:
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    directory.mkdir(exist_ok=True)
-    tli, segno = parse_segment(after)
-    names = [segment_name(tli, segno + i) for i in range(1, count + 1)]
-
-    def one(name: str) -> str | None:
-        if any(directory.glob(f"{name}.*")):
-            return None
-        try:
-            fd = os.open(directory / f"{name}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return None  # another prefetcher has it
-        os.close(fd)
-        try:
-            data, source, _ = archive.read(name, allow_partial=False)
-            sha = hashlib.sha256(data).hexdigest()
-            tmp = directory / f".{name}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, directory / f"{name}.{sha}")
-            return name
-        except Exception:  # noqa: BLE001 - not archived, or failed: the foreground fetch does the work and says so
-            (directory / f".{name}.tmp").unlink(missing_ok=True)
-            return None
-        finally:
-            (directory / f"{name}.lock").unlink(missing_ok=True)
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return [n for n in pool.map(one, names) if n]
-
-
-# One long-lived prefetcher per recovery. wal-fetch records the segment PostgreSQL just took (WANT) and,
-# when no prefetcher is alive for this spool, starts one (PIDFILE, created exclusively: one per spool).
-# The prefetcher keeps the ``count`` segments after WANT in the spool, several downloads in flight, one
-# interpreter, one repository client; it removes what PostgreSQL has passed and exits once nobody has
-# asked for anything for ``idle`` seconds (recovery ended) or the spool is gone. Its failures are only
-# logged: wal-fetch fetches anything the spool lacks itself, with its own exit codes.
-WANT = "want"
-PIDFILE = "prefetcher.pid"
-
-
-def note_fetched(name: str, directory: Path) -> None:
-    """Tell the prefetcher which segment PostgreSQL took last (an atomic rename: never a half-written name)."""
-    directory.mkdir(exist_ok=True)
-    tmp = directory / f".{WANT}.{os.getpid()}"
-    tmp.write_text(name)
-    os.replace(tmp, directory / WANT)
-
-
-def claim_prefetcher(directory: Path) -> bool:
-    """True when the caller should start the prefetcher: none is alive for this spool (a stale pid file of a
-    dead one is replaced). The pid file is created exclusively, so two fetches never start two."""
-    import time
-
-    from pgdr.lock import pid_alive
-
-    path = directory / PIDFILE
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid == 0:
-                try:
-                    fresh = time.time() - path.stat().st_mtime < 10
-                except OSError:
-                    fresh = False
-                if fresh:
-                    return False  # being written by the fetch that just claimed it
-                path.unlink(missing_ok=True)  # a claim whose fetch died before starting the prefetcher
-                continue
-            if pid_alive(pid):
-                return False
-            path.unlink(missing_ok=True)  # a dead prefetcher's: take over
-            continue
-        os.close(fd)
-        return True
-    return False
-
-
-def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, idle: float = 60.0,
-                   workers: int = 4, poll: float = 0.05) -> dict:
-    """Keep the ``count`` segments after the newest fetched one in ``directory`` until idle; see above."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    path = directory / PIDFILE
-    path.write_text(str(os.getpid()))
+    spool = Spool(directory)
+    lock = spool.hold(who)
+    if lock is None:
+        return {"prefetched": [], "reason": "another prefetcher serves this spool"}
+    if after and spool.read_want() is None:
+        spool.want(after)
+    datadir = directory.absolute().parent.parent  # <datadir>/pg_wal/.pgdr-prefetch
+    of_a_server = (datadir / "PG_VERSION").exists()
+    wake = threading.Event()
+    in_flight: dict[str, object] = {}
+    retry_at: dict[str, float] = {}  # not archived yet, or failed: looked up again after a pause
     fetched: list[str] = []
-    missing_until: dict[str, float] = {}  # not archived yet: asked again after a pause
-    pending: dict[str, object] = {}
+    delivered: set[str] = set()  # copies written: once gone, taken (not fetched again unless asked for)
+    request = None  # [name, nonce, seen at, answered]: what the call waiting now asked for
+    # The first segment to keep ready: after the one wanted last; before any is wanted (the server asks for
+    # timeline history files first), the backup's start segment, from the data directory's backup_label.
+    first = _label_start(datadir)
     last_want, last_change = None, time.monotonic()
+    workers = max(1, min(workers, count))
 
-    def one(name: str) -> str | None:
-        try:
-            data, _, _ = archive.read(name, allow_partial=False)
-        except (ObjectNotFound, WalNotFound):
-            return None
-        except PgdrError as e:
-            log.warning("prefetch of %s failed (wal-fetch will fetch it itself): %s", name, e)
-            return None
-        sha = hashlib.sha256(data).hexdigest()
+    def one(name: str, asked: bool) -> tuple[str, float, str]:
+        began = time.monotonic()
         tmp = directory / f".{name}.tmp"
         try:
-            tmp.write_bytes(data)
+            source, _, sha, _ = archive.restore_to(name, tmp, allow_partial=asked, sync=True)
+            if source == "partial":  # the streamed segment grows: never kept, the call fetches it itself
+                tmp.unlink(missing_ok=True)
+                return "defer", began, ""
             os.replace(tmp, directory / f"{name}.{sha}")
-        except OSError:
-            return None  # the spool went away (recovery ended)
-        return name
+            return "ok", began, ""
+        except WalNotFound:
+            return "missing", began, ""
+        except Exception as e:  # noqa: BLE001 - answered "error": the call fetches it itself and says why
+            if directory.is_dir():
+                log.warning("prefetch of %s failed (wal-fetch fetches it itself): %s", name, e)
+            return "error", began, str(e)
+        finally:
+            wake.set()
 
-    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, count)), thread_name_prefix="pgdr-prefetch")
+    pool = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="pgdr-prefetch")
+    reason = "idle"
     try:
-        while directory.is_dir():
-            try:
-                want = (directory / WANT).read_text().strip()
-            except OSError:
-                want = None
+        while True:
             now = time.monotonic()
+            if not directory.is_dir():
+                reason = "spool removed"
+                break
+            if of_a_server and not (datadir / "postmaster.pid").exists():
+                reason = "server stopped"
+                break
+            if of_a_server and now - last_change > 5 and \
+                    not any((datadir / f).exists() for f in ("recovery.signal", "standby.signal")):
+                # PostgreSQL removed its signal file when recovery ended (its last few history lookups follow).
+                reason = "recovery ended"
+                break
+            want = spool.read_want()
             if want != last_want:
                 last_want, last_change = want, now
+                request = [want[0], want[1], now, False] if want and want[1] != TOOK else None
             elif now - last_change > idle:
                 break
-            for name, fut in list(pending.items()):
-                if fut.done():
-                    del pending[name]
-                    if fut.result():
-                        fetched.append(name)
-                    else:
-                        missing_until[name] = now + 1.0
-            if want and SEGMENT.match(want):
-                tli, segno = parse_segment(want)
-                ahead = {segment_name(tli, segno + i) for i in range(1, count + 1)}
-                for f in directory.iterdir():  # what PostgreSQL has passed, or another timeline's
-                    seg = f.name.split(".", 1)[0]
-                    if SEGMENT.match(seg) and seg not in ahead and seg not in pending and \
-                            (seg <= want or seg[:8] != want[:8]) and not f.name.startswith("."):
-                        f.unlink(missing_ok=True)
-                for i in range(1, count + 1):
-                    name = segment_name(tli, segno + i)
-                    if name in pending or missing_until.get(name, 0) > now or any(directory.glob(f"{name}.*")):
-                        continue
-                    if len(pending) >= count:
+            for name, fut in list(in_flight.items()):
+                if not fut.done():
+                    continue
+                del in_flight[name]
+                outcome, began, message = fut.result()
+                if outcome == "ok":
+                    fetched.append(name)
+                    delivered.add(name)
+                    retry_at.pop(name, None)
+                else:
+                    retry_at[name] = now + 1.0
+                if request and request[0] == name and not request[3]:
+                    if outcome == "missing" and began < request[2]:
+                        continue  # looked up before the call asked: look again
+                    if outcome != "ok":  # (ok: the copy is in the spool, the call takes it)
+                        spool.answer(request[1], outcome, message)
+                    request[3] = True
+            if want and SEGMENT.match(want[0]):
+                first = segment_name(*_next_segment(want[0]))  # a request's own segment is its own business
+            copies = spool.copies()
+            if request and not request[3] and request[0] not in in_flight and request[0] not in copies:
+                in_flight[request[0]] = pool.submit(one, request[0], True)
+            if first:
+                # Passed (or taken), another timeline's, a history nobody waits for: never asked for again.
+                for name, entry in copies.items():
+                    if name not in in_flight and (not request or name != request[0]) and \
+                            (not SEGMENT.match(name) or name[:8] != first[:8] or name < first):
+                        (directory / entry).unlink(missing_ok=True)
+                delivered = {n for n in delivered if n[:8] == first[:8] and n >= first}
+                tli, segno = parse_segment(first)
+                busy = sum(1 for n in in_flight if not request or n != request[0])
+                limit = 1 if request and not request[3] else workers  # what a call waits for comes first
+                for i in range(count):
+                    if busy >= limit:
                         break
-                    pending[name] = pool.submit(one, name)
-            time.sleep(poll)
+                    name = segment_name(tli, segno + i)
+                    if name in in_flight or name in copies or name in delivered or retry_at.get(name, 0) > now:
+                        continue
+                    in_flight[name] = pool.submit(one, name, False)
+                    busy += 1
+            wake.wait(poll)
+            wake.clear()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            if path.read_text().strip() == str(os.getpid()):
-                path.unlink()
-        except OSError:
-            pass
-        # Idle: nobody asks any more. What is left in the spool would only take space in pg_wal.
-        for f in directory.glob("*") if directory.is_dir() else []:
-            if SEGMENT.match(f.name.split(".", 1)[0]):
-                f.unlink(missing_ok=True)
-    return {"prefetched": fetched, "reason": "spool removed" if not directory.is_dir() else "idle"}
+        spool.clear()  # nobody asks any more: what is left would only take space in pg_wal
+        spool.release(lock)
+    log.info("prefetcher for %s stops (%s): %d segments prefetched", directory, reason, len(fetched))
+    return {"prefetched": fetched, "reason": "spool removed" if not directory.is_dir() else reason}
+
+
+def _next_segment(name: str) -> tuple[int, int]:
+    tli, segno = parse_segment(name)
+    return tli, segno + 1
+
+
+def _label_start(datadir: Path) -> str | None:
+    """The segment a restored data directory's recovery starts from: ``backup_label``'s START WAL LOCATION."""
+    try:
+        text = (datadir / "backup_label").read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^START WAL LOCATION: .*\(file ([0-9A-F]{24})\)$", text, re.M)
+    return m.group(1) if m else None
+

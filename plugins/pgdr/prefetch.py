@@ -1,0 +1,379 @@
+"""The WAL prefetch spool: restore_command at the speed of a rename, not of one interpreter's imports per file.
+
+PostgreSQL's startup process runs ``restore_command`` once per WAL file, one
+after another, and replays nothing while it waits. pgdr's answer is
+pgBackRest's asynchronous archive-get: one long-lived **prefetcher** per
+recovery (``pgdr.wal.run_prefetcher``, one interpreter, one repository client)
+keeps the next segments downloaded, verified and written out to disk in a spool,
+several in flight, and answers what the spool lacks. Each ``pgdr wal-fetch``
+call (the restore_command) only asks the spool, from this module, before
+anything heavy is imported (``pgdr.fast``):
+
+- a copy of the asked file is there, left by a prefetcher of the same cluster
+  and configuration file that is running now: its SHA-256 is checked against
+  the one in its name, it is renamed into place (``%p``, in pg_wal: no copy) and
+  the call exits 0;
+- otherwise the call asks the prefetcher for it (starting one when none runs)
+  and waits: for the copy (exit 0 as above), or for "not in the archive" from a
+  lookup the prefetcher began after the call asked (exit 1: as fresh as the
+  call's own lookup would have been).
+
+Anything else — another configuration's prefetcher, a copy whose content does
+not match its name, a prefetcher that failed to fetch the file (damage, an
+unreachable repository: it never says why on the call's behalf), one that does
+not answer or does not start, a streamed partial segment, ``--json``,
+``--prefetch 0`` — returns None, and the full command runs: it fetches the file
+itself and keeps wal-fetch's exit codes (0 restored, 1 only "not in the
+archive", 200 any other failure).
+
+The spool, ``pg_wal/.pgdr-prefetch/`` (in pg_wal, so a copy is renamed into
+place; the server's user owns it; base backups skip pg_wal):
+
+    prefetcher.lock   flock()ed by the running prefetcher: "pid\\nidentity\\n" (free: none runs)
+    prefetcher.log    the prefetcher's own log
+    want              "NAME NONCE": the file a call waits for, or "NAME -": the file PostgreSQL took last;
+                      the prefetcher keeps the segments after NAME ready
+    answer            "NONCE missing|defer|error MESSAGE": the prefetcher's answer to request NONCE
+    NAME.SHA256       a verified copy of NAME, its content already on disk (fdatasync), so the server's own
+                      fsync of the restored segment has nothing left to write
+    .NAME.tmp         a copy being written
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+from pgdr.fast import identity, parse
+
+PREFETCH_DIR = ".pgdr-prefetch"
+LOCK = "prefetcher.lock"
+LOG = "prefetcher.log"
+WANT = "want"
+ANSWER = "answer"
+TOOK = "-"  # the nonce of a want that asks for nothing: PostgreSQL took NAME
+DEFAULT_COUNT = 8
+MAX_COUNT = 64
+SEG_SIZE = 16 * 1024 * 1024
+WAIT = 60.0  # how long a call waits for the prefetcher before fetching itself
+_HEX = frozenset("0123456789ABCDEF")
+_SHA_HEX = frozenset("0123456789abcdef")
+
+
+def is_segment(name: str) -> bool:
+    return len(name) == 24 and _HEX.issuperset(name)
+
+
+def is_wal_file_name(name: str) -> bool:
+    """A name restore_command is asked for: a segment, ``.partial``, timeline or backup history (no regex:
+    this runs on every call)."""
+    seg, _, rest = name.partition(".")
+    if is_segment(seg):
+        return rest in ("", "partial") or (len(rest) == 15 and _HEX.issuperset(rest[:8]) and rest[8:] == ".backup")
+    return len(seg) == 8 and _HEX.issuperset(seg) and rest == "history"
+
+
+def spool_of(dest: str | os.PathLike) -> str:
+    """Where prefetched files wait: beside the file PostgreSQL asked for (inside pg_wal)."""
+    return os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
+
+
+def sha256_file(path: str) -> tuple[str, int]:
+    """(SHA-256, size) of a file, read through one mapping (no copy into Python)."""
+    import mmap
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+    return h.hexdigest(), size
+
+
+class SpoolDamaged(Exception):
+    """A copy in the spool does not match the SHA-256 in its name (it was removed)."""
+
+
+class Spool:
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def make(self) -> None:
+        """Create the spool (not its parent: a spool whose pg_wal is gone serves nobody)."""
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass
+
+    # -- the prefetcher's lock: who serves this spool
+    def holder(self) -> str | None:
+        """The running prefetcher's "pid\\nidentity\\n" ("" while it starts), None when none runs (a test of
+        the flock, released at once)."""
+        import fcntl
+
+        try:
+            fd = os.open(self._p(LOCK), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 4096, 0).decode(errors="replace")
+        finally:
+            os.close(fd)
+        return None
+
+    @staticmethod
+    def who_of(holder: str | None) -> str | None:
+        lines = (holder or "").split("\n")
+        return lines[1] if len(lines) > 2 else None
+
+    @staticmethod
+    def pid_of(holder: str | None) -> int | None:
+        head = (holder or "").split("\n", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def hold(self, who: str, wait: float = 2.0) -> int | None:
+        """Become this spool's prefetcher: the lock's descriptor, or None when another one runs. What an
+        earlier prefetcher left (of this configuration or another) is removed before ``who`` is written."""
+        import fcntl
+
+        self.make()
+        fd = os.open(self._p(LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                # A call testing the lock holds it for a moment: try again before deciding another one runs.
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        self.clear()
+        os.pwrite(fd, f"{os.getpid()}\n{who}\n".encode(), 0)
+        return fd
+
+    def release(self, fd: int) -> None:
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)
+
+    # -- copies
+    def copies(self) -> dict[str, str]:
+        """{file name: its copy's name in the spool} (one listing)."""
+        out = {}
+        try:
+            entries = os.listdir(self.path)
+        except OSError:
+            return out
+        for entry in entries:
+            name, _, sha = entry.rpartition(".")
+            if len(sha) == 64 and _SHA_HEX.issuperset(sha) and not name.startswith("."):
+                out[name] = entry
+        return out
+
+    def copy_of(self, name: str) -> str | None:
+        """The spool's copy of ``name`` (``NAME.SHA256``), if any."""
+        prefix = name + "."
+        try:
+            entries = os.listdir(self.path)
+        except OSError:
+            return None
+        for entry in entries:
+            sha = entry[len(prefix):]
+            if entry.startswith(prefix) and len(sha) == 64 and _SHA_HEX.issuperset(sha):
+                return entry
+        return None
+
+    def clear(self) -> None:
+        """Remove every copy, partly written copy and answer (not the want: a call may be waiting)."""
+        try:
+            entries = os.listdir(self.path)
+        except OSError:
+            return
+        copies = set(self.copies().values())
+        for entry in entries:
+            if entry in copies or entry == ANSWER or (entry.startswith(".") and entry.endswith(".tmp")):
+                _unlink(self._p(entry))
+
+    def take(self, name: str, dest: str, who: str) -> str | None:
+        """Move the spool's copy of ``name`` to ``dest`` (a rename) once its content matches the SHA-256 in
+        its name; its SHA-256, or None when there is no copy a running prefetcher of ``who`` left.
+        SpoolDamaged when the copy does not match (it is removed)."""
+        before = self.holder()
+        if not before or self.who_of(before) != who:
+            return None
+        entry = self.copy_of(name)
+        if entry is None:
+            return None
+        sha = entry[len(name) + 1:]
+        dest = os.path.abspath(dest)
+        # Claimed first (a rename to a name only this call uses): the prefetcher's clean-up cannot remove it
+        # while it is checked, and nothing else renames it.
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.pgdr-{os.getpid()}")
+        try:
+            os.rename(self._p(entry), tmp)
+        except FileNotFoundError:
+            return None
+        try:
+            digest, size = sha256_file(tmp)
+            if digest != sha or (is_segment(name) and size != SEG_SIZE):
+                raise SpoolDamaged(f"the prefetched copy of {name} does not match its SHA-256 ({size} bytes): "
+                                   "removed")
+            if self.holder() != before:
+                _unlink(tmp)  # the prefetcher changed meanwhile: what it left is not known to be who's
+                return None
+            os.replace(tmp, dest)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return sha
+
+    # -- requests and answers
+    def want(self, name: str, nonce: str = TOOK) -> None:
+        """Tell the prefetcher which file is wanted (``nonce``: a call waits for it) or was taken last."""
+        self.make()
+        _write(self._p(WANT), f"{name} {nonce}\n")
+
+    def read_want(self) -> tuple[str, str] | None:
+        try:
+            with open(self._p(WANT)) as f:
+                parts = f.read(200).split()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+
+    def answer(self, nonce: str, status: str, message: str = "") -> None:
+        _write(self._p(ANSWER), f"{nonce} {status} {' '.join(message.split())}\n")
+
+    def read_answer(self, nonce: str) -> tuple[str, str] | None:
+        try:
+            with open(self._p(ANSWER), errors="replace") as f:
+                parts = f.read(4096).rstrip("\n").split(" ", 2)
+        except OSError:
+            return None
+        if len(parts) < 2 or parts[0] != nonce:
+            return None
+        return parts[1], parts[2] if len(parts) > 2 else ""
+
+    # -- the prefetcher
+    def start_prefetcher(self, cluster: str, config: str | None, after: str, count: int):
+        """Start a detached ``pgdr wal-prefetch`` for this spool (no shell); its stderr goes to the spool's log.
+        It exits at once when another prefetcher holds the spool."""
+        import subprocess
+
+        cmd = [sys.executable, "-m", "pgdr", *(["--config", os.path.abspath(config)] if config else []), "-q",
+               "wal-prefetch", "--cluster", cluster, after, self.path, "--count", str(count), "--follow"]
+        self.make()
+        with open(self._p(LOG), "ab", opener=lambda p, flags: os.open(p, flags, 0o600)) as log:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    close_fds=True, start_new_session=True)
+
+
+def _write(path: str, text: str) -> None:
+    """Replace a small file at once (a reader never sees half of it)."""
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---- pgdr.fast's answer for ``wal-fetch`` (restore_command)
+
+_asked = False  # pgdr.fast.answer may be called twice in one process (launcher, then CLI): ask the spool once
+
+
+def answer_fetch(argv: list[str]) -> int | None:
+    """0: the file is in place, from the spool; 1: the prefetcher looked it up after this call asked, and it is
+    not in the archive; None: the full command runs (see the module's docstring)."""
+    global _asked
+    if _asked:
+        return None
+    _asked = True
+    args = parse(argv, "wal-fetch", frozenset({"--prefetch"}))
+    if args is None or len(args.positionals) != 2:
+        return None
+    name, dest = args.positionals
+    try:
+        count = int(args.options.get("--prefetch", DEFAULT_COUNT))
+    except ValueError:
+        return None  # the full command says what is wrong
+    if count <= 0 or not is_wal_file_name(name):
+        return None
+    try:
+        return _answer(args, name, dest, min(count, MAX_COUNT))
+    except SpoolDamaged as e:
+        print(f"pgdr: {e}; fetching {name} from the archive", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the spool is only a shortcut: the full command fetches and reports
+        print(f"pgdr: the prefetch spool could not answer for {name} ({type(e).__name__}: {e}); fetching it "
+              "from the archive", file=sys.stderr)
+    return None
+
+
+def _answer(args, name: str, dest: str, count: int) -> int | None:
+    spool = Spool(spool_of(dest))
+    who = identity(args.cluster, args.config)
+    try:
+        if os.stat(os.path.dirname(spool.path)).st_uid != os.geteuid():
+            return None  # not the server's own user (root fetching by hand): the spool is the server's
+        spool.make()
+    except OSError:
+        return None  # no pg_wal to put it in: the full command says what is wrong
+    holder = spool.holder()
+    if holder is not None and spool.who_of(holder) not in (who, None):
+        return None  # the spool is served for another cluster or configuration file: nothing of it is used
+    if holder and spool.take(name, dest, who):
+        return _restored(spool, args, name)
+    nonce = os.urandom(8).hex()
+    spool.want(name, nonce)
+    proc = spool.start_prefetcher(args.cluster, args.config, name, count) if holder is None else None
+    deadline = time.monotonic() + WAIT
+    next_look, pause = 0.0, 0.0005
+    while True:
+        if spool.take(name, dest, who):
+            return _restored(spool, args, name)
+        answered = spool.read_answer(nonce)
+        if answered is not None:
+            if answered[0] == "missing":
+                print(f"pgdr: {name} is not in the archive of cluster '{args.cluster}'", file=sys.stderr)
+                return 1
+            return None  # defer (a streamed partial segment) or error: the full command fetches and reports
+        now = time.monotonic()
+        if now >= next_look:
+            next_look = now + 0.05
+            holder = spool.holder()
+            if holder is None and (proc is None or proc.poll() is not None):
+                return None  # no prefetcher: it stopped, or could not start (the full command says why)
+            if holder and spool.who_of(holder) not in (who, None):
+                return None
+        if now >= deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.004)
+
+
+def _restored(spool: Spool, args, name: str) -> int:
+    spool.want(name)
+    if not args.quiet:
+        print(f"pgdr: restored {name} from the prefetch spool", file=sys.stderr)
+    return 0

@@ -153,3 +153,14 @@ def test_a_light_drill_refuses_validations_it_would_not_run(tmp_path):
     config = write_config(tmp_path / "d.yaml", {"app": {"repository": f"file://{tmp_path}/r"}})
     code, out, _ = pgdr("--json", "drill", "--cluster", "app", "--light", "--validations", "amcheck", config=config)
     assert code == 2 and out["error"] == "usage" and "--light" in out["message"], out
+
+
+def test_a_wal_name_with_a_trailing_newline_is_not_a_wal_name(tmp_path):
+    """Python's ``$`` also matches before a final newline: "<24 hex digits>\\n" passed for a segment name, and
+    wal-fetch looked it up (a key holding a newline) instead of refusing it."""
+    config = write_config(tmp_path / "d.yaml", {"app": {"repository": f"file://{tmp_path}/r"}})
+    bad = "000000010000000000000001\n"
+    code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", "--prefetch", "0", bad, str(tmp_path / "x"),
+                        config=config)
+    assert code == 200 and out["error"] == "usage" and "not a WAL segment" in out["message"], (code, out)
+    assert not (tmp_path / "x").exists()

@@ -303,7 +303,7 @@ def run(args) -> object:
                 result = archive.result_for(args.name, args.dest)
             else:
                 result = archive.fetch(args.name, args.dest)
-            if args.prefetch > 0 and SEGMENT.match(args.name) and result.source == "segment":
+            if args.prefetch > 0 and SEGMENT.fullmatch(args.name) and result.source == "segment":
                 _ensure_prefetcher(args, spool, who)
             return result
         if args.command == "wal-prefetch":

@@ -66,7 +66,7 @@ class WalNotFound(PgdrError):
 
 
 def check_wal_name(name: str) -> str:
-    if not (SEGMENT.match(name) or HISTORY.match(name) or PROMOTED_PARTIAL.match(name)):
+    if not (SEGMENT.fullmatch(name) or HISTORY.fullmatch(name) or PROMOTED_PARTIAL.fullmatch(name)):
         raise UsageError(f"{name!r} is not a WAL segment (24 hex digits), .partial segment, timeline history or "
                          "backup history file name")
     return name
@@ -181,7 +181,7 @@ class WalArchive:
 
     # keys
     def _dir(self, name: str) -> str:
-        return f"{self.prefix}history/" if HISTORY.match(name) else f"{self.prefix}{name[:8]}/"
+        return f"{self.prefix}history/" if HISTORY.fullmatch(name) else f"{self.prefix}{name[:8]}/"
 
     def _suffix(self, compression: str | None = None) -> str:
         return SUFFIX[compression or self.compression] + (ENC if self.storage.encrypt else "")
@@ -214,7 +214,7 @@ class WalArchive:
         d = self._dir(name)
         out = []
         for obj in self.storage.list(d + name + "."):
-            m = ARCHIVED.match(obj.key.rsplit("/", 1)[-1])
+            m = ARCHIVED.fullmatch(obj.key.rsplit("/", 1)[-1])
             if m and m.group("name") == name:
                 out.append(obj.key)
         return out
@@ -222,7 +222,7 @@ class WalArchive:
     @staticmethod
     def _parse_key(key: str) -> tuple[str, str, str]:
         """(name, sha256, compression) from an archive key."""
-        m = ARCHIVED.match(key.rsplit("/", 1)[-1])
+        m = ARCHIVED.fullmatch(key.rsplit("/", 1)[-1])
         if not m:
             raise IntegrityError(f"{key} is not an archived WAL object name")
         comp = CODEC_OF_EXT.get(m.group("ext") or "", "none")
@@ -239,7 +239,7 @@ class WalArchive:
         # One read: hashed and compressed together; what is held is the compressed form, never the segment.
         with self.cpu_slots or contextlib.nullcontext():
             sha, size, head, compressed = self._compress_file(path)
-        if SEGMENT.match(name):
+        if SEGMENT.fullmatch(name):
             sysid, seg_size = segment_header(head)
             if size != seg_size:
                 raise IntegrityError(f"{path} is {size} bytes; its header says segments are {seg_size}")
@@ -298,7 +298,7 @@ class WalArchive:
                 f"{name} is already archived with DIFFERENT content ({existing[0]}); refusing to overwrite. "
                 "Two servers may be archiving into one repository, or a restored cluster is pushing "
                 "into the original's archive")
-        stamp = f".{archive_stamp(utcnow())}" if SEGMENT.match(name) else ""
+        stamp = f".{archive_stamp(utcnow())}" if SEGMENT.fullmatch(name) else ""
         key = f"{self._dir(name)}{name}.{sha}{stamp}{self._suffix()}"
         if choose_key is not None:
             key = choose_key(sha, key)
@@ -315,7 +315,7 @@ class WalArchive:
 
     def push_segment(self, name: str, data: bytes, system_identifier: str | None = None) -> WalPushResult:
         """Archive a completed segment held in memory (streaming): checked as ``push`` checks a file."""
-        if not SEGMENT.match(name):
+        if not SEGMENT.fullmatch(name):
             raise UsageError(f"{name!r} is not a WAL segment name")
         sysid, seg_size = segment_header(data)
         require_supported_segment_size(seg_size, name)
@@ -327,13 +327,13 @@ class WalArchive:
 
     def push_history(self, name: str, data: bytes) -> WalPushResult:
         """Archive a timeline history file held in memory (streaming)."""
-        if not HISTORY.match(name):
+        if not HISTORY.fullmatch(name):
             raise UsageError(f"{name!r} is not a timeline history file name")
         return self._push_bytes(name, data)
 
     def push_partial_bytes(self, name: str, data: bytes, safe_lsn: int) -> str:
         """Store the segment being streamed, held in memory, known good up to ``safe_lsn``."""
-        if not SEGMENT.match(name):
+        if not SEGMENT.fullmatch(name):
             raise UsageError(f"{name!r} is not a WAL segment name")
         key = f"{self._dir(name)}{name}.partial{self._suffix()}"
         self.storage.put_stream(key, self._pack(_slices(data), name + ".partial"))  # replaced as it grows: never locked
@@ -373,10 +373,10 @@ class WalArchive:
             data = self._unpack(key, name)
             if hashlib.sha256(data).hexdigest() != sha:
                 raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
-            if SEGMENT.match(name):
+            if SEGMENT.fullmatch(name):
                 self._check_segment(name, data[:40], len(data), key)
-            return data, "history" if HISTORY.match(name) else "segment", key
-        if allow_partial and SEGMENT.match(name):
+            return data, "history" if HISTORY.fullmatch(name) else "segment", key
+        if allow_partial and SEGMENT.fullmatch(name):
             found = self._read_partial(name)
             if found:
                 return found
@@ -441,7 +441,7 @@ class WalArchive:
         keys = self.find(name)
         found = None
         if not keys:  # looked up before anything is written (a missing file leaves no trace)
-            found = self._read_partial(name) if allow_partial and SEGMENT.match(name) else None
+            found = self._read_partial(name) if allow_partial and SEGMENT.fullmatch(name) else None
             if not found:
                 raise WalNotFound(f"{name} is not in the archive of cluster '{self.cluster}'")
         try:
@@ -458,9 +458,9 @@ class WalArchive:
                         size += len(piece)
                     if h.hexdigest() != sha:
                         raise IntegrityError(f"{key}: content does not match the SHA-256 in its name")
-                    if SEGMENT.match(name):
+                    if SEGMENT.fullmatch(name):
                         self._check_segment(name, head, size, key)
-                    source = "history" if HISTORY.match(name) else "segment"
+                    source = "history" if HISTORY.fullmatch(name) else "segment"
                 else:
                     data, source, key = found
                     f.write(data)
@@ -485,7 +485,7 @@ class WalArchive:
 
     def result_for(self, name: str, dest) -> WalFetchResult:
         """The result of a fetch the prefetch spool answered (pgdr.prefetch)."""
-        return WalFetchResult(self.cluster, name, "segment" if SEGMENT.match(name) else "history",
+        return WalFetchResult(self.cluster, name, "segment" if SEGMENT.fullmatch(name) else "history",
                               f"{PREFETCH_DIR}/{name}", Path(dest).stat().st_size, str(dest))
 
     # inventory
@@ -495,7 +495,7 @@ class WalArchive:
         for obj in self.storage.list(self.prefix):
             base = obj.key.rsplit("/", 1)[-1]
             name = base[:24]
-            if ".partial" in base or not SEGMENT.match(name) or obj.key.startswith(self.prefix + "history/"):
+            if ".partial" in base or not SEGMENT.fullmatch(name) or obj.key.startswith(self.prefix + "history/"):
                 continue
             out.setdefault(name, []).append(obj.key)
         return dict(sorted(out.items()))
@@ -515,7 +515,7 @@ class WalArchive:
             if obj.key.endswith(".partial.json"):
                 try:
                     meta = json.loads(self.storage.get_bytes(obj.key))
-                    if not SEGMENT.match(str(meta.get("name"))):
+                    if not SEGMENT.fullmatch(str(meta.get("name"))):
                         continue
                     parse_lsn(meta["safe_lsn"])
                 except (ValueError, KeyError, TypeError, AttributeError, ObjectNotFound):
@@ -560,7 +560,7 @@ class WalArchive:
         best = None
         if keys:
             name = max(keys)
-            m = ARCHIVED.match(keys[name][0].rsplit("/", 1)[-1])
+            m = ARCHIVED.fullmatch(keys[name][0].rsplit("/", 1)[-1])
             end = (parse_segment(name)[1] + 1) * SEG_SIZE
             best = (end, parse_archived_at(m.group("at"))) if m and m.group("at") else (end, None)
         for p in self.partials():
@@ -795,7 +795,7 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
                     if outcome != "ok":  # (ok: the copy is in the spool, the call takes it)
                         spool.answer(request[1], outcome, message)
                     request[3] = True
-            if want and SEGMENT.match(want[0]):
+            if want and SEGMENT.fullmatch(want[0]):
                 first = segment_name(*_next_segment(want[0]))  # a request's own segment is its own business
             copies = spool.copies()
             if request and not request[3] and request[0] not in in_flight and request[0] not in copies:
@@ -804,7 +804,7 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
                 # Passed (or taken), another timeline's, a history nobody waits for: never asked for again.
                 for name, entry in copies.items():
                     if name not in in_flight and (not request or name != request[0]) and \
-                            (not SEGMENT.match(name) or name[:8] != first[:8] or name < first):
+                            (not SEGMENT.fullmatch(name) or name[:8] != first[:8] or name < first):
                         (directory / entry).unlink(missing_ok=True)
                 delivered = {n for n in delivered if n[:8] == first[:8] and n >= first}
                 tli, segno = parse_segment(first)

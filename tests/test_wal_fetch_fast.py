@@ -116,6 +116,25 @@ def test_another_cluster_or_configurations_spool_is_not_used(pushed, tmp_path):
     assert code == 0 and dest.read_bytes() == segs[1].read_bytes(), err
 
 
+def test_no_prefetcher_is_left_to_a_pid1_postmaster(pushed):
+    """Under a postmaster that is PID 1 (a container's init) a detached prefetcher becomes its child, and
+    one that exits badly looks like a crashed backend (every session restarted). There each call fetches its
+    own file, and the server log says once why prefetch is off."""
+    config, segs, pg_wal = pushed
+    spool, dest = pg_wal / ".pgdr-prefetch", pg_wal / "RECOVERYXLOG"
+    (pg_wal.parent / "postmaster.pid").write_text("1\n/var/lib/postgresql/data\n")
+    errs = []
+    for seg in segs[:3]:
+        code, err = fetch(config, "app", seg.name, dest, "--prefetch", 3)
+        assert code == 0, err
+        assert dest.read_bytes() == seg.read_bytes()
+        errs.append(err)
+    time.sleep(1)  # a prefetcher, had one started, would have taken its lock and fetched by now
+    assert _prefetcher(spool) is None and _ready(spool) == []
+    assert not (spool / "prefetcher.lock").exists()
+    assert ["PID 1" in e for e in errs] == [True, False, False], errs
+
+
 def test_exit_codes_with_the_spool_answering(pg15, tmp_path):
     """Not archived when the prefetcher last looked, archived since: restored (0), never "not archived" from an
     older lookup. Missing: 1. Damaged in the archive: 200, the full command's error."""

@@ -440,10 +440,15 @@ class _Done:
 def _ensure_prefetcher(args, spool, who: str) -> None:
     """Tell the prefetcher of this recovery which segment was just fetched; start it unless it runs. Never
     fails the fetch: a prefetch that does not happen only means the next call fetches for itself."""
+    from pgdr.prefetch import PrefetchDeclined
+
     try:
         spool.want(args.name)
         if spool.holder() is None:
             spool.start_prefetcher(args.cluster, getattr(args, "config", None), args.name, args.prefetch)
+    except PrefetchDeclined as e:
+        if spool.note_once("declined"):  # said once per recovery, not once per segment
+            log.warning("WAL prefetch is off for this recovery: %s", e)
     except Exception as e:  # noqa: BLE001 - the segment is in place: nothing here may fail the fetch
         log.warning("could not start WAL prefetch: %s", e)
 

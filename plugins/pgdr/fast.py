@@ -75,6 +75,17 @@ def identity(cluster: str, config: str | None) -> str:
     return f"{cluster}|{path}|{version}"
 
 
+def postmaster_is_init(datadir: str) -> bool:
+    """The server in ``datadir`` runs as PID 1 (a container's init). Every orphan is then its child, and the
+    postmaster takes a child it does not know that exits other than with 0 or 1 for a crashed backend: it
+    restarts every session. No process pgdr leaves running in the background may outlive its caller there."""
+    try:
+        with open(os.path.join(datadir, "postmaster.pid")) as f:
+            return f.readline().strip() == "1"
+    except OSError:
+        return False
+
+
 def answer(argv: list[str]) -> int | None:
     """The exit status of this call when it can be answered from local disk, else None."""
     if "wal-push" in argv:

@@ -48,7 +48,7 @@ import os
 import sys
 import time
 
-from pgdr.fast import identity, parse
+from pgdr.fast import identity, parse, postmaster_is_init
 
 PREFETCH_DIR = ".pgdr-prefetch"
 LOCK = "prefetcher.lock"
@@ -97,6 +97,10 @@ def sha256_file(path: str) -> tuple[str, int]:
 
 class SpoolDamaged(Exception):
     """A copy in the spool does not match the SHA-256 in its name (it was removed)."""
+
+
+class PrefetchDeclined(Exception):
+    """No prefetcher may run for this server (why, in the message)."""
 
 
 class Spool:
@@ -269,12 +273,30 @@ class Spool:
             return None
         return parts[1], parts[2] if len(parts) > 2 else ""
 
+    def note_once(self, name: str) -> bool:
+        """True the first time ``name`` is noted in this spool (a marker file created exclusively)."""
+        try:
+            self.make()
+            os.close(os.open(self._p("." + name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            return True
+
     # -- the prefetcher
+    def under_init(self) -> bool:
+        """The server recovering into this pg_wal runs as PID 1 (see pgdr.fast.postmaster_is_init)."""
+        return postmaster_is_init(os.path.dirname(os.path.dirname(self.path)))
+
     def start_prefetcher(self, cluster: str, config: str | None, after: str, count: int):
         """Start a detached ``pgdr wal-prefetch`` for this spool (no shell); its stderr goes to the spool's log.
         It exits at once when another prefetcher holds the spool."""
         import subprocess
 
+        if self.under_init():
+            raise PrefetchDeclined("the postmaster is PID 1: a background prefetcher would be its orphan; each "
+                                   "file is fetched by its own call")
         cmd = [sys.executable, "-m", "pgdr", *(["--config", os.path.abspath(config)] if config else []), "-q",
                "wal-prefetch", "--cluster", cluster, after, self.path, "--count", str(count), "--follow"]
         self.make()
@@ -344,6 +366,8 @@ def _answer(args, name: str, dest: str, count: int) -> int | None:
         return None  # the spool is served for another cluster or configuration file: nothing of it is used
     if holder and spool.take(name, dest, who):
         return _restored(spool, args, name)
+    if holder is None and spool.under_init():
+        return None  # no prefetcher may start here: the full command fetches (and says why once)
     nonce = os.urandom(8).hex()
     spool.want(name, nonce)
     proc = spool.start_prefetcher(args.cluster, args.config, name, count) if holder is None else None

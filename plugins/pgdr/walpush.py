@@ -47,7 +47,7 @@ import os
 import sys
 import time
 
-from pgdr.fast import identity, parse
+from pgdr.fast import identity, parse, postmaster_is_init
 
 SPOOL_DIR = ".pgdr-push"
 LOCK = "pusher.lock"
@@ -133,12 +133,8 @@ def _read_text(path: str) -> str | None:
 
 def _unsafe_here(pg_wal: str) -> str | None:
     """Why the queue must not be used for this server now (None: it may)."""
-    try:
-        with open(os.path.join(os.path.dirname(pg_wal), "postmaster.pid")) as f:
-            if f.readline().strip() == "1":
-                return "the postmaster is PID 1"
-    except OSError:
-        pass
+    if postmaster_is_init(os.path.dirname(pg_wal)):
+        return "the postmaster is PID 1"
     try:
         vfs = os.statvfs(pg_wal)
     except OSError as e:

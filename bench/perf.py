@@ -43,7 +43,7 @@ def main() -> int:
          + (["--pgbackrest", args.pgbackrest] if args.pgbackrest else [])),
         ("WAL push (PostgreSQL 15)", "wal_bench.py", ["--push", "--segments", "32" if q else "64",
                                                       "--rounds", "1" if q else "3"]),
-        ("WAL replay to ready (PostgreSQL 15)", "replay_bench.py", ["--quick"] if q else []),
+        ("WAL replay to ready (PostgreSQL 15)", "replay_bench.py", ["--wal-mb", "256", "--rounds", "1"] if q else []),
     ]
     summaries = []
     started = time.monotonic()

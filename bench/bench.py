@@ -34,6 +34,28 @@ from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: 
 PG15 = "/usr/lib/postgresql/15/bin"
 
 
+def pg15_and_workdir(workdir: str):
+    """PostgreSQL 15's binaries and an empty work directory (the bench's user postgres created if missing)."""
+    bins = probe(PG15, "postgres")
+    if bins is None:
+        raise SystemExit("PostgreSQL 15 binaries are missing: apt-get install postgresql-15")
+    ensure_system_user("postgres")
+    work = Path(workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    return bins, work
+
+
+def run(cmd, **kw):
+    """A command that must succeed: its output, or the bench stops with its tail."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                         f"{proc.stderr[-3000:]}")
+    return proc
+
+
 def measure(cmd: list[str], env=None, stdout=subprocess.DEVNULL) -> dict:
     t0 = time.monotonic()
     errfile = tempfile.TemporaryFile()

@@ -229,25 +229,20 @@ def main() -> int:
                 bm, blabel, bstored = brest_backup("incr")
                 binc_labels.append(blabel)
                 bincs.append((bm, bstored))
-        m, first = incs[0]
-        row("pgdr incremental after ~1% of pages changed", m,
-            f"stored {first / 1e6:.1f} MB; {m['wall'] / full_time:.2f}x the full's time, "
-            f"{first / full_bytes:.3f}x its bytes; cpu {m['cpu']:.1f} s")
-        walls = [m["wall"] for m, _ in incs]
-        med = statistics.median(walls)
-        row(f"pgdr incremental, median of the chain's {len(incs)}", {"wall": med, "rss_mb": max(
-            m["rss_mb"] for m, _ in incs)}, f"{med / full_time:.2f}x the full's time (runs: "
-            f"{', '.join(f'{w:.2f}' for w in walls)} s)")
+        def incremental_rows(tool, incs, full_time, full_bytes, whose, kind=""):
+            m, first = incs[0]
+            row(f"{tool} incremental{kind} after ~1% of pages changed", m,
+                f"stored {first / 1e6:.1f} MB; {m['wall'] / full_time:.2f}x {whose} full's time, "
+                f"{first / full_bytes:.3f}x its bytes; cpu {m['cpu']:.1f} s")
+            walls = [m["wall"] for m, _ in incs]
+            med = statistics.median(walls)
+            row(f"{tool} incremental, median of the chain's {len(incs)}", {"wall": med, "rss_mb": max(
+                m["rss_mb"] for m, _ in incs)}, f"{med / full_time:.2f}x {whose} full's time (runs: "
+                f"{', '.join(f'{w:.2f}' for w in walls)} s)")
+
+        incremental_rows("pgdr", incs, full_time, full_bytes, "the")
         if brest:
-            bm, bfirst = bincs[0]
-            row("pgBackRest incremental (block incremental) after ~1% changed", bm,
-                f"stored {bfirst / 1e6:.1f} MB; {bm['wall'] / bfull_time:.2f}x its full's time, "
-                f"{bfirst / bfull_bytes:.3f}x its bytes; cpu {bm['cpu']:.1f} s")
-            bwalls = [m["wall"] for m, _ in bincs]
-            bmed = statistics.median(bwalls)
-            row(f"pgBackRest incremental, median of the chain's {len(bincs)}", {"wall": bmed, "rss_mb": max(
-                m["rss_mb"] for m, _ in bincs)}, f"{bmed / bfull_time:.2f}x its full's time (runs: "
-                f"{', '.join(f'{w:.2f}' for w in bwalls)} s)")
+            incremental_rows("pgBackRest", bincs, bfull_time, bfull_bytes, "its", " (block incremental)")
         m, full2 = backup("full", "20261120-000000F")
         row("pgdr full backup of the chain's end state", m, f"stored {full2['stored_size'] / 1e6:.1f} MB")
         if brest:

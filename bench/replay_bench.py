@@ -35,21 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import pgbackrest_setup  # noqa: E402
-from pgdr.pgbin import as_user, probe  # noqa: E402
-from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
+from bench import PG15, pg15_and_workdir, pgbackrest_setup, run  # noqa: E402
+from pgdr.pgbin import as_user  # noqa: E402
+from pgdr.sandbox import SandboxCluster, free_port  # noqa: E402
 
-PG15 = "/usr/lib/postgresql/15/bin"
 READY = "database system is ready to accept connections"
 RESTORED = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
-
-
-def run(cmd, **kw):
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
-                         f"{proc.stderr[-3000:]}")
-    return proc
 
 
 def load() -> str:
@@ -139,18 +130,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
 
-    bins = probe(PG15, "postgres")
-    if bins is None:
-        raise SystemExit("PostgreSQL 15 binaries are missing: apt-get install postgresql-15")
+    bins, work = pg15_and_workdir(args.workdir)
     pgbackrest = shutil.which("pgbackrest")
     if not pgbackrest:
         raise SystemExit("pgbackrest is not installed (apt-get install pgbackrest)")
-    ensure_system_user("postgres")
     print(f"{os.cpu_count()} cores, {load()}", flush=True)
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
     repo = work / "repo-pgdr"
     repo.mkdir()
     spool = work / "spool-pgbackrest"

@@ -144,3 +144,15 @@ def restored_to_latest(config: Path, workdir: Path, pg):
         yield restored, result
     finally:
         restored.destroy()
+
+
+def incremental_file(blocks: dict[int, bytes], truncation: int) -> bytes:
+    """An INCREMENTAL.<name> file as pg_basebackup sends it: magic, count, truncation length, block numbers,
+    padding to a block boundary (when there are blocks), the blocks."""
+    import struct
+
+    numbers = sorted(blocks)
+    head = struct.pack(f"<III{len(numbers)}I", 0xD3AE1F0D, len(numbers), truncation, *numbers)
+    if numbers:
+        head += bytes(-len(head) % 8192)
+    return head + b"".join(blocks[n] for n in numbers)

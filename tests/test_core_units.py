@@ -9,11 +9,10 @@ import subprocess
 import sys
 import tarfile
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, pgdr
+from helpers import ROOT, incremental_file, pgdr
 from pgdr import lock as lockmod
 from pgdr.compression import compress_stream, decompress_stream
 from pgdr.config import RepositoryConfig, load_config, parse_config
@@ -283,18 +282,6 @@ def test_validators_hold_for_the_whole_string_not_up_to_a_final_newline():
         parse_config({"clusters": {"app\n": {"repository": "file:///tmp/r"}}})
 
 
-def _incremental(blocks: dict[int, bytes], truncation: int) -> bytes:
-    """An INCREMENTAL.<name> file as pg_basebackup sends it: magic, count, truncation length, block numbers,
-    padding to a block boundary (when there are blocks), the blocks."""
-    import struct
-
-    numbers = sorted(blocks)
-    head = struct.pack(f"<III{len(numbers)}I", 0xD3AE1F0D, len(numbers), truncation, *numbers)
-    if numbers:
-        head += bytes(-len(head) % 8192)
-    return head + b"".join(blocks[n] for n in numbers)
-
-
 def test_applying_an_incremental_in_place_rewrites_whole_files_and_leaves_unchanged_relations_alone(tmp_path):
     """The chain applier on a parent's restored state: a whole file shorter than the parent's copy ends at its
     own length; a file with a second name (a hard link) is replaced, never written through; a relation with
@@ -318,8 +305,8 @@ def test_applying_an_incremental_in_place_rewrites_whole_files_and_leaves_unchan
     raw = _tar([("PG_VERSION", tarfile.REGTYPE, b"18\n"),
                 ("global", tarfile.DIRTYPE, b""), ("global/pg_filenode.map", tarfile.REGTYPE, b"new map"),
                 ("base", tarfile.DIRTYPE, b""), ("base/5", tarfile.DIRTYPE, b""),
-                ("base/5/INCREMENTAL.1259", tarfile.REGTYPE, _incremental({}, 3)),
-                ("base/5/INCREMENTAL.2619", tarfile.REGTYPE, _incremental({1: new_block, 5: new_block}, 2))])
+                ("base/5/INCREMENTAL.1259", tarfile.REGTYPE, incremental_file({}, 3)),
+                ("base/5/INCREMENTAL.2619", tarfile.REGTYPE, incremental_file({1: new_block, 5: new_block}, 2))])
     applier = ChainApplier(root)
     try:
         for i in range(0, len(raw), 3001):

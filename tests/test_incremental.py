@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from helpers import archive_repo, pgdr, switch_and_wait_archived, write_config
+from helpers import archive_repo, incremental_file, pgdr, switch_and_wait_archived, write_config
 from pgdr.labels import LABEL, chain_full, label_time
 from pgdr.sandbox import SandboxCluster, free_port
 from test_backup_restore import socket_dir
@@ -182,18 +182,6 @@ def test_a_damaged_middle_member_stops_the_chain_restore_and_leaves_nothing(chai
     assert not dest.exists() or not any(dest.iterdir())
 
 
-def _incremental_file(blocks: dict[int, bytes], truncation: int) -> bytes:
-    """An INCREMENTAL.<name> file as pg_basebackup sends it: magic, count, truncation length, block numbers,
-    padding to a block boundary (when there are blocks), the blocks."""
-    import struct
-
-    numbers = sorted(blocks)
-    head = struct.pack(f"<III{len(numbers)}I", 0xD3AE1F0D, len(numbers), truncation, *numbers)
-    if numbers:
-        head += bytes(-len(head) % 8192)
-    return head + b"".join(blocks[n] for n in numbers)
-
-
 @pytest.mark.parametrize("piece", [1, 4096, 8191, 8193, 3 * 8192, 1 << 20])
 def test_runs_of_blocks_land_at_their_offsets_however_the_stream_is_cut(tmp_path, piece):
     """Consecutive changed blocks are written as one run, straight from the stream's pieces; a block cut
@@ -213,8 +201,8 @@ def test_runs_of_blocks_land_at_their_offsets_however_the_stream_is_cut(tmp_path
     unchanged.write_bytes(b"u" * 2 * 8192)
     new = {n: os.urandom(8192) for n in (0, 1, 2, 3, 7, 9, 10, 13, 14)}
     members = [("base", tarfile.DIRTYPE, b""), ("base/5", tarfile.DIRTYPE, b""),
-               ("base/5/INCREMENTAL.16384", tarfile.REGTYPE, _incremental_file(new, 11)),
-               ("base/5/INCREMENTAL.2619", tarfile.REGTYPE, _incremental_file({}, 2))]
+               ("base/5/INCREMENTAL.16384", tarfile.REGTYPE, incremental_file(new, 11)),
+               ("base/5/INCREMENTAL.2619", tarfile.REGTYPE, incremental_file({}, 2))]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
         for name, kind, data in members:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -11,15 +13,30 @@ from test_backup_restore import storage_of
 
 
 def completed_segments(pg, count=3):
-    """Force ``count`` segment switches with data in each; return the completed segment files."""
-    for i in range(count):
-        pg.psql(f"insert into customers values ({900000 + i}, 'wal test {i}')", dbname="app")
+    """Force ``count`` segment switches with data in each; return copies of the completed segment files.
+
+    Copies, taken while a replication slot holds the server's WAL: the session's servers do not archive, so
+    any checkpoint (a timed one, mid-suite) may recycle a completed segment, renamed and later overwritten
+    under the name the test holds."""
+    import tempfile
+
+    slot = f"pgdr_test_keep_{os.getpid()}"
+    pg.psql(f"select pg_create_physical_replication_slot('{slot}', true)")
+    try:
+        for i in range(count):
+            pg.psql(f"insert into customers values ({900000 + i}, 'wal test {i}')", dbname="app")
+            pg.psql("select pg_switch_wal()")
+        pg.psql("delete from customers where id >= 900000", dbname="app")
         pg.psql("select pg_switch_wal()")
-    pg.psql("delete from customers where id >= 900000", dbname="app")
-    pg.psql("select pg_switch_wal()")
-    wal = pg.datadir / "pg_wal"
-    current = pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
-    return sorted(p for p in wal.iterdir() if len(p.name) == 24 and p.name < current)[-count:]
+        wal = pg.datadir / "pg_wal"
+        current = pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
+        names = sorted(p.name for p in wal.iterdir() if len(p.name) == 24 and p.name < current)[-count:]
+        copies = Path(tempfile.mkdtemp(prefix="segments-", dir=pg.datadir.parent))
+        for name in names:
+            shutil.copyfile(wal / name, copies / name)
+    finally:
+        pg.psql(f"select pg_drop_replication_slot('{slot}')")
+    return [copies / name for name in names]
 
 
 @pytest.fixture

@@ -293,17 +293,19 @@ def run(args) -> object:
                                     current_identity=lambda: identity(args.cluster, config), idle=args.idle))
         if args.command == "wal-fetch":
             from pgdr.fast import identity
-            from pgdr.prefetch import Spool, spool_of
+            from pgdr.prefetch import own_spool
             from pgdr.wal import SEGMENT
 
-            # Here when the spool did not answer (pgdr.fast): fetch in this process.
+            # Here when the spool did not answer (pgdr.fast): fetch in this process. Only the server's own
+            # restore_command uses a spool and starts a prefetcher (pgdr.prefetch.own_spool).
             who = identity(args.cluster, getattr(args, "config", None))
-            spool = Spool(spool_of(args.dest))
-            if _take_prefetched(spool, args.name, args.dest, who):
+            spool = own_spool(args.dest)
+            if spool is not None and _take_prefetched(spool, args.name, args.dest, who):
                 result = archive.result_for(args.name, args.dest)
             else:
                 result = archive.fetch(args.name, args.dest)
-            if args.prefetch > 0 and SEGMENT.fullmatch(args.name) and result.source == "segment":
+            if spool is not None and args.prefetch > 0 and SEGMENT.fullmatch(args.name) and \
+                    result.source == "segment":
                 _ensure_prefetcher(args, spool, who)
             return result
         if args.command == "wal-prefetch":
@@ -544,14 +546,20 @@ def _wal_fetch_main(argv: list[str], answered: bool = False) -> int:
         code = _main(argv, answered)
         sys.stdout.flush()
     except SystemExit as e:  # argparse: 2 on a usage error, 0 for --help
-        if e.code in (0, None):
-            return 0
+        if e.code in (0, None) and not _names_a_wal_file(argv):
+            return 0  # help asked for at a terminal; as restore_command (%f given) it restored nothing
         print(f"pgdr wal-fetch: exit {FETCH_FAILED} (fetch failed; recovery must stop)", file=sys.stderr)
         return FETCH_FAILED
     except BaseException as e:  # noqa: BLE001 - anything at all must stop recovery, never end it
         log.exception("wal-fetch failed unexpectedly (%s); exit %d: recovery must stop", e, FETCH_FAILED)
         return FETCH_FAILED
     return code
+
+
+def _names_a_wal_file(argv: list[str]) -> bool:
+    from pgdr.prefetch import is_wal_file_name
+
+    return any(is_wal_file_name(a) for a in argv)
 
 
 def _main(argv: list[str], answered: bool = False) -> int:

@@ -17,10 +17,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from pgdr import fast
 from pgdr.errors import ConfigError
 
-SYSTEM_CONFIG = Path("/etc/pgdr/pgdr.yaml")  # a database host's or worker's config, after `pip install .`
-CHECKOUT_CONFIG = Path(__file__).resolve().parents[2] / "include" / "pgdr.yaml"  # running from a checkout
+SYSTEM_CONFIG = Path(fast.SYSTEM_CONFIG)  # a database host's or worker's config, after `pip install .`
+CHECKOUT_CONFIG = Path(fast.CHECKOUT_CONFIG)  # running from a checkout
 DEFAULT_CONFIG = CHECKOUT_CONFIG
 CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 COMPRESSIONS = {"zstd": (1, 22, 3), "lz4": (0, 16, 1), "gzip": (1, 9, 6), "none": (0, 0, 0)}

@@ -14,6 +14,7 @@ This module and the ones it calls import only the standard library.
 from __future__ import annotations
 
 import os
+import sys
 
 
 class FastArgs:
@@ -60,19 +61,39 @@ def parse(argv: list[str], command: str, valued: frozenset[str] = frozenset()) -
     return FastArgs(command, cluster, config, quiet, options, rest[1:])
 
 
+SYSTEM_CONFIG = "/etc/pgdr/pgdr.yaml"  # pgdr.config's default locations (it reads these two names)
+CHECKOUT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))),
+                               "include", "pgdr.yaml")
+
+
+def config_file(explicit: str | None) -> str:
+    """The configuration file a command reads: pgdr.config.config_path's choice, without importing it."""
+    chosen = explicit or os.environ.get("PGDR_CONFIG")
+    if chosen:
+        return chosen
+    for candidate in (SYSTEM_CONFIG, CHECKOUT_CONFIG):
+        if os.path.isfile(candidate):
+            return candidate
+    return SYSTEM_CONFIG
+
+
 def identity(cluster: str, config: str | None) -> str:
-    """Who is asking: the cluster and the configuration file, as it is now (its path, device, inode, size and
-    modification time: an edited file is another configuration). An answer left for another is ignored."""
-    config = config or os.environ.get("PGDR_CONFIG") or ""
-    if not config:
-        return f"{cluster}|"
-    path = os.path.abspath(config)
+    """Who is asking: the cluster and the configuration file it reads (named, or found in the default
+    places), as it is now (its path, device, inode, size and modification time: an edited file is another
+    configuration). An answer left for another is ignored."""
+    path = os.path.abspath(config_file(config))
     try:
         st = os.stat(path)
         version = f"{st.st_dev}.{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
     except OSError:
         version = "?"
     return f"{cluster}|{path}|{version}"
+
+
+def pgdr_command() -> list[str]:
+    """How a background pgdr process is started: this installation's own ``pgdr/__main__.py`` by its path
+    (never ``-m pgdr``, which would first look in the working directory)."""
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")]
 
 
 def postmaster_is_init(datadir: str) -> bool:

@@ -48,7 +48,7 @@ import os
 import sys
 import time
 
-from pgdr.fast import identity, parse, postmaster_is_init
+from pgdr.fast import identity, parse, pgdr_command, postmaster_is_init
 
 PREFETCH_DIR = ".pgdr-prefetch"
 LOCK = "prefetcher.lock"
@@ -80,6 +80,30 @@ def is_wal_file_name(name: str) -> bool:
 def spool_of(dest: str | os.PathLike) -> str:
     """Where prefetched files wait: beside the file PostgreSQL asked for (inside pg_wal)."""
     return os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
+
+
+def own_spool(dest: str | os.PathLike) -> "Spool | None":
+    """The spool a call restoring into ``dest`` may use (created if missing), or None: the call fetches just
+    what it was asked for. Only the server's own restore_command gets one: ``dest`` in a directory named
+    pg_wal that this user owns, the spool in it a real directory (not a link) of this user's that nobody
+    else may write. A file restored by hand elsewhere, or by root into a server's pg_wal, starts no
+    prefetcher and takes nothing from a spool someone else could have filled."""
+    import stat
+
+    pg_wal = os.path.dirname(os.path.abspath(dest))
+    if os.path.basename(pg_wal) != "pg_wal":
+        return None
+    spool = Spool(os.path.join(pg_wal, PREFETCH_DIR))
+    try:
+        if os.stat(pg_wal).st_uid != os.geteuid():
+            return None
+        spool.make()
+        st = os.lstat(spool.path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None
+    return spool
 
 
 def sha256_file(path: str) -> tuple[str, int]:
@@ -151,7 +175,7 @@ class Spool:
         import fcntl
 
         self.make()
-        fd = os.open(self._p(LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._p(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -233,6 +257,9 @@ class Spool:
         except FileNotFoundError:
             return None
         try:
+            st = os.lstat(tmp)
+            if not _plain_file_of_ours(st):
+                raise SpoolDamaged(f"the prefetched copy of {name} is not a plain file of this user's: removed")
             digest, size = sha256_file(tmp)
             if digest != sha or (is_segment(name) and size != SEG_SIZE):
                 raise SpoolDamaged(f"the prefetched copy of {name} does not match its SHA-256 ({size} bytes): "
@@ -260,18 +287,29 @@ class Spool:
             return None
         return (parts[0], parts[1]) if len(parts) == 2 else None
 
-    def answer(self, nonce: str, status: str, message: str = "") -> None:
-        _write(self._p(ANSWER), f"{nonce} {status} {' '.join(message.split())}\n")
+    def answer(self, nonce: str, who: str, status: str, message: str = "") -> None:
+        """The prefetcher's answer to request ``nonce``, signed with whose prefetcher gave it."""
+        _write(self._p(ANSWER), f"{nonce} {_tag(who)} {status} {' '.join(message.split())}\n")
 
-    def read_answer(self, nonce: str) -> tuple[str, str] | None:
+    def read_answer(self, nonce: str, who: str) -> tuple[str, str] | None:
+        """(status, message) of the answer to ``nonce`` from a prefetcher of ``who``; None for any other."""
         try:
             with open(self._p(ANSWER), errors="replace") as f:
-                parts = f.read(4096).rstrip("\n").split(" ", 2)
+                parts = f.read(4096).rstrip("\n").split(" ", 3)
         except OSError:
             return None
-        if len(parts) < 2 or parts[0] != nonce:
+        if len(parts) < 3 or parts[0] != nonce or parts[1] != _tag(who):
             return None
-        return parts[1], parts[2] if len(parts) > 2 else ""
+        return parts[2], parts[3] if len(parts) > 3 else ""
+
+    def still_held_by(self, fd: int) -> bool:
+        """The lock held through ``fd`` is still this spool's lock file (not one removed with an earlier
+        spool, while a new one took its place)."""
+        try:
+            held, now = os.fstat(fd), os.lstat(self._p(LOCK))
+        except OSError:
+            return False
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
     def note_once(self, name: str) -> bool:
         """True the first time ``name`` is noted in this spool (a marker file created exclusively)."""
@@ -297,12 +335,22 @@ class Spool:
         if self.under_init():
             raise PrefetchDeclined("the postmaster is PID 1: a background prefetcher would be its orphan; each "
                                    "file is fetched by its own call")
-        cmd = [sys.executable, "-m", "pgdr", *(["--config", os.path.abspath(config)] if config else []), "-q",
+        cmd = [*pgdr_command(), *(["--config", os.path.abspath(config)] if config else []), "-q",
                "wal-prefetch", "--cluster", cluster, after, self.path, "--count", str(count), "--follow"]
         self.make()
-        with open(self._p(LOG), "ab", opener=lambda p, flags: os.open(p, flags, 0o600)) as log:
+        with open(self._p(LOG), "ab", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o600)) as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                    close_fds=True, start_new_session=True)
+                                    close_fds=True, start_new_session=True, cwd=self.path)
+
+
+def _tag(who: str) -> str:
+    return hashlib.sha256(who.encode()).hexdigest()[:16]
+
+
+def _plain_file_of_ours(st: os.stat_result) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
 
 
 def _write(path: str, text: str) -> None:
@@ -353,14 +401,10 @@ def answer_fetch(argv: list[str]) -> int | None:
 
 
 def _answer(args, name: str, dest: str, count: int) -> int | None:
-    spool = Spool(spool_of(dest))
+    spool = own_spool(dest)
+    if spool is None:
+        return None  # not the server's own restore_command (see own_spool): the full command fetches
     who = identity(args.cluster, args.config)
-    try:
-        if os.stat(os.path.dirname(spool.path)).st_uid != os.geteuid():
-            return None  # not the server's own user (root fetching by hand): the spool is the server's
-        spool.make()
-    except OSError:
-        return None  # no pg_wal to put it in: the full command says what is wrong
     holder = spool.holder()
     if holder is not None and spool.who_of(holder) not in (who, None):
         return None  # the spool is served for another cluster or configuration file: nothing of it is used
@@ -376,7 +420,7 @@ def _answer(args, name: str, dest: str, count: int) -> int | None:
     while True:
         if spool.take(name, dest, who):
             return _restored(spool, args, name)
-        answered = spool.read_answer(nonce)
+        answered = spool.read_answer(nonce, who)
         if answered is not None:
             if answered[0] == "missing":
                 print(f"pgdr: {name} is not in the archive of cluster '{args.cluster}'", file=sys.stderr)

@@ -718,6 +718,8 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
     from concurrent.futures import ThreadPoolExecutor
 
     spool = Spool(directory)
+    if directory.is_symlink() or (directory.exists() and directory.stat().st_uid != os.geteuid()):
+        raise PgdrError(f"{directory} is not a directory of this user's: no prefetch spool there")
     lock = spool.hold(who)
     if lock is None:
         return {"prefetched": [], "reason": "another prefetcher serves this spool"}
@@ -737,7 +739,11 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
     last_want, last_change = None, time.monotonic()
     workers = max(1, min(workers, count))
 
-    def one(name: str, asked: bool) -> tuple[str, float, str]:
+    def one(name: str, asked: bool) -> tuple[str, float, str, bool]:
+        outcome, began, message = _one(name, asked)
+        return outcome, began, message, asked
+
+    def _one(name: str, asked: bool) -> tuple[str, float, str]:
         began = time.monotonic()
         tmp = directory / f".{name}.tmp"
         try:
@@ -772,17 +778,21 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
                 # PostgreSQL removed its signal file when recovery ended (its last few history lookups follow).
                 reason = "recovery ended"
                 break
+            if not spool.still_held_by(lock):
+                reason = "its spool was removed and made anew (another prefetcher serves it)"
+                break
             want = spool.read_want()
             if want != last_want:
                 last_want, last_change = want, now
-                request = [want[0], want[1], now, False] if want and want[1] != TOOK else None
+                # Seen after it was read: a lookup that began later began after the call asked.
+                request = [want[0], want[1], time.monotonic(), False] if want and want[1] != TOOK else None
             elif now - last_change > idle:
                 break
             for name, fut in list(in_flight.items()):
                 if not fut.done():
                     continue
                 del in_flight[name]
-                outcome, began, message = fut.result()
+                outcome, began, message, asked = fut.result()
                 if outcome == "ok":
                     fetched.append(name)
                     delivered.add(name)
@@ -790,10 +800,12 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
                 else:
                     retry_at[name] = now + 1.0
                 if request and request[0] == name and not request[3]:
-                    if outcome == "missing" and began < request[2]:
-                        continue  # looked up before the call asked: look again
+                    if outcome == "missing" and (began < request[2] or not asked):
+                        # Looked up before the call asked, or as a read-ahead (which passes over a streamed
+                        # partial segment): only the request's own lookup may say "not archived".
+                        continue
                     if outcome != "ok":  # (ok: the copy is in the spool, the call takes it)
-                        spool.answer(request[1], outcome, message)
+                        spool.answer(request[1], who, outcome, message)
                     request[3] = True
             if want and SEGMENT.fullmatch(want[0]):
                 first = segment_name(*_next_segment(want[0]))  # a request's own segment is its own business

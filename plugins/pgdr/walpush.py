@@ -47,7 +47,7 @@ import os
 import sys
 import time
 
-from pgdr.fast import identity, parse, postmaster_is_init
+from pgdr.fast import identity, parse, pgdr_command, postmaster_is_init
 
 SPOOL_DIR = ".pgdr-push"
 LOCK = "pusher.lock"
@@ -186,9 +186,9 @@ class _Pusher:
         except OSError:
             pass
         with open(log, "ab", opener=lambda p, flags: os.open(p, flags, 0o600)) as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pgdr", *self.argv_prefix], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([*pgdr_command(), *self.argv_prefix], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err, close_fds=True,
-                                         start_new_session=True)
+                                         start_new_session=True, cwd=self.spool)
 
 
 def answer_push(argv: list[str]) -> int | None:

@@ -201,6 +201,7 @@ def main() -> int:
                 results[name].append(m)
                 print(f"  round {r + 1}: {name}: {m['seconds']:.2f} s, {m['segments']} segments restored "
                       f"(last {m['last']}); {m['load']}", flush=True)
+                shutil.copy(target / "replay.log", work / f"{target.name}.log")  # kept with --keep
                 shutil.rmtree(target, ignore_errors=True)  # the spool goes too: pgdr's prefetcher leaves with it
                 time.sleep(1)
 

@@ -1,6 +1,6 @@
 """WAL replay to ready: pgdr's restore_command beside pgBackRest's asynchronous archive-get, on the same WAL.
 
-    .venv/bin/python bench/replay_bench.py                         # ~1 GB of pgbench WAL, 2 rounds
+    .venv/bin/python bench/replay_bench.py                         # ~1 GB of pgbench WAL, 3 rounds
     .venv/bin/python bench/replay_bench.py --wal-mb 256 --rounds 1 # a quick look
 
 A PostgreSQL 15 cluster archives every WAL segment to both tools in one
@@ -124,7 +124,7 @@ def main() -> int:
     ap.add_argument("--wal-mb", type=int, default=1024, help="MiB of WAL to replay (default 1024)")
     ap.add_argument("--scale", type=int, default=50, help="pgbench scale (50 ≈ 750 MB)")
     ap.add_argument("--clients", type=int, default=4, help="pgbench clients while writing the WAL")
-    ap.add_argument("--rounds", type=int, default=2, help="replays per tool, alternating which goes first")
+    ap.add_argument("--rounds", type=int, default=3, help="replays per tool, alternating which goes first")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--workdir", default="/var/tmp/pgdr-replay-bench")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")

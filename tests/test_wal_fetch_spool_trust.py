@@ -214,3 +214,25 @@ def test_a_read_ahead_lookup_never_answers_not_archived(lab, monkeypatch):
     finally:
         shutil.rmtree(spool.path)
         worker.join(10)
+
+
+def test_a_copy_written_to_after_the_prefetcher_checked_it_is_checked_in_full(lab):
+    """The prefetcher records each copy it checked (inode, size, modification time): a call takes such a copy
+    without reading it again, and any copy written to since (here: one byte, the size kept) is read in full
+    and refused."""
+    config, segs, pg_wal = lab
+    spool, dest = pg_wal / ".pgdr-prefetch", pg_wal / "RECOVERYXLOG"
+    code, err = restore_command(config, segs[0].name, dest, "--prefetch", 3)
+    assert code == 0, err
+    assert _wait(lambda: _ready(spool) == [s.name for s in segs[1:4]])
+    assert _wait(lambda: len(list(spool.glob(".*.verified"))) == 3)
+    code, err = restore_command(config, segs[1].name, dest)
+    assert code == 0 and dest.read_bytes() == segs[1].read_bytes(), err
+    assert not list(spool.glob(f".{segs[1].name}.*.verified"))  # used up with its copy
+    (copy,) = spool.glob(segs[2].name + ".*")
+    with open(copy, "r+b") as f:
+        f.seek(SEG // 2)
+        f.write(b"\xff")
+    code, err = restore_command(config, segs[2].name, dest)
+    assert code == 0 and dest.read_bytes() == segs[2].read_bytes(), err
+    assert "does not match its SHA-256" in err, err

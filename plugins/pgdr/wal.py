@@ -35,7 +35,7 @@ from pgdr.compression import SUFFIX, compress_stream, decompress_stream
 from pgdr.crypto import seal, unseal
 from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, RepositoryError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
-from pgdr.prefetch import PREFETCH_DIR, TOOK, Spool
+from pgdr.prefetch import PREFETCH_DIR, TOOK, VERIFIED, Spool
 from pgdr.repository import Repository
 from pgdr.results import JsonResult, iso, parse_iso, utcnow
 from pgdr.storage import Storage
@@ -752,6 +752,7 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
                 tmp.unlink(missing_ok=True)
                 return "defer", began, ""
             os.replace(tmp, directory / f"{name}.{sha}")
+            spool.mark_verified(f"{name}.{sha}")
             return "ok", began, ""
         except WalNotFound:
             return "missing", began, ""
@@ -818,6 +819,7 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
                     if name not in in_flight and (not request or name != request[0]) and \
                             (not SEGMENT.fullmatch(name) or name[:8] != first[:8] or name < first):
                         (directory / entry).unlink(missing_ok=True)
+                        (directory / f".{entry}{VERIFIED}").unlink(missing_ok=True)
                 delivered = {n for n in delivered if n[:8] == first[:8] and n >= first}
                 tli, segno = parse_segment(first)
                 busy = sum(1 for n in in_flight if not request or n != request[0])

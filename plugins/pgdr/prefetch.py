@@ -10,9 +10,10 @@ call (the restore_command) only asks the spool, from this module, before
 anything heavy is imported (``pgdr.fast``):
 
 - a copy of the asked file is there, left by a prefetcher of the same cluster
-  and configuration file that is running now: its SHA-256 is checked against
-  the one in its name, it is renamed into place (``%p``, in pg_wal: no copy) and
-  the call exits 0;
+  and configuration file that is running now: unless the prefetcher recorded
+  it as checked and nothing wrote to it since (``mark_verified``), its SHA-256
+  is checked against the one in its name; it is renamed into place (``%p``, in
+  pg_wal: no copy) and the call exits 0;
 - otherwise the call asks the prefetcher for it (starting one when none runs)
   and waits: for the copy (exit 0 as above), or for "not in the archive" from a
   lookup the prefetcher began after the call asked (exit 1: as fresh as the
@@ -36,6 +37,7 @@ place; the server's user owns it; base backups skip pg_wal):
     answer            "NONCE missing|defer|error MESSAGE": the prefetcher's answer to request NONCE
     NAME.SHA256       a verified copy of NAME, its content already on disk (fdatasync), so the server's own
                       fsync of the restored segment has nothing left to write
+    .NAME.SHA256.verified  "inode size mtime_ns" of that copy when its prefetcher checked it
     .NAME.tmp         a copy being written
 
 This module imports only the standard library.

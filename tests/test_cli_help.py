@@ -51,11 +51,11 @@ def test_help_says_where_the_config_comes_from():
 
 def test_config_lookup_order(monkeypatch, tmp_path):
     """--config, then $PGDR_CONFIG, then /etc/pgdr/pgdr.yaml, then the checkout's include/pgdr.yaml."""
-    from pgdr import config
+    from pgdr import config, fast
 
     system, checkout, env = tmp_path / "etc.yaml", tmp_path / "checkout.yaml", tmp_path / "env.yaml"
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
-    monkeypatch.setattr(config, "CHECKOUT_CONFIG", checkout)
+    monkeypatch.setattr(fast, "SYSTEM_CONFIG", str(system))
+    monkeypatch.setattr(fast, "CHECKOUT_CONFIG", str(checkout))
     monkeypatch.delenv("PGDR_CONFIG", raising=False)
     assert config.config_path() == system  # nothing exists: the error names the system path
     checkout.write_text("")

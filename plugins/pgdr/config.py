@@ -20,9 +20,6 @@ import yaml
 from pgdr import fast
 from pgdr.errors import ConfigError
 
-SYSTEM_CONFIG = Path(fast.SYSTEM_CONFIG)  # a database host's or worker's config, after `pip install .`
-CHECKOUT_CONFIG = Path(fast.CHECKOUT_CONFIG)  # running from a checkout
-DEFAULT_CONFIG = CHECKOUT_CONFIG
 CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 COMPRESSIONS = {"zstd": (1, 22, 3), "lz4": (0, 16, 1), "gzip": (1, 9, 6), "none": (0, 0, 0)}
 SSE_MODES = {"AES256", "aws:kms"}
@@ -35,14 +32,9 @@ DEFAULT_RESTORE_ROOTS = ("/var/lib/pgdr/restore",)  # restores (and replaces) on
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
     """The file to read, first found of: ``--config``, ``$PGDR_CONFIG``, ``/etc/pgdr/pgdr.yaml``, and
     ``include/pgdr.yaml`` of the checkout pgdr runs from. An explicit choice is never second-guessed: when
-    it names a missing file, that is the error."""
-    chosen = explicit or os.environ.get("PGDR_CONFIG")
-    if chosen:
-        return Path(chosen)
-    for candidate in (SYSTEM_CONFIG, CHECKOUT_CONFIG):
-        if candidate.is_file():
-            return candidate
-    return SYSTEM_CONFIG
+    it names a missing file, that is the error. (pgdr.fast.config_file decides: the fast answers of
+    archive_command and restore_command name the same file without importing this module.)"""
+    return Path(fast.config_file(os.fspath(explicit) if explicit else None))
 
 
 @dataclass(frozen=True)
@@ -263,7 +255,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(path, "file not found (pgdr reads --config, else $PGDR_CONFIG, else "
-                                f"{SYSTEM_CONFIG}, else include/pgdr.yaml of a checkout)") from None
+                                f"{fast.SYSTEM_CONFIG}, else include/pgdr.yaml of a checkout)") from None
     except OSError as e:
         raise ConfigError(path, f"cannot read: {e.strerror}") from None
     try:

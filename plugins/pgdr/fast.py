@@ -61,13 +61,14 @@ def parse(argv: list[str], command: str, valued: frozenset[str] = frozenset()) -
     return FastArgs(command, cluster, config, quiet, options, rest[1:])
 
 
-SYSTEM_CONFIG = "/etc/pgdr/pgdr.yaml"  # pgdr.config's default locations (it reads these two names)
+SYSTEM_CONFIG = "/etc/pgdr/pgdr.yaml"  # a database host's or worker's config, after `pip install .`
 CHECKOUT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))),
                                "include", "pgdr.yaml")
 
 
 def config_file(explicit: str | None) -> str:
-    """The configuration file a command reads: pgdr.config.config_path's choice, without importing it."""
+    """The configuration file a command reads (pgdr.config.config_path: its rules), chosen with the standard
+    library alone."""
     chosen = explicit or os.environ.get("PGDR_CONFIG")
     if chosen:
         return chosen

@@ -557,7 +557,7 @@ def _wal_fetch_main(argv: list[str], answered: bool = False) -> int:
 
 
 def _names_a_wal_file(argv: list[str]) -> bool:
-    from pgdr.prefetch import is_wal_file_name
+    from pgdr.fast import is_wal_file_name
 
     return any(is_wal_file_name(a) for a in argv)
 

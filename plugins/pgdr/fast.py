@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 class FastArgs:
@@ -106,6 +107,96 @@ def postmaster_is_init(datadir: str) -> bool:
             return f.readline().strip() == "1"
     except OSError:
         return False
+
+
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def is_segment(name: str) -> bool:
+    return len(name) == 24 and _HEX.issuperset(name)
+
+
+def is_wal_file_name(name: str) -> bool:
+    """A name archive_command or restore_command is called with: a segment, ``.partial``, timeline or backup
+    history (no regex: this runs on every call)."""
+    seg, _, rest = name.partition(".")
+    if is_segment(seg):
+        return rest in ("", "partial") or (len(rest) == 15 and _HEX.issuperset(rest[:8]) and rest[8:] == ".backup")
+    return len(seg) == 8 and _HEX.issuperset(seg) and rest == "history"
+
+
+def own_pg_wal(path: str | os.PathLike) -> str | None:
+    """The pg_wal directory holding ``path`` when it is one (so named) that this user owns: the server's own
+    archive_command or restore_command. None for a file anywhere else, or root at the console working in a
+    server's pg_wal: no background process of pgdr's is started or trusted for those."""
+    pg_wal = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.basename(pg_wal) != "pg_wal" or os.stat(pg_wal).st_uid != os.geteuid():
+            return None
+    except OSError:
+        return None
+    return pg_wal
+
+
+# ---- the lock file of a background process (the pusher, the prefetcher): flock()ed while it runs, holding
+# "pid\nidentity\n" (identity: the configuration it serves)
+
+def lock_holder(path: str) -> str | None:
+    """What the process holding ``path``'s flock wrote in it ("" while it starts), None when none holds it
+    (a shared flock tried and released at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 4096, 0).decode(errors="replace")
+    finally:
+        os.close(fd)
+    return None
+
+
+def holder_identity(holder: str | None) -> str | None:
+    """The identity in a lock holder's text; None while it is not written yet (or nobody holds the lock)."""
+    lines = (holder or "").split("\n")
+    return lines[1] if len(lines) > 2 else None
+
+
+def lock_exclusively(path: str, wait: float) -> int | None:
+    """Take ``path``'s flock (the file created 0600, never through a link) and empty it: the descriptor, or
+    None when another process still holds it after ``wait`` seconds (a caller testing it holds it for a
+    moment, so one refusal is not the answer)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.01)
+    os.ftruncate(fd, 0)
+    return fd
+
+
+def announce(fd: int, who: str) -> None:
+    """Write this process and the configuration it serves into the lock it holds."""
+    os.pwrite(fd, f"{os.getpid()}\n{who}\n".encode(), 0)
+
+
+def unlock(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def answer(argv: list[str]) -> int | None:

@@ -50,7 +50,8 @@ import os
 import sys
 import time
 
-from pgdr.fast import identity, parse, pgdr_command, postmaster_is_init
+from pgdr.fast import (announce, holder_identity, identity, is_segment, is_wal_file_name, lock_exclusively, lock_holder,
+                       own_pg_wal, parse, pgdr_command, postmaster_is_init, unlock)
 
 PREFETCH_DIR = ".pgdr-prefetch"
 LOCK = "prefetcher.lock"
@@ -63,21 +64,7 @@ DEFAULT_COUNT = 8
 MAX_COUNT = 64
 SEG_SIZE = 16 * 1024 * 1024
 WAIT = 60.0  # how long a call waits for the prefetcher before fetching itself
-_HEX = frozenset("0123456789ABCDEF")
 _SHA_HEX = frozenset("0123456789abcdef")
-
-
-def is_segment(name: str) -> bool:
-    return len(name) == 24 and _HEX.issuperset(name)
-
-
-def is_wal_file_name(name: str) -> bool:
-    """A name restore_command is asked for: a segment, ``.partial``, timeline or backup history (no regex:
-    this runs on every call)."""
-    seg, _, rest = name.partition(".")
-    if is_segment(seg):
-        return rest in ("", "partial") or (len(rest) == 15 and _HEX.issuperset(rest[:8]) and rest[8:] == ".backup")
-    return len(seg) == 8 and _HEX.issuperset(seg) and rest == "history"
 
 
 def spool_of(dest: str | os.PathLike) -> str:
@@ -93,13 +80,11 @@ def own_spool(dest: str | os.PathLike) -> "Spool | None":
     prefetcher and takes nothing from a spool someone else could have filled."""
     import stat
 
-    pg_wal = os.path.dirname(os.path.abspath(dest))
-    if os.path.basename(pg_wal) != "pg_wal":
+    pg_wal = own_pg_wal(dest)
+    if pg_wal is None:
         return None
     spool = Spool(os.path.join(pg_wal, PREFETCH_DIR))
     try:
-        if os.stat(pg_wal).st_uid != os.geteuid():
-            return None
         spool.make()
         st = os.lstat(spool.path)
     except OSError:
@@ -146,61 +131,22 @@ class Spool:
 
     # -- the prefetcher's lock: who serves this spool
     def holder(self) -> str | None:
-        """The running prefetcher's "pid\\nidentity\\n" ("" while it starts), None when none runs (a test of
-        the flock, released at once)."""
-        import fcntl
+        """The running prefetcher's "pid\\nidentity\\n" ("" while it starts), None when none runs."""
+        return lock_holder(self._p(LOCK))
 
-        try:
-            fd = os.open(self._p(LOCK), os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return os.pread(fd, 4096, 0).decode(errors="replace")
-        finally:
-            os.close(fd)
-        return None
-
-    @staticmethod
-    def who_of(holder: str | None) -> str | None:
-        lines = (holder or "").split("\n")
-        return lines[1] if len(lines) > 2 else None
-
-    @staticmethod
-    def pid_of(holder: str | None) -> int | None:
-        head = (holder or "").split("\n", 1)[0]
-        return int(head) if head.isdigit() else None
+    who_of = staticmethod(holder_identity)
 
     def hold(self, who: str, wait: float = 2.0) -> int | None:
         """Become this spool's prefetcher: the lock's descriptor, or None when another one runs. What an
         earlier prefetcher left (of this configuration or another) is removed before ``who`` is written."""
-        import fcntl
-
         self.make()
-        fd = os.open(self._p(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                # A call testing the lock holds it for a moment: try again before deciding another one runs.
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.01)
-        os.ftruncate(fd, 0)
-        self.clear()
-        os.pwrite(fd, f"{os.getpid()}\n{who}\n".encode(), 0)
+        fd = lock_exclusively(self._p(LOCK), wait)
+        if fd is not None:
+            self.clear()
+            announce(fd, who)
         return fd
 
-    def release(self, fd: int) -> None:
-        try:
-            os.ftruncate(fd, 0)
-        except OSError:
-            pass
-        os.close(fd)
+    release = staticmethod(unlock)
 
     # -- copies
     def copies(self) -> dict[str, str]:

@@ -47,7 +47,8 @@ import os
 import sys
 import time
 
-from pgdr.fast import identity, parse, pgdr_command, postmaster_is_init
+from pgdr.fast import (announce, holder_identity, identity, is_wal_file_name, lock_exclusively, lock_holder, own_pg_wal,
+                       parse, pgdr_command, postmaster_is_init, unlock)
 
 SPOOL_DIR = ".pgdr-push"
 LOCK = "pusher.lock"
@@ -58,30 +59,14 @@ DEFAULT_TIMEOUT = 60.0
 MIN_FREE = 64 << 20  # below this, beside pg_wal, calls archive in their own process and write nothing there
 MAX_AGE = 600.0  # a pusher hands over to a fresh one after this long (configuration, credentials, keys)
 _ACK_MAGIC = "pgdr-push-ack 1"
-_HEX = frozenset("0123456789ABCDEF")
-
-
-def is_wal_file_name(name: str) -> bool:
-    """A name archive_command is called with: a segment, ``.partial``, timeline or backup history (no regex:
-    this runs on every call)."""
-    seg, _, rest = name.partition(".")
-    if len(seg) == 24 and _HEX.issuperset(seg):
-        return rest in ("", "partial") or (len(rest) == 15 and _HEX.issuperset(rest[:8]) and rest[8:] == ".backup")
-    return len(seg) == 8 and _HEX.issuperset(seg) and rest == "history"
-
 
 def spool_of(path: str) -> str | None:
     """The push spool for a file PostgreSQL asks to archive: a file in pg_wal that the server marked ready
     (``archive_status/<NAME>.ready``), when the caller is pg_wal's owner (the server's user). None for
     anything else (a file copied elsewhere, a segment pushed by hand, root at the console): the pusher
     only archives what the server's queue holds, and only the server's user writes the spool."""
-    pg_wal = os.path.dirname(os.path.abspath(path))
-    ready = os.path.join(pg_wal, "archive_status", os.path.basename(path) + ".ready")
-    try:
-        if os.path.basename(pg_wal) != "pg_wal" or not os.path.exists(ready) or \
-                os.stat(pg_wal).st_uid != os.geteuid():
-            return None
-    except OSError:
+    pg_wal = own_pg_wal(path)
+    if pg_wal is None or not os.path.exists(os.path.join(pg_wal, "archive_status", os.path.basename(path) + ".ready")):
         return None
     return os.path.join(pg_wal, SPOOL_DIR)
 
@@ -156,20 +141,8 @@ class _Pusher:
     def running(self) -> str | None:
         """The identity of the pusher holding the lock ("" before it wrote it), None when none does (a test
         of the flock, released at once)."""
-        import fcntl
-
-        try:
-            fd = os.open(os.path.join(self.spool, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
-            return lines[1] if len(lines) > 1 else ""
-        finally:
-            os.close(fd)  # closing drops our flock, if we got it
-        return None
+        holder = lock_holder(os.path.join(self.spool, LOCK))
+        return None if holder is None else holder_identity(holder) or ""
 
     def starting(self) -> bool:
         """The pusher this call started is still loading (not holding the lock yet)."""
@@ -279,7 +252,6 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, current_identity=N
     ``idle`` seconds, after ``max_age`` seconds, when ``current_identity()`` (the configuration, read again
     every second) is no longer ``who``, on SIGTERM, when the server stopped, or when the spool is gone.
     One per spool: returns at once when another holds the lock."""
-    import fcntl
     import logging
     import signal
     import threading
@@ -290,19 +262,11 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, current_identity=N
     status = os.path.join(pg_wal, "archive_status")
     datadir = os.path.dirname(os.path.abspath(pg_wal))
     os.makedirs(spool, mode=0o700, exist_ok=True)
-    lock_fd = os.open(os.path.join(spool, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    for attempt in range(5):  # a call testing the lock holds it for a moment
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError:
-            if attempt == 4:
-                os.close(lock_fd)
-                return {"archived": 0, "failed": 0, "reason": "another pusher runs"}
-            time.sleep(0.01)
+    lock_fd = lock_exclusively(os.path.join(spool, LOCK), 0.05)
+    if lock_fd is None:
+        return {"archived": 0, "failed": 0, "reason": "another pusher runs"}
     try:
-        os.ftruncate(lock_fd, 0)
-        os.write(lock_fd, f"{os.getpid()}\n{who}\n".encode())
+        announce(lock_fd, who)
     except OSError:
         pass  # a full disk: calls see an unnamed pusher, which is fine
     stop = threading.Event()
@@ -454,7 +418,7 @@ def run_pusher(archive, pg_wal: str, parallel: int, who: str, current_identity=N
         for fut in in_flight.values():
             if fut.done() and not fut.cancelled() and fut.result()[0]:
                 archived += 1
-        os.close(lock_fd)
+        unlock(lock_fd)
     log.info("push queue for %s stops (%s): %d archived, %d failed", pg_wal, reason, archived, failed)
     return {"archived": archived, "failed": failed, "reason": reason}
 

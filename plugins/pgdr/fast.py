@@ -92,10 +92,11 @@ def identity(cluster: str, config: str | None) -> str:
     return f"{cluster}|{path}|{version}"
 
 
-def pgdr_command() -> list[str]:
-    """How a background pgdr process is started: this installation's own ``pgdr/__main__.py`` by its path
-    (never ``-m pgdr``, which would first look in the working directory)."""
-    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")]
+def pgdr_command(*flags: str) -> list[str]:
+    """How PostgreSQL and pgdr's background processes run pgdr: this installation's own ``pgdr/__main__.py``
+    by its path, after the interpreter's ``flags`` (never ``-m pgdr``, which would first look in the working
+    directory)."""
+    return [sys.executable, *flags, os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")]
 
 
 def postmaster_is_init(datadir: str) -> bool:

@@ -164,16 +164,7 @@ class Spool:
 
     def copy_of(self, name: str) -> str | None:
         """The spool's copy of ``name`` (``NAME.SHA256``), if any."""
-        prefix = name + "."
-        try:
-            entries = os.listdir(self.path)
-        except OSError:
-            return None
-        for entry in entries:
-            sha = entry[len(prefix):]
-            if entry.startswith(prefix) and len(sha) == 64 and _SHA_HEX.issuperset(sha):
-                return entry
-        return None
+        return self.copies().get(name)
 
     def clear(self) -> None:
         """Remove every copy, partly written copy and answer (not the want: a call may be waiting)."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pgdr.errors import PgdrError, RecoveryShort, RestoreRefused, UsageError
+from pgdr.fast import pgdr_command
 from pgdr.lsn import format_lsn, parse_lsn
 from pgdr.manifest import BackupManifest
 from pgdr.results import JsonResult, iso, parse_iso
@@ -263,9 +263,7 @@ def measure_recovery(plan: RecoveryPlan, target: RecoveryTarget, outcome: "Recov
 def restore_command_argv(config_path: str | None, cluster: str) -> list[str]:
     """``pgdr wal-fetch`` as the restored server runs it, without %f %p: pgdr/__main__.py run with ``python
     -S`` (site-packages only once the prefetch spool could not answer; see pgdr.__main__)."""
-    import pgdr
-
-    parts = [sys.executable, "-S", str(Path(pgdr.__file__).absolute().parent / "__main__.py")]
+    parts = pgdr_command("-S")
     if config_path:
         parts += ["--config", str(Path(config_path).absolute())]
     return parts + ["-q", "wal-fetch", "--cluster", cluster]

@@ -156,9 +156,15 @@ def test_exit_codes_with_the_spool_answering(pg15, tmp_path):
     assert code == 1 and "not in the archive" in err, err
     code, err = fetch(config, "app", "0000000A.history", dest)
     assert code == 1, err
-    assert pgdr("wal-push", "--cluster", "app", segs[3], config=config)[0] == 0
-    (obj,) = [p for p in (tmp_path / "r").rglob(segs[3].name + "*") if p.is_file()]
+    # Damaged before the prefetcher can see it (it looks for segs[3] every second): archived through a second
+    # repository, damaged there, and moved into place whole.
+    aside = write_config(tmp_path / "aside.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r2"}})
+    assert pgdr("wal-push", "--cluster", "app", segs[3], config=aside)[0] == 0
+    (obj,) = [p for p in (tmp_path / "r2").rglob(segs[3].name + "*") if p.is_file()]
     obj.write_bytes(b"damaged")
+    into = tmp_path / "r" / obj.relative_to(tmp_path / "r2")
+    into.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(obj, into)
     pid = _prefetcher(spool)
     code, err = fetch(config, "app", segs[3].name, dest)
     assert code == 200 and "pgdr ERROR" in err, err

@@ -225,7 +225,7 @@ def test_a_copy_written_to_after_the_prefetcher_checked_it_is_checked_in_full(la
     code, err = restore_command(config, segs[0].name, dest, "--prefetch", 3)
     assert code == 0, err
     assert _wait(lambda: _ready(spool) == [s.name for s in segs[1:4]])
-    assert _wait(lambda: len(list(spool.glob(".*.verified"))) == 3)
+    assert _wait(lambda: len(list(spool.glob(".*.verified"))) == 3), sorted(os.listdir(spool))
     code, err = restore_command(config, segs[1].name, dest)
     assert code == 0 and dest.read_bytes() == segs[1].read_bytes(), err
     assert not list(spool.glob(f".{segs[1].name}.*.verified"))  # used up with its copy

@@ -216,15 +216,14 @@ class Spool:
             raise
         return sha
 
-    def mark_verified(self, entry: str) -> None:
-        """Record a copy as its prefetcher checked it (SHA-256 against the archive, on disk): its inode,
-        size and modification time. A call that finds it so renames it in without reading 16 MiB again (a
-        SHA-256 in the server's startup process, between two segments' replay); a copy written to since, in
-        any way, no longer matches and is checked in full."""
-        try:
-            st = os.lstat(self._p(entry))
-        except FileNotFoundError:
-            return  # already taken (checked in full then)
+    def mark_verified(self, entry: str, path: str | os.PathLike) -> None:
+        """Record the copy at ``path``, about to be renamed to ``entry``, as its prefetcher checked it
+        (SHA-256 against the archive, on disk): its inode, size and modification time, which the rename
+        keeps. Written before the copy appears, so no call finds the copy without it. A call that finds it
+        so renames it in without reading 16 MiB again (a SHA-256 in the server's startup process, between
+        two segments' replay); a copy written to since, in any way, no longer matches and is checked in
+        full."""
+        st = os.lstat(path)
         _write(self._p(f".{entry}{VERIFIED}"), f"{st.st_ino} {st.st_size} {st.st_mtime_ns}\n")
 
     def _verified(self, entry: str) -> tuple[int, int, int] | None:

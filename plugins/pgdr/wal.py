@@ -751,8 +751,8 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
             if source == "partial":  # the streamed segment grows: never kept, the call fetches it itself
                 tmp.unlink(missing_ok=True)
                 return "defer", began, ""
+            spool.mark_verified(f"{name}.{sha}", tmp)
             os.replace(tmp, directory / f"{name}.{sha}")
-            spool.mark_verified(f"{name}.{sha}")
             return "ok", began, ""
         except WalNotFound:
             return "missing", began, ""

@@ -196,8 +196,6 @@ def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest)
     return data
 
 
-
-
 def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None,
                 part_size: int, wal_timeout: float, parent: BackupManifest | None,
                 existing_only: bool = False, info=None) -> BackupResult:

@@ -136,7 +136,7 @@ class _IncrementalFile:
         self.fd: int | None = None
         self.unchanged = False  # no block, same length: the target file is left as it is, never opened
         self.buf = bytearray()  # the header until it is whole, then a block split between two pieces
-        self.fmt = "<I"
+        self.order = "<"  # the header's byte order: little-endian, or big-endian (">") from a big-endian server
         self.blocks: list[int] | None = None
         self.header_len = 0
         self.index = 0  # next block to write
@@ -197,7 +197,7 @@ class _IncrementalFile:
             magic_be, count, self.truncation = _HEAD_BE.unpack_from(self.buf)
             if magic_be != MAGIC:
                 raise self._fail(f"does not start with the incremental magic (found {magic:#x})")
-            self.fmt = ">I"
+            self.order = ">"
         if count > RELSEG_SIZE or self.truncation > RELSEG_SIZE:
             raise self._fail(f"claims {count} blocks and a truncation length of {self.truncation} blocks, more "
                              f"than a relation segment holds ({RELSEG_SIZE})")
@@ -208,8 +208,7 @@ class _IncrementalFile:
                              f"{header + count * BLCKSZ}")
         if len(self.buf) < header:
             return False
-        order = "<" if self.fmt == "<I" else ">"
-        blocks = list(struct.unpack_from(f"{order}{count}I", self.buf, 12)) if count else []
+        blocks = list(struct.unpack_from(f"{self.order}{count}I", self.buf, 12)) if count else []
         if count and (max(blocks) >= RELSEG_SIZE or len(set(blocks)) != len(blocks)):
             raise self._fail("lists a block number twice or past the end of a relation segment")
         if header > raw and any(self.buf[raw:header]):

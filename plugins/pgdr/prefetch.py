@@ -78,20 +78,11 @@ def own_spool(dest: str | os.PathLike) -> "Spool | None":
     pg_wal that this user owns, the spool in it a real directory (not a link) of this user's that nobody
     else may write. A file restored by hand elsewhere, or by root into a server's pg_wal, starts no
     prefetcher and takes nothing from a spool someone else could have filled."""
-    import stat
-
     pg_wal = own_pg_wal(dest)
     if pg_wal is None:
         return None
     spool = Spool(os.path.join(pg_wal, PREFETCH_DIR))
-    try:
-        spool.make()
-        st = os.lstat(spool.path)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        return None
-    return spool
+    return spool if spool.made_and_own() else None
 
 
 def sha256_file(path: str) -> tuple[str, int]:
@@ -128,6 +119,18 @@ class Spool:
             os.mkdir(self.path, 0o700)
         except FileExistsError:
             pass
+
+    def made_and_own(self) -> bool:
+        """Created if missing; True when it is a real directory (not a link) of this user's that nobody else
+        may write."""
+        import stat
+
+        try:
+            self.make()
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
     # -- the prefetcher's lock: who serves this spool
     def holder(self) -> str | None:

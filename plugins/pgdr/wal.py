@@ -718,8 +718,9 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
     from concurrent.futures import ThreadPoolExecutor
 
     spool = Spool(directory)
-    if directory.is_symlink() or (directory.exists() and directory.stat().st_uid != os.geteuid()):
-        raise PgdrError(f"{directory} is not a directory of this user's: no prefetch spool there")
+    if not spool.made_and_own():
+        raise PgdrError(f"{directory} is not a directory of this user's that only it may write: no prefetch "
+                        "spool there")
     lock = spool.hold(who)
     if lock is None:
         return {"prefetched": [], "reason": "another prefetcher serves this spool"}
@@ -740,26 +741,23 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
     workers = max(1, min(workers, count))
 
     def one(name: str, asked: bool) -> tuple[str, float, str, bool]:
-        outcome, began, message = _one(name, asked)
-        return outcome, began, message, asked
-
-    def _one(name: str, asked: bool) -> tuple[str, float, str]:
+        """(outcome, when the lookup began, message, ``asked``: the request's own lookup, not a read-ahead)."""
         began = time.monotonic()
         tmp = directory / f".{name}.tmp"
         try:
             source, _, sha, _ = archive.restore_to(name, tmp, allow_partial=asked, sync=True)
             if source == "partial":  # the streamed segment grows: never kept, the call fetches it itself
                 tmp.unlink(missing_ok=True)
-                return "defer", began, ""
+                return "defer", began, "", asked
             spool.mark_verified(f"{name}.{sha}", tmp)
             os.replace(tmp, directory / f"{name}.{sha}")
-            return "ok", began, ""
+            return "ok", began, "", asked
         except WalNotFound:
-            return "missing", began, ""
+            return "missing", began, "", asked
         except Exception as e:  # noqa: BLE001 - answered "error": the call fetches it itself and says why
             if directory.is_dir():
                 log.warning("prefetch of %s failed (wal-fetch fetches it itself): %s", name, e)
-            return "error", began, str(e)
+            return "error", began, str(e), asked
         finally:
             wake.set()
 

@@ -92,6 +92,19 @@ def identity(cluster: str, config: str | None) -> str:
     return f"{cluster}|{path}|{version}"
 
 
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 of a few bytes from the interpreter's own implementation: hashlib loads OpenSSL first, a third
+    of a restore_command call's start-up. (For whole files hashlib's is several times faster: use it there.)"""
+    try:
+        from _sha2 import sha256  # Python 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # Python 3.11
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
 def pgdr_command(*flags: str) -> list[str]:
     """How PostgreSQL and pgdr's background processes run pgdr: this installation's own ``pgdr/__main__.py``
     by its path, after the interpreter's ``flags`` (never ``-m pgdr``, which would first look in the working

@@ -45,13 +45,12 @@ This module imports only the standard library.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
 
 from pgdr.fast import (announce, holder_identity, identity, is_segment, is_wal_file_name, lock_exclusively, lock_holder,
-                       own_pg_wal, parse, pgdr_command, postmaster_is_init, unlock)
+                       own_pg_wal, parse, pgdr_command, postmaster_is_init, sha256_hex, unlock)
 
 PREFETCH_DIR = ".pgdr-prefetch"
 LOCK = "prefetcher.lock"
@@ -87,6 +86,7 @@ def own_spool(dest: str | os.PathLike) -> "Spool | None":
 
 def sha256_file(path: str) -> tuple[str, int]:
     """(SHA-256, size) of a file, read through one mapping (no copy into Python)."""
+    import hashlib  # OpenSSL's: several times the interpreter's own speed, and 4 ms to load, so only here
     import mmap
 
     h = hashlib.sha256()
@@ -311,7 +311,7 @@ class Spool:
 
 
 def _tag(who: str) -> str:
-    return hashlib.sha256(who.encode()).hexdigest()[:16]
+    return sha256_hex(who.encode())[:16]
 
 
 def _plain_file_of_ours(st: os.stat_result) -> bool:

@@ -240,7 +240,7 @@ def answer_push(argv: list[str]) -> int | None:
                   f"{os.path.join(spool, LOG)}); PostgreSQL will retry", file=sys.stderr)
             return 1
         time.sleep(pause)
-        pause = min(pause * 1.5, 0.01)
+        pause = min(pause * 1.5, 0.003)  # an acknowledgement seen late holds up the archiver: look often
 
 
 # ---- the pusher (imports what it needs: it starts once, not per segment)

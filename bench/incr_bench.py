@@ -85,10 +85,13 @@ def timed(cmd: list[str], **kw) -> dict:
 class PgBackRest:
     """A pgBackRest stanza beside pgdr's repository, on the same cluster (run as the server's user)."""
 
-    def __init__(self, exe: str, work: Path, src: SandboxCluster):
+    def __init__(self, exe: str, work: Path, src: SandboxCluster, name: str = "pgbackrest", repo: str = ""):
+        """``repo``: the repository's settings (``repo1-…`` lines); by default a directory in ``work``."""
         self.exe, self.src = exe, src
-        self.repo = work / "repo-pgbackrest"
-        self.conf = work / "pgbackrest.conf"
+        self.repo = work / f"repo-{name}"
+        self.local = work / f"{name}-log"  # its log and lock files
+        self.conf = work / f"{name}.conf"
+        self.repo_conf = repo
 
     def cmd(self, *args) -> list[str]:
         return as_user([self.exe, f"--config={self.conf}", "--stanza=bench", *args], self.src.user)
@@ -98,15 +101,16 @@ class PgBackRest:
 
     def setup(self) -> None:
         self.conf.write_text(
-            f"[global]\nrepo1-path={self.repo}\nlog-path={self.repo}\nlock-path={self.repo}\n"
+            f"[global]\n{self.repo_conf or f'repo1-path={self.repo}'}\nlog-path={self.local}\nlock-path={self.local}\n"
             "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nlog-level-console=warn\n"
             "repo1-bundle=y\nrepo1-block=y\nrepo1-retention-full=100\n"
             f"[bench]\npg1-path={self.src.datadir}\npg1-port={self.src.port}\n"
             f"pg1-socket-path={self.src.socket_dir}\n")
         self.conf.chmod(0o644)
-        self.repo.mkdir()
-        if self.src.user:
-            shutil.chown(self.repo, self.src.user, self.src.user)
+        for d in ([self.local] if self.repo_conf else [self.repo, self.local]):
+            d.mkdir()
+            if self.src.user:
+                shutil.chown(d, self.src.user, self.src.user)
         self.src.psql(f"alter system set archive_command = '{self.exe} --config={self.conf} --stanza=bench "
                       "archive-push %p'")
         self.src.psql("select pg_reload_conf()")
@@ -288,7 +292,7 @@ def main() -> int:
                     "pgbackrest")
 
         if args.s3_mb:
-            s3_rows(args, work, src, bins, row, settle)
+            s3_rows(args, work, src, bins, row, settle, timed)
     finally:
         src.stop() if args.keep else src.destroy()
     print(f"\ncluster {size / 1e6:.0f} MB (pgbench scale {args.scale} + {args.random_mb} MB random); "
@@ -299,13 +303,19 @@ def main() -> int:
     return 0
 
 
-def s3_rows(args, work, src, bins, row, settle) -> None:
-    from latency_proxy import LatencyProxy
+def s3_rows(args, work, src, bins, row, settle, timed) -> None:
+    """Backup and restore of the whole cluster through a proxy adding ``--latency-ms`` to every request, over
+    HTTPS (pgBackRest's S3 client speaks nothing else; pgdr checks the proxy's certificate): pgdr with
+    transfer_concurrency 1 and 4, and pgBackRest (bundle + block, process-max 2) when given."""
+    from latency_proxy import LatencyProxy, self_signed
 
     port = free_port()
     moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    cert, key = self_signed(work)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+               AWS_CA_BUNDLE=cert)
+    latency = f"{args.latency_ms:.0f} ms/request"
     try:
         import urllib.request
 
@@ -317,11 +327,13 @@ def s3_rows(args, work, src, bins, row, settle) -> None:
                 break
             except Exception:
                 time.sleep(0.1)
-        proxy = LatencyProxy(f"http://127.0.0.1:{port}", args.latency_ms / 1000).start()
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="bench", aws_secret_access_key="bench")
+        proxy = LatencyProxy(f"http://127.0.0.1:{port}", args.latency_ms / 1000, tls=(cert, key)).start()
+        walls = {}
         for conc in (1, 4):
             bucket = f"bench-{conc}"
-            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
-                Bucket=bucket)
+            s3.create_bucket(Bucket=bucket)
             config = work / f"pgdr-s3-{conc}.yaml"
             config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "pg_bin_dir": bins.path,
                                                                  "restore_roots": [str(work)],
@@ -333,14 +345,40 @@ def s3_rows(args, work, src, bins, row, settle) -> None:
             pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
             settle()
             proxy.reset()
-            row(f"pgdr S3 backup, {args.latency_ms:.0f} ms/request, transfer_concurrency {conc}",
-                measure(pgdr + ["backup", "--cluster", "bench"]), f"max in flight {proxy.stats()['max_in_flight']}")
+            m = timed(pgdr + ["backup", "--cluster", "bench"], env=env)
+            walls["backup", conc] = m["wall"]
+            row(f"pgdr S3 backup, {latency}, transfer_concurrency {conc}", m,
+                f"max in flight {proxy.stats()['max_in_flight']}; {proxy.stats()['requests']} requests")
             target = work / f"restore-s3-{conc}"
             settle()
             proxy.reset()
-            row(f"pgdr S3 restore, {args.latency_ms:.0f} ms/request, transfer_concurrency {conc}",
-                measure(pgdr + ["restore", "--cluster", "bench", "--pgdata", str(target)]),
-                f"max in flight {proxy.stats()['max_in_flight']}")
+            m = timed(pgdr + ["restore", "--cluster", "bench", "--pgdata", str(target)], env=env)
+            walls["restore", conc] = m["wall"]
+            row(f"pgdr S3 restore, {latency}, transfer_concurrency {conc}", m,
+                f"max in flight {proxy.stats()['max_in_flight']}; {proxy.stats()['requests']} requests")
+            shutil.rmtree(target)
+        if args.pgbackrest:
+            s3.create_bucket(Bucket="bench-pgbackrest")
+            host, tls_port = proxy.server.server_address[:2]
+            brest = PgBackRest(args.pgbackrest, work, src, "pgbackrest-s3", repo=(
+                f"repo1-type=s3\nrepo1-path=/pgbr\nrepo1-s3-bucket=bench-pgbackrest\nrepo1-s3-endpoint={host}\n"
+                f"repo1-storage-port={tls_port}\nrepo1-s3-region=us-east-1\nrepo1-s3-uri-style=path\n"
+                "repo1-s3-key=bench\nrepo1-s3-key-secret=bench\nrepo1-storage-verify-tls=n"))
+            brest.setup()  # its archive_command now pushes there: its backup waits for the WAL it needs
+            settle()
+            proxy.reset()
+            m = timed(brest.cmd("--type=full", "backup"))
+            row(f"pgBackRest S3 backup, {latency} (zst 3, process-max 2, bundle + block)", m,
+                f"pgdr with transfer_concurrency 4: {walls['backup', 4] / m['wall']:.2f}x this; "
+                f"max in flight {proxy.stats()['max_in_flight']}; {proxy.stats()['requests']} requests")
+            target = work / "restore-s3-pgbackrest"
+            cmd = brest.restore_cmd(brest.labels()[-1], target)
+            settle()
+            proxy.reset()
+            m = timed(cmd)
+            row(f"pgBackRest S3 restore, {latency}", m,
+                f"pgdr with transfer_concurrency 4: {walls['restore', 4] / m['wall']:.2f}x this; "
+                f"max in flight {proxy.stats()['max_in_flight']}; {proxy.stats()['requests']} requests")
             shutil.rmtree(target)
         proxy.stop()
     finally:

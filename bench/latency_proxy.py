@@ -3,7 +3,9 @@ server has none, so sequential transfers look as fast as parallel ones until thi
 
     python bench/latency_proxy.py --upstream http://127.0.0.1:5000 --port 5001 --latency-ms 30
 
-Point the repository's ``endpoint_url`` at the proxy. Every request waits ``latency`` before it is
+Point the repository's ``endpoint_url`` at the proxy. With ``--tls`` it speaks HTTPS (a self-signed
+certificate for 127.0.0.1, made with the openssl command): pgBackRest's S3 client speaks nothing else
+(``repo1-storage-verify-tls=n``); pgdr verifies it (``AWS_CA_BUNDLE`` names the certificate). Every request waits ``latency`` before it is
 forwarded (as a far-away server's first byte would). The proxy counts requests and the most it ever had
 in flight at once (``stats()``), which the tests use to see that transfers overlap, and stay bounded.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +26,7 @@ HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upg
 
 class LatencyProxy:
     def __init__(self, upstream: str, latency: float = 0.03, host: str = "127.0.0.1", port: int = 0,
-                 before_forward=None):
+                 before_forward=None, tls: tuple[str, str] | None = None):
         u = urlsplit(upstream)
         self.upstream = (u.hostname, u.port or 80)
         self.latency = latency
@@ -39,6 +43,9 @@ class LatencyProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # A response's head and body are two writes: with Nagle's algorithm the body would wait for the
+            # client's delayed ACK of the head (40 ms a request, on top of the latency asked for).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -81,7 +88,11 @@ class LatencyProxy:
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://{host}:{self.server.server_address[1]}"
+        if tls:  # (certificate, key): each connection's handshake happens in its own thread, on first read
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.server.server_address[1]}"
         self._thread: threading.Thread | None = None
 
     def start(self) -> "LatencyProxy":
@@ -103,13 +114,24 @@ class LatencyProxy:
         self.server.server_close()
 
 
+def self_signed(directory) -> tuple[str, str]:
+    """(certificate, key) files for 127.0.0.1 in ``directory``, valid for a day."""
+    cert, key = f"{directory}/proxy-cert.pem", f"{directory}/proxy-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
+                    "-out", cert, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--latency-ms", type=float, default=30)
+    ap.add_argument("--tls", metavar="DIR", help="speak HTTPS, with a self-signed certificate made in DIR")
     args = ap.parse_args()
-    p = LatencyProxy(args.upstream, args.latency_ms / 1000, port=args.port)
+    p = LatencyProxy(args.upstream, args.latency_ms / 1000, port=args.port,
+                     tls=self_signed(args.tls) if args.tls else None)
     print(p.url, flush=True)
     p.server.serve_forever()
 

@@ -49,6 +49,8 @@ def main() -> int:
     ap.add_argument("--push", action="store_true", help="measure push mode (archive_command) in segments/s")
     ap.add_argument("--segments", type=int, default=64, help="with --push: segments in each backlog")
     ap.add_argument("--rounds", type=int, default=1, help="with --push: repeat every row (the median is shown)")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="with --push: only the backlogs and configurations whose name contains TEXT (repeatable)")
     args = ap.parse_args()
     bins = probe("/usr/lib/postgresql/15/bin", "postgres")
     if bins is None:
@@ -60,7 +62,7 @@ def main() -> int:
     work.chmod(0o755)
     if args.push:
         try:
-            return push_bench(bins, work, args.segments, args.rounds)
+            return push_bench(bins, work, args.segments, args.rounds, args.only)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     pg = SandboxCluster(bins, work / "source", free_port())
@@ -130,7 +132,7 @@ def start_streamer(config_path: Path, partial_interval: float) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
 
-def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
+def push_bench(bins, work: Path, segments: int, rounds: int = 1, only: list[str] | None = None) -> int:
     """archive_command throughput in the archiver's own calling pattern, pgdr beside pgBackRest.
 
     One server, archiving paused (archive_command = '': PostgreSQL keeps the .ready files) while two
@@ -236,10 +238,13 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
                         ("pgBackRest archive-async=y process-max=2", lambda t: pgbackrest_cmd(t, True))]
         else:
             print("pgbackrest is not installed (apt-get install pgbackrest): pgdr rows only")
+        if only:
+            configs = [c for c in configs if any(o in c[0] for o in only)] or configs
+        backlogs = [b for b in (("burst", burst), ("rows", full)) if not only or any(o in b[0] for o in only)]
         n = 0
         results: dict[tuple[str, str], list[float]] = {}
         for r in range(rounds):
-            for what, names in (("burst", burst), ("rows", full)):
+            for what, names in backlogs or (("burst", burst), ("rows", full)):
                 for label, make in configs[r % len(configs):] + configs[:r % len(configs)]:  # fair order
                     n += 1
                     failed0 = int(pg.psql("select failed_count from pg_stat_archiver"))
@@ -251,9 +256,14 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1) -> int:
                           f"{f', background process peak RSS {peak[0] / 2**20:.0f} MB' if peak[0] else ''}",
                           flush=True)
                     subprocess.run(["pkill", "-f", "wal-push-queue"], capture_output=True)  # the pusher idles out
+                    log = pg.datadir / "pg_wal" / ".pgdr-push" / "pusher.log"
+                    if log.exists():  # kept for a look at a slow row; the next pusher starts a fresh one
+                        shutil.move(log, Path(os.environ.get("PGDR_BENCH_LOGS", work)) / f"pusher-c{n}-{what}.log")
         print("\nsegments/s (median of rounds):")
         for what, desc in (("burst", f"{len(burst)} switched, nearly empty segments"),
                            ("rows", f"{len(full)} segments of rows")):
+            if not any(w == what for w, _ in results):
+                continue
             base = sorted(results.get((what, "pgBackRest archive-push (synchronous)"), [0]))
             base = base[len(base) // 2]
             print(f" {desc}:")

@@ -104,3 +104,36 @@ def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_
                         config=config)
     assert code == 1, err
     remove_spool(spool)
+
+
+def test_a_copy_left_in_pg_wal_by_a_killed_call_is_removed_by_the_next_prefetcher(pg15, tmp_path):
+    """A call claims its copy by renaming it into pg_wal (``.RECOVERYXLOG.pgdr-PID``) before it checks it and
+    renames it to RECOVERYXLOG. Killed in between, it left 16 MiB there for good: the next prefetcher removes
+    the claims of calls no longer running, and only those."""
+    import subprocess
+
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
+    segs = completed_segments(pg15, 2)
+    for seg in segs:
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    abandoned = pg_wal / f".RECOVERYXLOG.pgdr-{gone.pid}"
+    abandoned.write_bytes(segs[0].read_bytes())
+    running = pg_wal / f".RECOVERYXLOG.pgdr-{os.getpid()}"  # a call still at work: left alone
+    running.write_bytes(b"in use")
+    others = [pg_wal / "RECOVERYXLOG.pgdr-1", pg_wal / f".{gone.pid}", pg_wal / segs[1].name]  # not claims
+    for path in others:
+        path.write_bytes(b"keep")
+    code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG", config=config)
+    assert code == 0, err
+    spool = pg_wal / ".pgdr-prefetch"
+    assert _wait(lambda: _prefetcher(spool))
+    assert _wait(lambda: not abandoned.exists())
+    assert running.read_bytes() == b"in use"
+    assert all(path.read_bytes() == b"keep" for path in others)
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == segs[0].read_bytes()
+    assert "removed .RECOVERYXLOG.pgdr-" in (spool / "prefetcher.log").read_text()
+    remove_spool(spool)

@@ -40,6 +40,10 @@ place; the server's user owns it; base backups skip pg_wal):
     .NAME.SHA256.verified  "inode size mtime_ns" of that copy when its prefetcher checked it
     .NAME.tmp         a copy being written
 
+A call claims a copy by renaming it into pg_wal as ``.DEST.pgdr-PID`` (DEST: the name PostgreSQL asked for,
+RECOVERYXLOG) before checking it and renaming it to DEST. A call killed between the two renames leaves its
+claim behind, 16 MiB: each prefetcher, as it starts, removes the claims of calls no longer running.
+
 This module imports only the standard library.
 """
 
@@ -64,6 +68,7 @@ MAX_COUNT = 64
 SEG_SIZE = 16 * 1024 * 1024
 WAIT = 60.0  # how long a call waits for the prefetcher before fetching itself
 _SHA_HEX = frozenset("0123456789abcdef")
+CLAIM = ".pgdr-"  # ".DEST.pgdr-PID": the copy a call claimed, in pg_wal (Spool.take)
 
 
 def spool_of(dest: str | os.PathLike) -> str:
@@ -194,7 +199,7 @@ class Spool:
         dest = os.path.abspath(dest)
         # Claimed first (a rename to a name only this call uses): the prefetcher's clean-up cannot remove it
         # while it is checked, and nothing else renames it.
-        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.pgdr-{os.getpid()}")
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}{CLAIM}{os.getpid()}")
         try:
             os.rename(self._p(entry), tmp)
         except FileNotFoundError:
@@ -308,6 +313,32 @@ class Spool:
         with open(self._p(LOG), "ab", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o600)) as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                     close_fds=True, start_new_session=True, cwd=self.path)
+
+
+def remove_abandoned_claims(pg_wal: str | os.PathLike) -> list[str]:
+    """Remove from ``pg_wal`` the copies claimed by calls no longer running (killed between their two renames,
+    see Spool.take): plain files of this user's named ``.DEST.pgdr-PID`` whose process is gone. A claim whose
+    PID runs (that call, or a process that took its number) is left alone. The names removed."""
+    removed = []
+    with os.scandir(pg_wal) as entries:
+        for entry in entries:
+            head, sep, pid = entry.name.rpartition(CLAIM)
+            if not sep or not head.startswith(".") or len(head) < 2 or not pid.isdigit() or not pid.isascii():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # running
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, ValueError):
+                continue  # another user's process runs with that number; or no process could have it
+            try:
+                if _plain_file_of_ours(entry.stat(follow_symlinks=False)):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
 
 
 def _tag(who: str) -> str:

@@ -35,7 +35,7 @@ from pgdr.compression import SUFFIX, compress_stream, decompress_stream
 from pgdr.crypto import seal, unseal
 from pgdr.errors import IntegrityError, ObjectNotFound, PgdrError, RepositoryError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
-from pgdr.prefetch import PREFETCH_DIR, TOOK, VERIFIED, Spool
+from pgdr.prefetch import PREFETCH_DIR, TOOK, VERIFIED, Spool, remove_abandoned_claims
 from pgdr.repository import Repository
 from pgdr.results import JsonResult, iso, parse_iso, utcnow
 from pgdr.storage import Storage
@@ -728,6 +728,12 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
         spool.want(after)
     datadir = directory.absolute().parent.parent  # <datadir>/pg_wal/.pgdr-prefetch
     of_a_server = (datadir / "PG_VERSION").exists()
+    try:
+        for name in remove_abandoned_claims(directory.absolute().parent):
+            log.warning("removed %s from pg_wal: a copy claimed by a wal-fetch that was killed before it "
+                        "finished", name)
+    except OSError as e:
+        log.warning("could not look for copies abandoned in pg_wal by killed wal-fetch calls: %s", e)
     wake = threading.Event()
     in_flight: dict[str, object] = {}
     retry_at: dict[str, float] = {}  # not archived yet, or failed: looked up again after a pause

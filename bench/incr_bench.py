@@ -17,7 +17,9 @@ Rows:
   comparison ends (on a file system without a journal, ext4 here, a file created within a minute of a mass
   delete waits while the allocator skips the recently deleted inodes: up to ~1 ms a file, which would land
   on whichever restore came second); the median of each side, and every run in the notes;
-- S3 backup and restore with 30 ms per request: transfer_concurrency 1 (sequential, as before) against 4.
+- S3 backup and restore with 30 ms per request, over HTTPS (bench/latency_proxy.py --tls):
+  transfer_concurrency 1 (sequential, as before) against 4, and pgBackRest's (bundle + block, process-max 2)
+  into the same moto server through the same proxy.
 
 pgBackRest rows (``--pgbackrest PATH`` or ``$PGBACKREST``): the same cluster, the same changes, beside pgdr's:
 full, incremental with block incremental (``repo1-bundle``, ``repo1-block``, zst 3, process-max 2), and the

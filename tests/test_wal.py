@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,50 @@ def test_fetch_prefetches_the_next_segments_in_parallel(pg15, tmp_path):
                         "--prefetch", "0", config=config)
     assert code == 0 and not out["key"].startswith(".pgdr-prefetch/")
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == segs[2].read_bytes()
+
+
+def test_two_contents_archived_under_one_name_are_refused_never_chosen_between(pg15, tmp_path):
+    """Two servers archiving one segment name into one repository at once can each find nothing there and
+    store their own: two copies, two contents. A fetch must not pick one (a restore would follow whichever
+    sorted first): exit 200, recovery stops, both copies named, nothing written. Verify fails on it. The same
+    content stored twice (a retry that lost its record) is one copy, and fetches."""
+    repos = {k: tmp_path / k for k in ("r", "r2", "r3")}
+    configs = {k: write_config(tmp_path / f"{k}.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{r}"}})
+               for k, r in repos.items()}
+    (seg,) = completed_segments(pg15, 1)
+
+    def copies(repo):
+        return sorted(p for p in repo.rglob(seg.name + ".*") if p.is_file())
+
+    assert pgdr("wal-push", "--cluster", "app", seg, config=configs["r"])[0] == 0
+    (first,) = copies(repos["r"])
+    impostor = tmp_path / "elsewhere" / seg.name
+    impostor.parent.mkdir()
+    data = bytearray(seg.read_bytes())
+    data[100_000] ^= 0xFF
+    impostor.write_bytes(bytes(data))
+    assert pgdr("wal-push", "--cluster", "app", impostor, config=configs["r2"])[0] == 0
+    (other,) = copies(repos["r2"])
+    shutil.copy(other, first.parent / other.name)  # what the lost race leaves beside the first copy
+
+    dest = tmp_path / "RECOVERYXLOG"
+    for extra in ([], ["--json"]):
+        code, out, err = pgdr(*extra, "wal-fetch", "--cluster", "app", seg.name, dest, config=configs["r"])
+        assert code == 200, (out, err)
+        message = out["message"] if extra else err
+        assert "DIFFERENT content" in message and first.name in message and other.name in message
+        assert not dest.exists()
+    code, out, _ = pgdr("--json", "verify", "--cluster", "app", "--backup", "all", "--no-pg-verify", config=configs["r"])
+    assert code == 1 and out["ok"] is False
+    assert [(f["object"], "DIFFERENT content" in f["detail"]) for f in out["wal"]["failures"]] == [(seg.name, True)]
+
+    # The same content twice (another archive time in its name): one copy, fetched.
+    (first.parent / other.name).unlink()
+    time.sleep(1.1)  # a later archive time
+    assert pgdr("wal-push", "--cluster", "app", seg, config=configs["r3"])[0] == 0
+    (again,) = copies(repos["r3"])
+    assert again.name != first.name
+    shutil.copy(again, first.parent / again.name)
+    code, out, err = pgdr("--json", "wal-fetch", "--cluster", "app", seg.name, dest, config=configs["r"])
+    assert code == 0, err
+    assert dest.read_bytes() == seg.read_bytes()

@@ -219,6 +219,19 @@ class WalArchive:
                 out.append(obj.key)
         return out
 
+    def _the_copy(self, name: str, keys: list[str]) -> str:
+        """Which of ``keys``, the archived copies of ``name``, to read. Copies of the same content (a retry
+        that lost its record, archived again) are one. Copies of different content — two servers archived
+        this name at once into one repository, each finding nothing there first — are refused, never
+        chosen between: which one a restore must follow is for an operator to decide."""
+        contents = {self._parse_key(k)[1] for k in keys}
+        if len(contents) > 1:
+            raise IntegrityError(
+                f"{name} is archived {len(contents)} times with DIFFERENT content ({', '.join(sorted(keys))}): two "
+                "servers archived into this repository at once. Refusing to choose one: find out which server's "
+                "history this restore must follow, and move the other copies out of the archive")
+        return sorted(keys)[0]
+
     @staticmethod
     def _parse_key(key: str) -> tuple[str, str, str]:
         """(name, sha256, compression) from an archive key."""
@@ -368,7 +381,7 @@ class WalArchive:
         check_wal_name(name)
         keys = self.find(name)
         if keys:
-            key = keys[0]
+            key = self._the_copy(name, keys)
             _, sha, _ = self._parse_key(key)
             data = self._unpack(key, name)
             if hashlib.sha256(data).hexdigest() != sha:
@@ -440,14 +453,15 @@ class WalArchive:
         check_wal_name(name)
         keys = self.find(name)
         found = None
-        if not keys:  # looked up before anything is written (a missing file leaves no trace)
+        if keys:  # looked up, and chosen, before anything is written (a refusal leaves no trace)
+            key = self._the_copy(name, keys)
+        else:
             found = self._read_partial(name) if allow_partial and SEGMENT.fullmatch(name) else None
             if not found:
                 raise WalNotFound(f"{name} is not in the archive of cluster '{self.cluster}'")
         try:
             with open(path, "wb") as f:
                 if keys:
-                    key = keys[0]
                     _, sha, _ = self._parse_key(key)
                     h, size, head = hashlib.sha256(), 0, b""
                     for piece in self._unpack_stream(key, name):

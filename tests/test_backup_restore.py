@@ -12,6 +12,7 @@ import pytest
 
 from helpers import pgdr, repo_snapshot, table_hashes, write_config
 from pgdr.config import parse_config
+from pgdr.lsn import parse_lsn
 from pgdr.sandbox import SandboxCluster, free_port
 from pgdr.storage import open_storage
 
@@ -104,6 +105,33 @@ def test_backup_split_into_parts_restores(pg15, workdir, tmp_path):
         assert table_hashes(restored) == before
     finally:
         restored.destroy()
+
+
+def test_backups_asked_for_within_one_second_are_each_taken(pg15, tmp_path):
+    """Labels are to the second. A backup asked for with no label, within the second of the last one, waits
+    for the next second's label (as pgBackRest's do) instead of answering "already exists" with the backup
+    taken a moment ago, which holds nothing of what changed since."""
+    import time
+
+    from pgdr.backup import run_backup
+    from pgdr.postgres import ConnInfo
+
+    config = config_for(pg15, f"file://{tmp_path}/repo", tmp_path)
+    cluster = parse_config(__import__("yaml").safe_load(config.read_text())).cluster("app")
+    storage = storage_of(config)
+    run_backup(cluster, ConnInfo(pg15.dsn), storage)  # imports and first connection out of the way
+    time.sleep(1.02 - time.time() % 1.0)  # a second begins: the next two backups of this small cluster fit in it
+    first = run_backup(cluster, ConnInfo(pg15.dsn), storage)
+    pg15.psql("insert into customers values (990001, 'after the first backup')", dbname="app")
+    try:
+        second = run_backup(cluster, ConnInfo(pg15.dsn), storage)
+    finally:
+        pg15.psql("delete from customers where id = 990001", dbname="app")
+    assert (first.status, second.status) == ("ok", "ok")
+    assert second.label > first.label
+    assert parse_lsn(second.start_lsn) > parse_lsn(first.stop_lsn)  # taken after the insert, not the first again
+    # A label given is a retry's: answered with the backup it names.
+    assert run_backup(cluster, ConnInfo(pg15.dsn), storage, label=first.label).status == "already_exists"
 
 
 def test_same_label_is_idempotent_and_unfinished_leftovers_are_replaced(pg18, tmp_path):

@@ -160,7 +160,12 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
         result.type_reason = decision.reason
         return result
     parent = decision.parent
-    incr_label = make_incr_label(chain_full(parent.full or parent.label), slot)
+    full = chain_full(parent.full or parent.label)
+    if label:
+        incr_label = make_incr_label(full, slot)
+    else:
+        taken = {e.label for e in entries}
+        incr_label = label_now(lambda now: make_incr_label(full, now), taken.__contains__)
     log.info("backup of cluster %s: incremental %s on top of %s", cluster.name, incr_label, parent.label)
     try:
         result = _run_backup(cluster, conn, storage, incr_label, part_size, wal_timeout, parent, info=info)
@@ -174,6 +179,22 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
         return result
     result.type_reason = decision.reason
     return result
+
+
+def label_now(make, taken) -> str:
+    """The label of a backup asked for now, with no label given: ``make(now)``, waiting for the next second
+    while that label is ``taken``. Labels are to the second (as pgBackRest's, which waits the same way): a
+    second backup asked for within the second of the last one would otherwise be answered with that one,
+    "already exists", holding nothing of what changed since. (A label given is a retry's: it answers with
+    the backup already taken, on purpose.)"""
+    label = make(utcnow())
+    for _ in range(3):
+        if not taken(label):
+            break
+        log.info("backup %s was taken within this second; waiting for the next second's label", label)
+        time.sleep(1.001 - time.time() % 1.0)
+        label = make(utcnow())
+    return label
 
 
 def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest) -> bytes:
@@ -213,7 +234,7 @@ def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label:
     bins = find_bin_dir(info.major, cluster.pg_bin_dir, tool="pg_basebackup")
     repo = Repository(storage, cluster.name)
     repo.check_identity(info.system_identifier, info.version_num)
-    label = check_label(label) if label else make_label(utcnow())
+    label = check_label(label) if label else label_now(make_label, lambda lb: storage.exists(repo.key(lb, MANIFEST)))
 
     with ClusterLock(storage, repo.lock_key, f"backup {label}") as lock:
         if storage.exists(repo.key(label, MANIFEST)):

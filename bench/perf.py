@@ -1,6 +1,6 @@
 """Every performance row of issue 13, in one run: pgdr beside pgBackRest, each pair on the same cluster.
 
-    make bench-perf                       # about 11 minutes on 2 cores
+    make bench-perf                       # about 16 minutes on 2 cores (with --pgbackrest)
     make bench-perf BENCH_ARGS=--quick    # smaller clusters, a first look
 
 Runs, one after another (nothing else should run on the machine meanwhile):

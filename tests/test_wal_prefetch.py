@@ -107,24 +107,31 @@ def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_
 
 
 def test_a_copy_left_in_pg_wal_by_a_killed_call_is_removed_by_the_next_prefetcher(pg15, tmp_path):
-    """A call claims its copy by renaming it into pg_wal (``.RECOVERYXLOG.pgdr-PID``) before it checks it and
-    renames it to RECOVERYXLOG. Killed in between, it left 16 MiB there for good: the next prefetcher removes
-    the claims of calls no longer running, and only those."""
-    import subprocess
-
+    """A call claims its copy by renaming it into pg_wal (``.RECOVERYXLOG.pgdr-claim-PID``) before it checks it
+    and renames it to RECOVERYXLOG. Killed in between, it left 16 MiB there for good: the next prefetcher
+    removes the claims of calls no longer running, and only those: not a running call's, not a link, not a
+    file linked elsewhere too, not the full command's own download (``.RECOVERYXLOG.pgdr-HEX``, which can be
+    all digits), nothing else."""
     config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
     segs = completed_segments(pg15, 2)
     for seg in segs:
         assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
     pg_wal = tmp_path / "pg_wal"
     pg_wal.mkdir()
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    abandoned = pg_wal / f".RECOVERYXLOG.pgdr-{gone.pid}"
+    gone = [4194305 + i for i in range(6)]  # above any pid_max: no process has these numbers
+    abandoned = pg_wal / f".RECOVERYXLOG.pgdr-claim-{gone[0]}"
     abandoned.write_bytes(segs[0].read_bytes())
-    running = pg_wal / f".RECOVERYXLOG.pgdr-{os.getpid()}"  # a call still at work: left alone
+    running = pg_wal / f".RECOVERYXLOG.pgdr-claim-{os.getpid()}"  # a call still at work
     running.write_bytes(b"in use")
-    others = [pg_wal / "RECOVERYXLOG.pgdr-1", pg_wal / f".{gone.pid}", pg_wal / segs[1].name]  # not claims
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"outside pg_wal")
+    link = pg_wal / f".RECOVERYXLOG.pgdr-claim-{gone[1]}"
+    link.symlink_to(outside)
+    shared = tmp_path / "shared"
+    shared.write_bytes(b"linked twice")
+    os.link(shared, pg_wal / f".RECOVERYXLOG.pgdr-claim-{gone[2]}")
+    others = [pg_wal / f"RECOVERYXLOG.pgdr-claim-{gone[3]}", pg_wal / f".{gone[4]}",
+              pg_wal / f".RECOVERYXLOG.pgdr-{gone[5]}", pg_wal / segs[1].name]  # not claims
     for path in others:
         path.write_bytes(b"keep")
     code, _, err = pgdr("wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG", config=config)
@@ -133,7 +140,27 @@ def test_a_copy_left_in_pg_wal_by_a_killed_call_is_removed_by_the_next_prefetche
     assert _wait(lambda: _prefetcher(spool))
     assert _wait(lambda: not abandoned.exists())
     assert running.read_bytes() == b"in use"
+    assert link.is_symlink() and outside.read_bytes() == b"outside pg_wal"
+    assert (pg_wal / f".RECOVERYXLOG.pgdr-claim-{gone[2]}").read_bytes() == shared.read_bytes() == b"linked twice"
     assert all(path.read_bytes() == b"keep" for path in others)
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == segs[0].read_bytes()
-    assert "removed .RECOVERYXLOG.pgdr-" in (spool / "prefetcher.log").read_text()
+    log = (spool / "prefetcher.log").read_text()
+    assert f"removed {abandoned.name}" in log and log.count("removed .RECOVERYXLOG") == 1
     remove_spool(spool)
+
+
+def test_claims_are_looked_for_only_in_a_pg_wal_of_this_users(tmp_path):
+    from pgdr.prefetch import remove_abandoned_claims
+
+    name = ".RECOVERYXLOG.pgdr-claim-4194305"  # above any pid_max: its call is gone
+    elsewhere = tmp_path / "not_pg_wal"
+    elsewhere.mkdir()
+    (elsewhere / name).write_bytes(b"x")
+    assert remove_abandoned_claims(elsewhere) == [] and (elsewhere / name).exists()
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    (pg_wal / name).write_bytes(b"x")
+    os.chown(pg_wal, 54321, 54321)  # another user's server
+    assert remove_abandoned_claims(pg_wal) == [] and (pg_wal / name).exists()
+    os.chown(pg_wal, os.geteuid(), os.getegid())
+    assert remove_abandoned_claims(pg_wal) == [name] and not (pg_wal / name).exists()

@@ -40,7 +40,7 @@ place; the server's user owns it; base backups skip pg_wal):
     .NAME.SHA256.verified  "inode size mtime_ns" of that copy when its prefetcher checked it
     .NAME.tmp         a copy being written
 
-A call claims a copy by renaming it into pg_wal as ``.DEST.pgdr-PID`` (DEST: the name PostgreSQL asked for,
+A call claims a copy by renaming it into pg_wal as ``.DEST.pgdr-claim-PID`` (DEST: the name PostgreSQL asked for,
 RECOVERYXLOG) before checking it and renaming it to DEST. A call killed between the two renames leaves its
 claim behind, 16 MiB: each prefetcher, as it starts, removes the claims of calls no longer running.
 
@@ -68,7 +68,8 @@ MAX_COUNT = 64
 SEG_SIZE = 16 * 1024 * 1024
 WAIT = 60.0  # how long a call waits for the prefetcher before fetching itself
 _SHA_HEX = frozenset("0123456789abcdef")
-CLAIM = ".pgdr-"  # ".DEST.pgdr-PID": the copy a call claimed, in pg_wal (Spool.take)
+CLAIM = ".pgdr-claim-"  # ".DEST.pgdr-claim-PID": the copy a call claimed, in pg_wal (Spool.take); never the
+# ".DEST.pgdr-HEX" of the full command's own download (WalArchive.fetch), which may be all digits
 
 
 def spool_of(dest: str | os.PathLike) -> str:
@@ -317,9 +318,12 @@ class Spool:
 
 def remove_abandoned_claims(pg_wal: str | os.PathLike) -> list[str]:
     """Remove from ``pg_wal`` the copies claimed by calls no longer running (killed between their two renames,
-    see Spool.take): plain files of this user's named ``.DEST.pgdr-PID`` whose process is gone. A claim whose
-    PID runs (that call, or a process that took its number) is left alone. The names removed."""
+    see Spool.take): plain files of this user's named ``.DEST.pgdr-claim-PID`` whose process is gone. A claim
+    whose PID runs (that call, or a process that took its number) is left alone; so is everything, when
+    ``pg_wal`` is not a pg_wal directory of this user's. The names removed."""
     removed = []
+    if own_pg_wal(os.path.join(pg_wal, PREFETCH_DIR)) is None:
+        return removed
     with os.scandir(pg_wal) as entries:
         for entry in entries:
             head, sep, pid = entry.name.rpartition(CLAIM)

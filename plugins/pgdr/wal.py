@@ -743,7 +743,7 @@ def run_prefetcher(archive: "WalArchive", directory: Path, count: int = 8, who: 
     datadir = directory.absolute().parent.parent  # <datadir>/pg_wal/.pgdr-prefetch
     of_a_server = (datadir / "PG_VERSION").exists()
     try:
-        for name in remove_abandoned_claims(directory.absolute().parent):
+        for name in remove_abandoned_claims(directory.absolute().parent) if directory.name == PREFETCH_DIR else ():
             log.warning("removed %s from pg_wal: a copy claimed by a wal-fetch that was killed before it "
                         "finished", name)
     except OSError as e:

@@ -134,6 +134,36 @@ def test_backups_asked_for_within_one_second_are_each_taken(pg15, tmp_path):
     assert run_backup(cluster, ConnInfo(pg15.dsn), storage, label=first.label).status == "already_exists"
 
 
+def test_a_label_taken_within_this_second_waits_for_the_next_seconds():
+    from datetime import datetime, timedelta, timezone
+
+    from pgdr.backup import label_now
+    from pgdr.labels import make_incr_label, make_label
+
+    now = [datetime(2026, 12, 4, 10, 0, 0, 300000, tzinfo=timezone.utc)]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += timedelta(seconds=seconds)
+
+    def clock():
+        return now[0]
+
+    taken = {"20261204-100000F", "20261201-000000F_20261204-100001I"}
+    assert label_now(make_label, taken.__contains__, clock, sleep) == "20261204-100001F"
+    assert len(slept) == 1 and 0.700 < slept[0] <= 0.702  # to just past the next second, no longer
+    slept.clear()
+    assert label_now(make_label, taken.__contains__, clock, sleep) == "20261204-100001F" and slept == []
+    # An incremental's label too (its chain's full, then the second).
+    assert label_now(lambda t: make_incr_label("20261201-000000F", t), taken.__contains__, clock,
+                     sleep) == "20261201-000000F_20261204-100002I" and len(slept) == 1
+    # A clock that does not move: three waits, then the label as it is (the backup answers "already exists").
+    slept.clear()
+    assert label_now(make_label, lambda label: True, clock, slept.append) == "20261204-100002F"
+    assert len(slept) == 3
+
+
 def test_same_label_is_idempotent_and_unfinished_leftovers_are_replaced(pg18, tmp_path):
     config = config_for(pg18, f"file://{tmp_path}/repo", tmp_path)
     storage = storage_of(config)

@@ -181,19 +181,19 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
     return result
 
 
-def label_now(make, taken) -> str:
+def label_now(make, taken, clock=utcnow, sleep=time.sleep) -> str:
     """The label of a backup asked for now, with no label given: ``make(now)``, waiting for the next second
     while that label is ``taken``. Labels are to the second (as pgBackRest's, which waits the same way): a
     second backup asked for within the second of the last one would otherwise be answered with that one,
     "already exists", holding nothing of what changed since. (A label given is a retry's: it answers with
     the backup already taken, on purpose.)"""
-    label = make(utcnow())
+    label = make(clock())
     for _ in range(3):
         if not taken(label):
             break
         log.info("backup %s was taken within this second; waiting for the next second's label", label)
-        time.sleep(1.001 - time.time() % 1.0)
-        label = make(utcnow())
+        sleep(1.001 - clock().microsecond / 1e6)
+        label = make(clock())
     return label
 
 

@@ -37,6 +37,25 @@ def test_put_get_list_delete(storage):
     assert storage.list("nothing/") == []
 
 
+def test_a_prefix_ending_inside_a_name_lists_what_s3_lists(storage):
+    """A WAL lookup lists ``wal/<timeline>/<NAME>.``: the file backend reads only the entries so named in a
+    directory of tens of thousands, and lists exactly what S3's prefix listing does."""
+    keys = ["w/1/0000A.sha1.zst", "w/1/0000A.sha2.zst", "w/1/0000AB.x", "w/1/0000A/sub", "w/1/0000B.x", "w/10/x",
+            "w/2/0000A.x"]
+    for key in keys:
+        storage.put_bytes(key, key.encode())
+
+    def listed(prefix):
+        return [o.key for o in storage.list(prefix)]
+
+    assert listed("w/1/0000A.") == ["w/1/0000A.sha1.zst", "w/1/0000A.sha2.zst"]
+    assert listed("w/1/0000A") == ["w/1/0000A.sha1.zst", "w/1/0000A.sha2.zst", "w/1/0000A/sub", "w/1/0000AB.x"]
+    assert listed("w/1") == sorted(k for k in keys if k.startswith("w/1"))
+    assert listed("w/1/") == sorted(k for k in keys if k.startswith("w/1/"))
+    assert listed("w/1/0000C") == listed("w/3/x") == []
+    assert [(o.key, o.size) for o in storage.list("w/1/0000B")] == [("w/1/0000B.x", len("w/1/0000B.x"))]
+
+
 def test_missing_object_is_object_not_found(storage):
     with pytest.raises(ObjectNotFound, match="does not exist"):
         storage.get_bytes("c/missing")

@@ -137,25 +137,49 @@ class FileStorage(Storage):
                 yield chunk
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        head, _, tail = prefix.rpartition("/")
+        base = self.root / head if head else self.root
         out = []
+
+        def add(dirpath: str, name: str) -> None:
+            if TMP_MARK in name and name.startswith("."):
+                return
+            full = Path(dirpath) / name
+            key = full.relative_to(self.root).as_posix()
+            if not key.startswith(prefix):
+                return
+            try:
+                st = full.stat()
+            except FileNotFoundError:
+                return
+            out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+
+        def walk(top) -> None:
+            for dirpath, dirnames, filenames in os.walk(top, onerror=_raise):
+                dirnames.sort()
+                for name in filenames:
+                    add(dirpath, name)
+
         try:
             # A directory or file deleted while we walk (expiry, a lock's clean-up) is skipped; any other
             # error fails the listing, never an empty one.
-            for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
-                dirnames.sort()
-                for name in filenames:
-                    if TMP_MARK in name and name.startswith("."):
-                        continue
-                    full = Path(dirpath) / name
-                    key = full.relative_to(self.root).as_posix()
-                    if not key.startswith(prefix):
-                        continue
-                    try:
-                        st = full.stat()
-                    except FileNotFoundError:
-                        continue
-                    out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+            if not tail:
+                walk(base)
+            else:
+                # Only the entries of ``base`` named ``tail…`` can hold such keys: the rest of a large directory
+                # (a timeline's WAL, tens of thousands of segments, where each push and fetch looks up one
+                # name) is passed over by name alone, with no path built or file looked at.
+                try:
+                    with os.scandir(base) as entries:  # classified as os.walk does: links to directories
+                        matching = [(e.name, e.is_dir(), e.is_symlink()) for e in entries  # are not entered
+                                    if e.name.startswith(tail)]
+                except FileNotFoundError:
+                    matching = []
+                for name, is_dir, is_link in sorted(matching):
+                    if not is_dir:
+                        add(str(base), name)
+                    elif not is_link:
+                        walk(base / name)
         except OSError as e:
             raise self._error("list", prefix, e) from e
         return sorted(out, key=lambda o: o.key)

@@ -10,7 +10,9 @@ Runs, one after another (nothing else should run on the machine meanwhile):
                          PostgreSQL 18 (pgBackRest beside it when --pgbackrest names a build supporting 18);
 - bench/wal_bench.py     --push: archive_command throughput, a burst and a backlog, pgBackRest synchronous
                          and archive-async;
-- bench/replay_bench.py  WAL replay of ~1 GB to a server ready for connections, pgBackRest archive-get async.
+- bench/replay_bench.py  WAL replay of ~1 GB to a server ready for connections, pgBackRest archive-get async;
+- bench/archive_scale_bench.py  one WAL lookup (each push and fetch makes one) in a file repository holding
+                         up to 200,000 segments of a timeline.
 
 Each bench's own output streams by; at the end its summary lines are printed again, together. Numbers are
 printed, never asserted.
@@ -44,6 +46,8 @@ def main() -> int:
         ("WAL push (PostgreSQL 15)", "wal_bench.py", ["--push", "--segments", "32" if q else "64",
                                                       "--rounds", "1" if q else "3"]),
         ("WAL replay to ready (PostgreSQL 15)", "replay_bench.py", ["--wal-mb", "256", "--rounds", "1"] if q else []),
+        ("WAL lookups in a large file repository", "archive_scale_bench.py",
+         ["--sizes", "1000,10000"] if q else ["--sizes", "1000,10000,50000,200000"]),
     ]
     summaries = []
     started = time.monotonic()

@@ -12,7 +12,6 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys

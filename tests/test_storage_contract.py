@@ -105,6 +105,10 @@ def test_file_storage_rejects_escaping_keys(tmp_path):
     st = open_storage(RepositoryConfig(url=f"file://{tmp_path}"))
     with pytest.raises(RepositoryError, match="invalid object key"):
         st.put_bytes("../outside", b"x")
+    (tmp_path.parent / "outside.key").write_bytes(b"not the repository's")
+    for prefix in ("../", "../outside", "/etc/pass", "a/../../"):
+        with pytest.raises(RepositoryError, match="invalid object key prefix"):
+            st.list(prefix)
 
 
 def test_unwritable_repository_is_a_clear_error(tmp_path):
@@ -206,3 +210,13 @@ def test_s3_uploads_carry_a_sha256_the_store_checks(s3_server, s3_bucket):
         Bucket=s3_bucket, Key="p/large", ChecksumMode="ENABLED")
     assert head.get("ChecksumSHA256")
     assert st.get_bytes("large") == large
+
+
+def test_a_file_listing_passes_over_temporary_names_even_broken_links(tmp_path):
+    """A writer's temporary file (``.NAME.tmp-…``) is never listed, whatever it is: here a link to itself,
+    which cannot even be told a file or a directory."""
+    st = open_storage(RepositoryConfig(url=f"file://{tmp_path}"))
+    st.put_bytes("w/1/B", b"kept")
+    os.symlink(".B.tmp-loop", tmp_path / "w" / "1" / ".B.tmp-loop")
+    for prefix in ("w/1/.B", "w/1/.", "w/1/", "w/"):
+        assert [o.key for o in st.list(prefix)] == ([] if "." in prefix.rsplit("/", 1)[1] else ["w/1/B"])

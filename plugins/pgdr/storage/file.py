@@ -137,6 +137,8 @@ class FileStorage(Storage):
                 yield chunk
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        if prefix.startswith("/") or ".." in prefix.split("/"):  # as for a key: nothing outside the root
+            raise RepositoryError(f"invalid object key prefix {prefix!r}")
         head, _, tail = prefix.rpartition("/")
         base = self.root / head if head else self.root
         out = []
@@ -170,9 +172,8 @@ class FileStorage(Storage):
                 # (a timeline's WAL, tens of thousands of segments, where each push and fetch looks up one
                 # name) is passed over by name alone, with no path built or file looked at.
                 try:
-                    with os.scandir(base) as entries:  # classified as os.walk does: links to directories
-                        matching = [(e.name, e.is_dir(), e.is_symlink()) for e in entries  # are not entered
-                                    if e.name.startswith(tail)]
+                    with os.scandir(base) as entries:
+                        matching = [(e.name, *_kind(e)) for e in entries if e.name.startswith(tail)]
                 except FileNotFoundError:
                     matching = []
                 for name, is_dir, is_link in sorted(matching):
@@ -212,6 +213,20 @@ def _discard(path: Path) -> None:
         path.unlink()
     except OSError:
         pass
+
+
+def _kind(entry: os.DirEntry) -> tuple[bool, bool]:
+    """(a directory, a link) as os.walk classifies an entry: an entry it cannot tell (a link looping or through
+    a file) is not a directory; a link to a directory is not entered."""
+    try:
+        is_dir = entry.is_dir()
+    except OSError:
+        is_dir = False
+    try:
+        is_link = entry.is_symlink()
+    except OSError:
+        is_link = False
+    return is_dir, is_link
 
 
 def _raise(e: OSError):

@@ -40,6 +40,18 @@ def completed_segments(pg, count=3):
     return [copies / name for name in names]
 
 
+def archived_segments(pg, tmp_path, count):
+    """(config, segments, pg_wal): ``count`` completed segments of ``pg`` archived with pgdr wal-push into a file
+    repository in ``tmp_path``, and an empty ``tmp_path/pg_wal`` to fetch them into."""
+    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg.dsn, "repository": f"file://{tmp_path}/r"}})
+    segs = completed_segments(pg, count)
+    for seg in segs:
+        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    return config, segs, pg_wal
+
+
 @pytest.fixture
 def wal_config(pg15, repo_url, tmp_path):
     return write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": repo_url}})
@@ -113,12 +125,7 @@ def test_wal_check_reports_ranges_and_gaps(pg15, tmp_path):
 
 
 def test_fetch_prefetches_the_next_segments_in_parallel(pg15, tmp_path):
-    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
-    segs = completed_segments(pg15, 4)
-    for seg in segs:
-        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
-    pg_wal = tmp_path / "pg_wal"
-    pg_wal.mkdir()
+    config, segs, pg_wal = archived_segments(pg15, tmp_path, 4)
     code, out, _ = pgdr("--json", "wal-fetch", "--cluster", "app", segs[0].name, pg_wal / "RECOVERYXLOG",
                         "--prefetch", "3", config=config)
     assert code == 0 and out["source"] == "segment"

@@ -8,8 +8,8 @@ import os
 import shutil
 import time
 
-from helpers import pgdr, write_config
-from test_wal import completed_segments
+from helpers import pgdr
+from test_wal import archived_segments
 
 
 def _ready(spool):
@@ -40,12 +40,7 @@ def _wait(pred, timeout=30):
 
 
 def test_one_prefetcher_follows_recovery_and_leaves_with_the_spool(pg15, tmp_path):
-    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
-    segs = completed_segments(pg15, 6)
-    for seg in segs:
-        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
-    pg_wal = tmp_path / "pg_wal"
-    pg_wal.mkdir()
+    config, segs, pg_wal = archived_segments(pg15, tmp_path, 6)
     spool = pg_wal / ".pgdr-prefetch"
 
     def fetch(seg, prefetch=2):
@@ -83,12 +78,7 @@ def _alive(pid):
 
 
 def test_with_a_prefetcher_running_missing_is_still_1_and_damaged_200(pg15, tmp_path):
-    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
-    segs = completed_segments(pg15, 2)
-    for seg in segs:
-        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
-    pg_wal = tmp_path / "pg_wal"
-    pg_wal.mkdir()
+    config, segs, pg_wal = archived_segments(pg15, tmp_path, 2)
     spool = pg_wal / ".pgdr-prefetch"
     # The next segment is damaged in the archive before the prefetcher can take it.
     (obj,) = [p for p in (tmp_path / "r").rglob(segs[1].name + "*") if p.is_file()]
@@ -112,12 +102,7 @@ def test_a_copy_left_in_pg_wal_by_a_killed_call_is_removed_by_the_next_prefetche
     removes the claims of calls no longer running, and only those: not a running call's, not a link, not a
     file linked elsewhere too, not the full command's own download (``.RECOVERYXLOG.pgdr-HEX``, which can be
     all digits), nothing else."""
-    config = write_config(tmp_path / "pgdr.yaml", {"app": {"dsn": pg15.dsn, "repository": f"file://{tmp_path}/r"}})
-    segs = completed_segments(pg15, 2)
-    for seg in segs:
-        assert pgdr("wal-push", "--cluster", "app", seg, config=config)[0] == 0
-    pg_wal = tmp_path / "pg_wal"
-    pg_wal.mkdir()
+    config, segs, pg_wal = archived_segments(pg15, tmp_path, 2)
     gone = [4194305 + i for i in range(6)]  # above any pid_max: no process has these numbers
     abandoned = pg_wal / f".RECOVERYXLOG.pgdr-claim-{gone[0]}"
     abandoned.write_bytes(segs[0].read_bytes())

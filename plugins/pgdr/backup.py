@@ -141,7 +141,7 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
         return _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None)
     slot = label_time(label) if label else utcnow()
     repo = Repository(storage, cluster.name)
-    info = server_info(conn)
+    info = server_info(conn, psql_for(cluster))
     entries = repo.catalog()  # read once: every manifest is a request on S3, and a repository holds hundreds
     if label:
         # A retry of a slot that already produced a backup (full or incremental) returns it.
@@ -179,6 +179,27 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
         return result
     result.type_reason = decision.reason
     return result
+
+
+def psql_for(cluster: ClusterConfig) -> str | None:
+    """The psql a backup asks the server with before pg_basebackup runs (postgres.server_info): the configured
+    binaries', else the newest installed server package's. Not the one on PATH: on Debian that is a Perl
+    wrapper, slower than what it saves. None: none found (the Python client asks)."""
+    import glob
+    import os
+
+    from pgdr.pgbin import embedded_bin_dir
+
+    if cluster.pg_bin_dir:
+        dirs = [cluster.pg_bin_dir]
+    else:
+        packaged = [d for d in glob.glob("/usr/lib/postgresql/*/bin") if d.split("/")[-2].isdigit()]
+        dirs = sorted(packaged, key=lambda d: int(d.split("/")[-2]), reverse=True) + [embedded_bin_dir() or ""]
+    for d in dirs:
+        exe = os.path.join(d, "psql") if d else ""
+        if exe and os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return exe
+    return None
 
 
 def label_now(make, taken, clock=utcnow, sleep=time.sleep) -> str:
@@ -220,7 +241,7 @@ def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest)
 def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None,
                 part_size: int, wal_timeout: float, parent: BackupManifest | None,
                 existing_only: bool = False, info=None) -> BackupResult:
-    info = info or server_info(conn)
+    info = info or server_info(conn, psql_for(cluster))
     if info.wal_level == "minimal":
         raise PostgresError("wal_level is 'minimal'; physical backups need 'replica' or 'logical' (restart required)")
     if info.tablespaces:

@@ -68,30 +68,84 @@ def connect(conn: ConnInfo, **kwargs):
         raise PostgresError(f"cannot connect to PostgreSQL at {conn.describe()}: {msg}") from None
 
 
-def server_info(conn: ConnInfo) -> ServerInfo:
+# One document for everything server_info needs: the same query whether psql or the Python client asks it.
+_INFO_SQL = """
+select json_build_object(
+    'version_num', current_setting('server_version_num')::int,
+    'version', current_setting('server_version'),
+    'system_identifier', (select system_identifier::text from pg_control_system()),
+    'timeline', (select timeline_id from pg_control_checkpoint()),
+    'wal_level', current_setting('wal_level'),
+    'max_wal_senders', current_setting('max_wal_senders')::int,
+    'can_replicate', (select rolsuper or rolreplication from pg_roles where rolname = current_user),
+    'wal_segment_size', (select setting::bigint from pg_settings where name = 'wal_segment_size'),
+    'summarize_wal', (select setting from pg_settings where name = 'summarize_wal'),
+    'tablespaces', (select coalesce(json_agg(spcname order by spcname), '[]') from pg_tablespace
+                    where spcname not in ('pg_default', 'pg_global')),
+    'databases', (select coalesce(json_agg(datname order by datname), '[]') from pg_database where datallowconn))
+"""
+
+
+def server_info(conn: ConnInfo, psql: str | None = None) -> ServerInfo:
+    """What pgdr needs to know of a server. With ``psql`` (a psql binary) it is asked through that first: one
+    short process instead of importing PostgreSQL's Python client (0.1 s, 0.15 s from a cold page cache:
+    most of an incremental backup's fixed cost). Anything psql does not answer cleanly is asked again
+    through the Python client, which words every error."""
+    if psql:
+        info = _server_info_psql(conn, psql)
+        if info is not None:
+            return info
     import psycopg
 
     with connect(conn) as c:
         try:
-            row = c.execute(
-                """
-                select current_setting('server_version_num')::int,
-                       current_setting('server_version'),
-                       (select system_identifier::text from pg_control_system()),
-                       (select timeline_id from pg_control_checkpoint()),
-                       current_setting('wal_level'),
-                       current_setting('max_wal_senders')::int,
-                       (select rolsuper or rolreplication from pg_roles where rolname = current_user),
-                       (select setting::bigint from pg_settings where name = 'wal_segment_size'),
-                       (select setting from pg_settings where name = 'summarize_wal')
-                """
-            ).fetchone()
-            spaces = [r[0] for r in c.execute(
-                "select spcname from pg_tablespace where spcname not in ('pg_default', 'pg_global') order by 1")]
-            dbs = [r[0] for r in c.execute("select datname from pg_database where datallowconn order by 1")]
+            doc = c.execute(_INFO_SQL).fetchone()[0]
         except psycopg.Error as e:
             raise PostgresError(f"querying {conn.describe()} failed: {str(e).strip()}") from None
-    return ServerInfo(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), spaces, dbs, int(row[7]), row[8])
+    info = _info_of(doc)
+    if info is None:
+        raise PostgresError(f"querying {conn.describe()}: an unexpected answer {doc!r}")
+    return info
+
+
+def _info_of(doc) -> ServerInfo | None:
+    """The ServerInfo in _INFO_SQL's document, None when it is not exactly that."""
+    def of(key, *types):
+        if not isinstance(doc, dict) or key not in doc or type(doc[key]) not in types:  # exact: true is no int
+            raise TypeError(key)
+        return doc[key]
+
+    try:
+        spaces, dbs = of("tablespaces", list), of("databases", list)
+        if not all(type(n) is str for n in spaces + dbs):
+            return None
+        return ServerInfo(of("version_num", int), of("version", str), of("system_identifier", str),
+                          of("timeline", int), of("wal_level", str), of("max_wal_senders", int),
+                          bool(of("can_replicate", bool, type(None))), spaces, dbs, of("wal_segment_size", int),
+                          of("summarize_wal", str, type(None)))
+    except TypeError:
+        return None
+
+
+def _server_info_psql(conn: ConnInfo, psql: str) -> ServerInfo | None:
+    """server_info through ``psql``: no .psqlrc, no shell (the DSN is an argument), unaligned tuples only. None
+    for any failure or any answer not exactly as expected."""
+    import json
+    import subprocess
+
+    cmd = [psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", _INFO_SQL]
+    if conn.dsn:
+        cmd[1:1] = ["-d", conn.dsn]
+    env = {**conn.process_env(), "PGCLIENTENCODING": "UTF8"}
+    env.pop("PSQLRC", None)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, env=env, stdin=subprocess.DEVNULL,
+                              timeout=CONNECT_TIMEOUT + 30)
+        if proc.returncode != 0:
+            return None
+        return _info_of(json.loads(proc.stdout.decode("utf-8")))
+    except (OSError, subprocess.SubprocessError, ValueError):  # ValueError: also bad UTF-8 and bad JSON
+        return None
 
 
 def replication_probe(conn: ConnInfo) -> str:

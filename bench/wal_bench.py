@@ -139,8 +139,10 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1, only: list[str]
     backlogs are written: a burst of ``segments`` switches (nearly empty segments: what one call costs)
     and ``segments`` segments of real rows (what a segment costs). Then each configuration archives each
     backlog from scratch into its own fresh repository: its archive_command is set and reloaded, and the
-    clock stops when PostgreSQL has marked the last segment done (.ready -> .done: acknowledged). Between
-    rounds the .done files go back to .ready. Same WAL, same server, same page cache for every row."""
+    clock stops when PostgreSQL has marked the last segment done (.ready -> .done: acknowledged). Only the
+    backlog measured is ready: its .done files go back to .ready before each row, and every other file stays
+    done (a background process archiving ahead would otherwise work through the other backlog on the
+    clock). Same WAL, same server, same page cache for every row."""
     import os
 
     import psutil
@@ -173,11 +175,11 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1, only: list[str]
                                 for _ in range(segments)])
         print(f"backlogs: {len(burst)} nearly empty segments (a switch each), {len(full)} segments of rows "
               f"({len(full) * 16} MiB); {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
-        for f in status.iterdir():  # nothing else waits: only the backlogs are archived
-            if f.name.endswith(".ready") and f.name[:-6] not in burst + full:
+        for f in status.iterdir():  # nothing waits but the backlog being archived (archive() marks it ready)
+            if f.name.endswith(".ready"):
                 f.rename(f.with_suffix(".done"))
 
-        def pgdr_cmd(tag: str, extra: str) -> str:
+        def pgdr_cmd(tag: str, extra: str, front: str = "pgdr") -> str:
             repo = work / f"repo-{tag}"
             (repo / "bench").mkdir(parents=True)
             for d in (repo, repo / "bench"):
@@ -186,7 +188,7 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1, only: list[str]
             conf.write_text(__import__("json").dumps({"clusters": {"bench": {
                 "repository": f"file://{repo}", "wal": {"mode": "push"}}}}))
             conf.chmod(0o644)
-            return f"{ROOT / '.venv' / 'bin' / 'pgdr'} --config {conf} -q wal-push --cluster bench {extra}%p"
+            return f"{ROOT / '.venv' / 'bin' / front} --config {conf} -q wal-push --cluster bench {extra}%p"
 
         def pgbackrest_cmd(tag: str, asynchronous: bool) -> str:
             repo, conf = work / f"repo-{tag}", work / f"{tag}.conf"
@@ -230,6 +232,7 @@ def push_bench(bins, work: Path, segments: int, rounds: int = 1, only: list[str]
 
         peak = [0]
         configs = [("pgdr, the push queue (default, 4 in flight)", lambda t: pgdr_cmd(t, "")),
+                   ("pgdr-fast (compiled front), 4 in flight", lambda t: pgdr_cmd(t, "", "pgdr-fast")),
                    ("pgdr --parallel 8", lambda t: pgdr_cmd(t, "--parallel 8 ")),
                    ("pgdr --parallel 2", lambda t: pgdr_cmd(t, "--parallel 2 ")),
                    ("pgdr --parallel 0 (one process per segment)", lambda t: pgdr_cmd(t, "--parallel 0 "))]

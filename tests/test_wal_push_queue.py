@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import helpers
+import pytest
 from helpers import archive_repo, pgdr, write_config
 from pgdr.fast import identity
 from pgdr.sandbox import SandboxCluster, free_port
@@ -70,9 +71,12 @@ def push_config(workdir, tag, repository) -> Path:
     return config
 
 
-def start_archiving(pg, config, *extra) -> None:
-    command = " ".join([sys.executable, "-m", "pgdr", "--config", str(config), "-q", "wal-push", "--cluster", "app",
-                        *extra, "%p"])
+FRONT = Path(sys.executable).parent / "pgdr-fast"  # archive_command's compiled front (make venv builds it)
+
+
+def start_archiving(pg, config, *extra, front: bool = False) -> None:
+    pgdr_cmd = [str(FRONT)] if front else [sys.executable, "-m", "pgdr"]
+    command = " ".join([*pgdr_cmd, "--config", str(config), "-q", "wal-push", "--cluster", "app", *extra, "%p"])
     pg.psql(f"alter system set archive_command = '{command}'")
     pg.psql("select pg_reload_conf()")
 
@@ -154,16 +158,18 @@ def test_a_backlog_goes_up_in_parallel_and_each_call_is_acknowledged_only_once_d
         pg.destroy()
 
 
-def test_pusher_killed_again_and_again_mid_backlog_loses_nothing_and_stores_nothing_twice(workdir):
+@pytest.mark.parametrize("front", [False, True], ids=["pgdr", "pgdr-fast"])
+def test_pusher_killed_again_and_again_mid_backlog_loses_nothing_and_stores_nothing_twice(workdir, front):
     """The file repository: SIGKILL every pusher the moment it appears, five times, while 24 segments wait.
     PostgreSQL ends up with all of them archived, each stored once; the archive reaches the last; a
-    pusher left alone goes away by itself once the server stops."""
+    pusher left alone goes away by itself once the server stops. The same through the compiled front
+    (pgdr-fast), which answers the calls whose acknowledgement is there and hands the rest to pgdr."""
     pg = paused_archiver(workdir, "queue-kill")
     try:
         names = write_backlog(pg, 24)
         repo = archive_repo(workdir, f"queue-kill-{next(_n)}")
         config = push_config(workdir, "queue-kill", repo)
-        start_archiving(pg, config, "--parallel", "3")
+        start_archiving(pg, config, "--parallel", "3", front=front)
         killed: set[int] = set()
         while len(killed) < 5 and not all(state(pg, n) == "done" for n in names):
             pid = pusher_pid(pg)

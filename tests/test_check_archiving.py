@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from helpers import pgdr, write_config
 from pgdr.sandbox import SandboxCluster, free_port
@@ -61,6 +62,22 @@ def test_a_failing_archive_command_fails_check_naming_pg_stat_archiver(workdir):
         assert code == 0, report
         assert checks["archiver"]["ok"] and "earlier failures" in checks["archiver"]["detail"]
         assert checks["push_probe"]["ok"] and "as postgres" in checks["push_probe"]["detail"]
+
+        # archive_command through the compiled front: the probe goes through it to the pgdr beside it; a front
+        # copied away from its pgdr is named as the cause.
+        front = Path(sys.executable).parent / "pgdr-fast"
+        lonely = base / "lonely" / "pgdr-fast"
+        lonely.parent.mkdir()
+        shutil.copy(front, lonely)
+        for command, ok in ((lonely, False), (front, True)):
+            pg.psql(f"alter system set archive_command = '{command} --config {config} -q wal-push --cluster app %p'")
+            pg.psql("select pg_reload_conf()")
+            code, report, err = pgdr("--json", "check", "--cluster", "app", config=config)
+            probe = {c["name"]: c for c in report["checks"]}["push_probe"]
+            assert probe["ok"] is ok and (code == 0) is ok, report
+            if not ok:
+                assert "pgdr-fast cannot run the pgdr beside it as postgres" in probe["detail"], probe
+                assert str(lonely.parent / "pgdr") in probe["detail"], probe
     finally:
         pg.destroy()
 

@@ -234,7 +234,10 @@ def _push_probe(cluster: ClusterConfig, s: dict) -> tuple:
     except (ValueError, AttributeError):
         pass
     why = why or (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    if proc.returncode in (126, 127):
+    if "pgdr-fast: cannot" in proc.stderr:  # the compiled front (plugins/pgdr/fast.c) found no pgdr to hand to
+        hint = (f"archive_command's pgdr-fast cannot run the pgdr beside it as {user} (install both in one "
+                "directory that user can execute)")
+    elif proc.returncode in (126, 127):
         hint = f"{user} cannot run pgdr (install it where that user can execute it)"
     elif kind in ("config", "usage"):
         hint = f"{user} cannot use pgdr's configuration (is the file readable by {user}?)"

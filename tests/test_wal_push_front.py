@@ -166,6 +166,16 @@ def _elsewhere(s: Site):
     shutil.copy(s.segment, s.data / "copy" / NAME)
 
 
+def _stamped_after_2262(s: Site):
+    """A modification time past what 64-bit nanoseconds hold; the acknowledgement carries the wrapped value a
+    careless reading would compute, which Python's (exact) stamp never equals."""
+    ns = 2**63 + 5
+    os.utime(s.segment, ns=(ns, ns))
+    st = os.stat(s.segment)
+    assert st.st_mtime_ns == ns
+    s.acknowledge(stamp=f"{st.st_dev} {st.st_ino} {st.st_size} {ns - 2**64}")
+
+
 HANDED_OVER = {
     # what the call is: (how the site is changed, the command line); the pusher runs and the acknowledgement
     # is there (for this file and configuration) unless the case says otherwise
@@ -178,6 +188,10 @@ HANDED_OVER = {
     "not marked ready": (_not_ready, None),
     "no spool": (lambda s: (s.release_lock(), shutil.rmtree(s.spool)), None),
     "a postmaster as PID 1": (lambda s: (s.data / "postmaster.pid").write_text("1\n/data\n"), None),
+    "a postmaster.pid not in plain digits": (lambda s: (s.data / "postmaster.pid").write_bytes(b"1\rfoo\n"), None),
+    "an acknowledgement that is not ASCII": (
+        lambda s: s.ok.write_bytes(s.ok.read_bytes().rstrip(b"\n") + b"\xff\xfe\n"), None),
+    "a file stamped after 2262": (_stamped_after_2262, None),
     "a file outside pg_wal": (_elsewhere, ["--config", "CONFIG", "wal-push", "--cluster", "app", f"copy/{NAME}"]),
     "a path to normalise": (None, ["--config", "CONFIG", "wal-push", "--cluster", "app", f"pg_wal/../pg_wal/{NAME}"]),
     "not a WAL file name": (lambda s: (s.pg_wal / "archive_status" / "notes.ready").touch(),
@@ -205,11 +219,11 @@ def test_every_other_call_goes_to_pgdr_with_its_arguments_unchanged(site, case):
     if change:
         change(site)
     args = [str(site.config) if a == "CONFIG" else a for a in (args if args is not None else site.args())]
-    ack_before = site.ok.read_text() if site.ok.exists() else None
+    ack_before = site.ok.read_bytes() if site.ok.exists() else None
     proc = site.run(args)
     assert proc.returncode == 42, (proc.returncode, proc.stderr)
     assert site.handed_over() == args
-    assert (site.ok.read_text() if site.ok.exists() else None) == ack_before, "an acknowledgement was consumed"
+    assert (site.ok.read_bytes() if site.ok.exists() else None) == ack_before, "an acknowledgement was consumed"
 
 
 def test_a_front_with_no_pgdr_beside_it_fails_the_call_and_says_why(site):
@@ -218,3 +232,18 @@ def test_a_front_with_no_pgdr_beside_it_fails_the_call_and_says_why(site):
     proc = site.run(site.args())
     assert proc.returncode == 1
     assert f"cannot run {site.bin / 'pgdr'}" in proc.stderr and "not archived" in proc.stderr
+
+
+def test_a_damaged_postmaster_pid_is_read_not_raised_on():
+    """pgdr.fast.postmaster_is_init runs in every archive_command and restore_command call: bytes that are
+    not text answer "not PID 1" (a crash there would end recovery or fail archiving)."""
+    from pgdr.fast import postmaster_is_init
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        pid = Path(d) / "postmaster.pid"
+        for content, init in ((b"\xff\xfe\n", False), (b"4242\n\xff\n", False), (b"1\n/data\n", True),
+                              (b" 1 \n", True), (b"11\n", False)):
+            pid.write_bytes(content)
+            assert postmaster_is_init(d) is init, content

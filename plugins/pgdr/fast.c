@@ -102,6 +102,13 @@ static int absolute(const char *path, char *out, size_t size) {
     return 1;
 }
 
+/* Nanoseconds since the epoch, as Python's st_mtime_ns; 0 when they do not fit a long long (after 2262). */
+static int mtime_ns(const struct stat *st, long long *out) {
+    if (st->st_mtim.tv_sec > 9200000000LL || st->st_mtim.tv_sec < -9200000000LL) return 0;
+    *out = (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+    return 1;
+}
+
 static int plain_ascii(const char *s) {
     for (; *s; s++)
         if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e) return 0;
@@ -156,7 +163,8 @@ static enum ack read_ack(const char *path, const char *who, const char *stamp, c
     char buf[BUF];
     ssize_t len = read_small(path, buf);
     if (len < 0) return errno == ENOENT ? ACK_NONE : ACK_OTHER;
-    if (memchr(buf, '\0', (size_t)len)) return ACK_OTHER;
+    for (ssize_t i = 0; i < len; i++) /* Python reads it as UTF-8 text: anything but ASCII is its to judge */
+        if (buf[i] == '\0' || (unsigned char)buf[i] >= 0x80) return ACK_OTHER;
     char *lines[5], *p = buf;
     for (int i = 0; i < 5; i++) {
         if (p == NULL) return ACK_OTHER; /* fewer than five lines */
@@ -249,21 +257,23 @@ int main(int argc, char **argv) {
     /* pgdr.walpush._unsafe_here: a postmaster as PID 1, or a nearly full disk: the full command decides. */
     snprintf(buf, sizeof buf, "%.*s/postmaster.pid", (int)(dir_name - pg_wal), pg_wal);
     FILE *pid_file = fopen(buf, "re");
-    if (pid_file) {
+    if (pid_file) { /* its first line: a PID in digits, and not 1; anything else is the full command's to judge */
         char first[32] = "";
         char *got = fgets(first, sizeof first, pid_file);
         fclose(pid_file);
-        if (got && strtol(first, NULL, 10) == 1 && strspn(first, " \t\r\n1") == strlen(first)) full_command();
+        size_t digits = got ? strspn(first, "0123456789") : 0;
+        if (got && (digits == 0 || digits > 10 || first[digits] != '\n' || strcmp(first, "1\n") == 0))
+            full_command();
     }
     struct statvfs vfs;
     if (statvfs(pg_wal, &vfs) != 0 || (long long)vfs.f_bavail * (long long)vfs.f_frsize < MIN_FREE) full_command();
 
     /* pgdr.walpush.file_stamp: device, inode, size, modification time in ns. */
     char stamp[128];
-    if (stat(path, &st) != 0) full_command();
+    long long ns;
+    if (stat(path, &st) != 0 || !mtime_ns(&st, &ns)) full_command();
     snprintf(stamp, sizeof stamp, "%llu %llu %lld %lld", (unsigned long long)st.st_dev,
-             (unsigned long long)st.st_ino, (long long)st.st_size,
-             (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec);
+             (unsigned long long)st.st_ino, (long long)st.st_size, ns);
 
     /* pgdr.fast.identity: cluster|configuration path|its device.inode.size.mtime_ns ("?" when missing). Only
        a configuration named on the command line or in PGDR_CONFIG; the default places are the CLI's to find. */
@@ -271,12 +281,13 @@ int main(int argc, char **argv) {
     if (config == NULL || *config == '\0') full_command();
     char config_path[PATH_MAX], version[128], who[2 * PATH_MAX];
     if (!absolute(config, config_path, sizeof config_path)) full_command();
-    if (stat(config_path, &st) == 0)
+    if (stat(config_path, &st) == 0) {
+        if (!mtime_ns(&st, &ns)) full_command();
         snprintf(version, sizeof version, "%llu.%llu.%lld.%lld", (unsigned long long)st.st_dev,
-                 (unsigned long long)st.st_ino, (long long)st.st_size,
-                 (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec);
-    else
+                 (unsigned long long)st.st_ino, (long long)st.st_size, ns);
+    } else {
         snprintf(version, sizeof version, "?");
+    }
     if ((size_t)snprintf(who, sizeof who, "%s|%s|%s", cluster, config_path, version) >= sizeof who) full_command();
     if (!plain_ascii(who)) full_command();
 

@@ -117,8 +117,8 @@ def postmaster_is_init(datadir: str) -> bool:
     postmaster takes a child it does not know that exits other than with 0 or 1 for a crashed backend: it
     restarts every session. No process pgdr leaves running in the background may outlive its caller there."""
     try:
-        with open(os.path.join(datadir, "postmaster.pid")) as f:
-            return f.readline().strip() == "1"
+        with open(os.path.join(datadir, "postmaster.pid"), "rb") as f:  # bytes: a damaged file must not raise
+            return f.readline().strip() == b"1"
     except OSError:
         return False
 

@@ -109,6 +109,16 @@ static int mtime_ns(const struct stat *st, long long *out) {
     return 1;
 }
 
+/* A file's device, inode, size and modification time in ns, joined by ``sep``, as pgdr.walpush.file_stamp
+   (sep ' ') and pgdr.fast.identity (sep '.') write them; 0 when the time does not fit (see mtime_ns). */
+static int stat_text(const struct stat *st, char sep, char *out, size_t size) {
+    long long ns;
+    if (!mtime_ns(st, &ns)) return 0;
+    snprintf(out, size, "%llu%c%llu%c%lld%c%lld", (unsigned long long)st->st_dev, sep,
+             (unsigned long long)st->st_ino, sep, (long long)st->st_size, sep, ns);
+    return 1;
+}
+
 static int plain_ascii(const char *s) {
     for (; *s; s++)
         if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e) return 0;
@@ -202,8 +212,7 @@ static enum holder pusher(const char *lock, const char *who) {
     return strcmp(first + 1, who) == 0 ? OUR_PUSHER : OTHER_PUSHER;
 }
 
-int main(int argc, char **argv) {
-    (void)argc;
+int main(int argc __attribute__((unused)), char **argv) {
     g_argv = argv;
     const char *cluster = NULL, *config = NULL, *parallel_arg = NULL, *batch_arg = NULL, *timeout_arg = NULL;
     const char *positional[3];
@@ -270,10 +279,7 @@ int main(int argc, char **argv) {
 
     /* pgdr.walpush.file_stamp: device, inode, size, modification time in ns. */
     char stamp[128];
-    long long ns;
-    if (stat(path, &st) != 0 || !mtime_ns(&st, &ns)) full_command();
-    snprintf(stamp, sizeof stamp, "%llu %llu %lld %lld", (unsigned long long)st.st_dev,
-             (unsigned long long)st.st_ino, (long long)st.st_size, ns);
+    if (stat(path, &st) != 0 || !stat_text(&st, ' ', stamp, sizeof stamp)) full_command();
 
     /* pgdr.fast.identity: cluster|configuration path|its device.inode.size.mtime_ns ("?" when missing). Only
        a configuration named on the command line or in PGDR_CONFIG; the default places are the CLI's to find. */
@@ -281,13 +287,10 @@ int main(int argc, char **argv) {
     if (config == NULL || *config == '\0') full_command();
     char config_path[PATH_MAX], version[128], who[2 * PATH_MAX];
     if (!absolute(config, config_path, sizeof config_path)) full_command();
-    if (stat(config_path, &st) == 0) {
-        if (!mtime_ns(&st, &ns)) full_command();
-        snprintf(version, sizeof version, "%llu.%llu.%lld.%lld", (unsigned long long)st.st_dev,
-                 (unsigned long long)st.st_ino, (long long)st.st_size, ns);
-    } else {
+    if (stat(config_path, &st) != 0)
         snprintf(version, sizeof version, "?");
-    }
+    else if (!stat_text(&st, '.', version, sizeof version))
+        full_command();
     if ((size_t)snprintf(who, sizeof who, "%s|%s|%s", cluster, config_path, version) >= sizeof who) full_command();
     if (!plain_ascii(who)) full_command();
 
@@ -306,7 +309,8 @@ int main(int argc, char **argv) {
             if (!quiet) fprintf(stderr, "pgdr: %s archived by the push queue (%s)\n", name, key);
             return 0;
         }
-        if (ack == ACK_OTHER || access(error, F_OK) == 0) full_command(); /* another's: the full command waits for the pusher to replace it; or a failure to report */
+        /* Another's acknowledgement (the full command waits for the pusher to replace it), or a failure to report */
+        if (ack == ACK_OTHER || access(error, F_OK) == 0) full_command();
         double t = now();
         if (t >= next_look) {
             next_look = t + 0.1;

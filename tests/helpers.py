@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PGDR_FAST = Path(sys.executable).parent / "pgdr-fast"  # archive_command's compiled front, beside pgdr (make venv)
 
 # (database, statement): several databases, known rows, and ~4 MB of random
 # bytes that no codec can shrink.

@@ -8,9 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from helpers import pgdr, write_config
+from helpers import PGDR_FAST, pgdr, write_config
 from pgdr.sandbox import SandboxCluster, free_port
 
 
@@ -65,11 +64,10 @@ def test_a_failing_archive_command_fails_check_naming_pg_stat_archiver(workdir):
 
         # archive_command through the compiled front: the probe goes through it to the pgdr beside it; a front
         # copied away from its pgdr is named as the cause.
-        front = Path(sys.executable).parent / "pgdr-fast"
         lonely = base / "lonely" / "pgdr-fast"
         lonely.parent.mkdir()
-        shutil.copy(front, lonely)
-        for command, ok in ((lonely, False), (front, True)):
+        shutil.copy(PGDR_FAST, lonely)
+        for command, ok in ((lonely, False), (PGDR_FAST, True)):
             pg.psql(f"alter system set archive_command = '{command} --config {config} -q wal-push --cluster app %p'")
             pg.psql("select pg_reload_conf()")
             code, report, err = pgdr("--json", "check", "--cluster", "app", config=config)

@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from pgdr.fast import announce, identity, lock_exclusively, unlock
+from helpers import PGDR_FAST
+from pgdr.fast import announce, identity, lock_exclusively, postmaster_is_init, unlock
 from pgdr.walpush import LOCK, SPOOL_DIR, Ack, answer_push, file_stamp
 
-BUILT = Path(sys.executable).parent / "pgdr-fast"
 NAME = "000000010000000000000003"
 STUB = """#!/bin/sh
 for a in "$@"; do printf '%s\\n' "$a"; done > "$PGDR_STUB_OUT"
@@ -47,7 +46,7 @@ class Site:
         self.bin = root / "bin"
         self.bin.mkdir()
         self.front = self.bin / "pgdr-fast"
-        shutil.copy(BUILT, self.front)
+        shutil.copy(PGDR_FAST, self.front)
         (self.bin / "pgdr").write_text(STUB)
         (self.bin / "pgdr").chmod(0o755)
         self.out = root / "stub-argv"
@@ -234,16 +233,11 @@ def test_a_front_with_no_pgdr_beside_it_fails_the_call_and_says_why(site):
     assert f"cannot run {site.bin / 'pgdr'}" in proc.stderr and "not archived" in proc.stderr
 
 
-def test_a_damaged_postmaster_pid_is_read_not_raised_on():
+def test_a_damaged_postmaster_pid_is_read_not_raised_on(tmp_path):
     """pgdr.fast.postmaster_is_init runs in every archive_command and restore_command call: bytes that are
     not text answer "not PID 1" (a crash there would end recovery or fail archiving)."""
-    from pgdr.fast import postmaster_is_init
-
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        pid = Path(d) / "postmaster.pid"
-        for content, init in ((b"\xff\xfe\n", False), (b"4242\n\xff\n", False), (b"1\n/data\n", True),
-                              (b" 1 \n", True), (b"11\n", False)):
-            pid.write_bytes(content)
-            assert postmaster_is_init(d) is init, content
+    pid = tmp_path / "postmaster.pid"
+    for content, init in ((b"\xff\xfe\n", False), (b"4242\n\xff\n", False), (b"1\n/data\n", True),
+                          (b" 1 \n", True), (b"11\n", False)):
+        pid.write_bytes(content)
+        assert postmaster_is_init(str(tmp_path)) is init, content

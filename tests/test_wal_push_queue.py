@@ -18,7 +18,7 @@ from pathlib import Path
 
 import helpers
 import pytest
-from helpers import archive_repo, pgdr, write_config
+from helpers import PGDR_FAST, archive_repo, pgdr, write_config
 from pgdr.fast import identity
 from pgdr.sandbox import SandboxCluster, free_port
 from pgdr.wal import WalArchive
@@ -71,11 +71,8 @@ def push_config(workdir, tag, repository) -> Path:
     return config
 
 
-FRONT = Path(sys.executable).parent / "pgdr-fast"  # archive_command's compiled front (make venv builds it)
-
-
 def start_archiving(pg, config, *extra, front: bool = False) -> None:
-    pgdr_cmd = [str(FRONT)] if front else [sys.executable, "-m", "pgdr"]
+    pgdr_cmd = [str(PGDR_FAST)] if front else [sys.executable, "-m", "pgdr"]
     command = " ".join([*pgdr_cmd, "--config", str(config), "-q", "wal-push", "--cluster", "app", *extra, "%p"])
     pg.psql(f"alter system set archive_command = '{command}'")
     pg.psql("select pg_reload_conf()")

@@ -174,7 +174,7 @@ def run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: 
             raise
         why = f"pg_basebackup could not take an incremental on top of {parent.label} ({e})"
         log.warning("falling back to a full backup: %s", why)
-        result = _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None)
+        result = _run_backup(cluster, conn, storage, label, part_size, wal_timeout, None, info=info)
         result.type_reason = f"falling back to a full backup: {why}"
         return result
     result.type_reason = decision.reason

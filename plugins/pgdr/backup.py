@@ -400,12 +400,27 @@ def store_parts(reader: ChunkReader, watcher: TarWatcher, repo: Repository, labe
     return files
 
 
-def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, parent, data_key,
-            parent_path) -> BackupManifest:
+def _local_copy(cluster, conn, info, label, parent):
+    """The LocalCopy of a full backup with ``backup_method: local``; None where pg_basebackup takes it."""
+    if cluster.backup_method != "local":
+        return None
+    if parent is not None:
+        log.info("backup %s: an incremental goes through pg_basebackup, whose server knows the changed blocks", label)
+        return None
+    from pgdr.localcopy import LocalCopy
+
+    local = LocalCopy.open(conn, info, label, cluster.checkpoint, cluster.backup_wal == "embed")
+    if local is None:
+        log.info("backup %s: the server is a standby; backup_method local reads a primary's data directory, so "
+                 "pg_basebackup takes this one", label)
+    return local
+
+
+def _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_key, parent_path):
+    """pg_basebackup's tar stream into the repository: the stored parts and the TarWatcher that saw it."""
     cmd = basebackup_command(bins, conn, cluster, label, parent_path)
-    start = utcnow()
     log.info("backup %s of cluster %s: streaming pg_basebackup (PostgreSQL %s, %s) from %s into %s",
-             label, cluster.name, bins.version, bins.path, conn.describe(), storage.describe())
+             label, cluster.name, bins.version, bins.path, conn.describe(), repo.storage.describe())
     with tempfile.TemporaryFile() as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, env=conn.process_env())
         stop_on_abort = _kill_when(abort, proc)
@@ -429,6 +444,27 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
     if rc != 0:
         tail = "\n".join(stderr.splitlines()[-5:]) or "(no output)"
         raise PostgresError(f"pg_basebackup failed with exit code {rc}: {tail}")
+    return files, watcher
+
+
+def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, parent, data_key,
+            parent_path) -> BackupManifest:
+    start = utcnow()
+    local = _local_copy(cluster, conn, info, label, parent)
+    if local is not None:
+        log.info("backup %s of cluster %s: reading the data directory %s directly (PostgreSQL %s) into %s",
+                 label, cluster.name, local.datadir, info.version, storage.describe())
+        prefetch = Prefetch(local.chunks(), depth=16)
+        watcher = TarWatcher()
+        try:
+            files = store_parts(ChunkReader(prefetch), watcher, repo, label, cluster, data_key, part_size, abort)
+        finally:
+            prefetch.close()  # an early stop closes the backup's session, which aborts it on the server
+        if abort is not None and abort.is_set():
+            raise LockedError(f"backup {label} aborted: its lock was lost")
+    else:
+        files, watcher = _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_key,
+                                            parent_path)
     pg_manifest = watcher.captured.get("backup_manifest")
     if not pg_manifest:
         raise PgdrError("pg_basebackup produced no backup_manifest; PostgreSQL 13 or newer is required")

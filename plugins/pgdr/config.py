@@ -150,6 +150,7 @@ class ClusterConfig:
     checkpoint: str = "fast"
     run_as: str = "postgres"
     backup_wal: str = "embed"  # embed: WAL inside the backup; archive: taken from the WAL archive
+    backup_method: str = "pg_basebackup"  # or local: full backups read from the data directory (localcopy.py)
     restore_roots: tuple = DEFAULT_RESTORE_ROOTS  # restores (and replaces) write only below these
     retention_window_days: int = 30  # any point in this many days stays restorable
     retention_min_full: int = 2  # never fewer full backups than this
@@ -225,7 +226,7 @@ class _Reader:
 
 
 CLUSTER_KEYS = {"conn_id", "dsn", "repository", "compression", "compression_level", "schedule",
-                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal",
+                "timezone", "pg_bin_dir", "checkpoint", "run_as", "alerts", "wal", "backup_wal", "backup_method",
                 "retention_window_days", "retention_min_full", "rto_seconds", "rpo_seconds", "drill",
                 "backup_type_policy"}
 POLICY_KEYS = {"full_every_days", "max_chain"}
@@ -315,6 +316,10 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
     backup_wal = r.string(m, "backup_wal", key, "embed")
     if backup_wal not in ("embed", "archive"):
         r.fail(f"{key}.backup_wal", "must be 'embed' (WAL inside each backup) or 'archive' (from the WAL archive)")
+    backup_method = r.string(m, "backup_method", key, "pg_basebackup")
+    if backup_method not in ("pg_basebackup", "local"):
+        r.fail(f"{key}.backup_method", "must be 'pg_basebackup' (the server sends the files) or 'local' (pgdr reads "
+                                       "the data directory itself, on the database host)")
     alerts_m = r.mapping(m.get("alerts"), f"{key}.alerts", ALERT_KEYS)
     severity = r.string(alerts_m, "severity", f"{key}.alerts", "critical")
     if severity not in ("critical", "error", "warning", "info"):
@@ -339,6 +344,7 @@ def _cluster(r: _Reader, name: str, m: dict, key: str) -> ClusterConfig:
         checkpoint=checkpoint,
         run_as=r.string(m, "run_as", key, "postgres"),
         backup_wal=backup_wal,
+        backup_method=backup_method,
         retention_window_days=window,
         retention_min_full=r.integer(m, "retention_min_full", key, 2, 1, 1000),
         max_backup_age_hours=_positive_hours(r, m, key),

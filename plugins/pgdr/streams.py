@@ -96,6 +96,10 @@ class Prefetch:
             self._put(self._END)
         except BaseException as e:  # handed to the consumer
             self._put(e)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a generator abandoned by the consumer runs its cleanup now, not whenever it is collected
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():

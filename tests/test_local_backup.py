@@ -1,0 +1,303 @@
+"""``backup_method: local``: full backups read from the data directory by pgdr itself (as pgBackRest does),
+between pg_backup_start and pg_backup_stop, against real PostgreSQL 18 and 15 servers.
+
+What must hold: the files are exactly the ones pg_basebackup would send (same exclusions, same manifest
+entries), PostgreSQL's own pg_verifybackup accepts the result with checksums, a backup taken while
+transactions commit restores to a consistent state that holds everything committed before it began, an
+incremental (pg_basebackup --incremental) builds on such a full, and a data directory that is not the
+connected server's (a standby's copy of the same cluster) is never read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import pgdr, write_config
+from pgdr.localcopy import NotLocal, prove_local, tar_header
+from pgdr.sandbox import SandboxCluster, free_port
+from pgdr.tarstream import TarWatcher
+from test_backup_restore import socket_dir
+
+_n = itertools.count()
+DBS = ("app", "postgres")
+
+
+def _seed(pg) -> None:
+    pg.psql("create database app")
+    pg.psql("create table accounts (id int primary key, balance int not null, filler text)", dbname="app")
+    pg.psql("insert into accounts select g, 0, repeat('x', 200) from generate_series(1, 200000) g", dbname="app")
+    pg.psql("create table ledger (id bigserial primary key, moved int not null)", dbname="app")
+    pg.psql("create unlogged table scratch (id int primary key, v text)", dbname="app")
+    pg.psql("insert into scratch select g, 'u' from generate_series(1, 5000) g", dbname="app")
+    pg.psql("select pg_create_physical_replication_slot('keeper', true)")
+    pg.psql("checkpoint")
+
+
+@pytest.fixture(scope="module")
+def src(workdir):
+    """A PostgreSQL 18 server of its own (summarize_wal = on), some data, an unlogged table, a replication slot
+    and a file in pgsql_tmp; a config for it with backup_method local (cluster app) and pg_basebackup (ref)."""
+    from conftest import _bins
+
+    tag = "local18"
+    pg = SandboxCluster(_bins(18), workdir / tag / "data", free_port())
+    pg.init(extra_conf="summarize_wal = on\n").start()
+    _seed(pg)
+    tmp = pg.datadir / "base" / "pgsql_tmp"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "pgsql_tmp999.0").write_bytes(b"t" * 10000)
+    repo = f"file://{workdir / tag / 'repo'}"
+    config = write_config(workdir / f"{tag}.yaml", {
+        "app": {"dsn": pg.dsn, "repository": repo, "backup_method": "local"},
+        "ref": {"dsn": pg.dsn, "repository": repo}})
+    yield {"pg": pg, "config": config, "repo": Path(repo.removeprefix("file://"))}
+    pg.destroy()
+
+
+def _restore(config, workdir, bins, label, *args, start=True):
+    dest = workdir / f"local-restore-{next(_n)}"
+    port = free_port()
+    extra = ["--start", "--port", port, "--socket-dir", socket_dir(workdir)] if start else []
+    code, out, err = pgdr("--json", "restore", "--cluster", "app", "--backup", label, "--pgdata", dest, *extra, *args,
+                          config=config)
+    assert code == 0, err
+    return out, SandboxCluster(bins, dest, port), dest
+
+
+def _manifest(repo: Path, cluster: str, label: str) -> dict:
+    return json.loads((repo / cluster / "backup" / label / "backup_manifest").read_bytes())
+
+
+def _relfilenode(pg, table: str) -> str:
+    return pg.psql(f"select pg_relation_filepath('{table}')", dbname="app")
+
+
+def test_local_full_holds_what_pg_basebackup_holds_and_restores_to_the_source(src, workdir):
+    pg, config = src["pg"], src["config"]
+    code, local, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+    assert code == 0, err
+    assert "reading the data directory" in err and "streaming pg_basebackup" not in err
+    code, ref, err = pgdr("--json", "backup", "--cluster", "ref", "--type", "full", config=config)
+    assert code == 0, err
+    mine, theirs = _manifest(src["repo"], "app", local["label"]), _manifest(src["repo"], "ref", ref["label"])
+    # The same files, the same manifest layout (pg_basebackup adds an empty tablespace_map; pgdr leaves it out
+    # as a backup without tablespaces needs none).
+    # Each marks its own embedded WAL archived: the segments differ, their number does not.
+    def files(m):
+        return sorted(("pg_wal/archive_status/*.done" if f["Path"].endswith(".done") else f["Path"])
+                      for f in m["Files"])
+    assert files(mine) == [p for p in files(theirs) if p != "tablespace_map"]
+    assert mine["PostgreSQL-Backup-Manifest-Version"] == theirs["PostgreSQL-Backup-Manifest-Version"] == 2
+    assert mine["System-Identifier"] == theirs["System-Identifier"]
+    assert {f["Checksum-Algorithm"] for f in mine["Files"]} == {"CRC32C"}
+    scratch = _relfilenode(pg, "scratch")
+    paths = {f["Path"] for f in mine["Files"]}
+    assert f"{scratch}_init" in paths and scratch not in paths  # unlogged: only the init fork
+    assert not any(p.startswith("pg_replslot/") or "pgsql_tmp" in p or p.endswith("pg_internal.init")
+                   or p in ("postmaster.pid", "postmaster.opts") for p in paths)
+    # The embedded WAL is marked archived (a server started from the backup must not archive it again).
+    done = sorted(p for p in paths if p.startswith("pg_wal/"))
+    assert done and all(p.startswith("pg_wal/archive_status/") and p.endswith(".done") for p in done)
+    assert mine["WAL-Ranges"][0]["Start-LSN"] == local["start_lsn"]
+    expected = pg.table_hashes(DBS)
+
+    # Unpacked, before PostgreSQL touches it: what the tar held.
+    out, _, dest = _restore(config, workdir, pg.bins, local["label"], "--verify-checksums", start=False)
+    assert out["pg_verifybackup"] == "ok (files, sizes, checksums, WAL)"
+    assert (dest / "pg_replslot").is_dir() and not any((dest / "pg_replslot").iterdir())
+    assert not (dest / "base" / "pgsql_tmp").exists() and not (dest / "postmaster.pid").exists()
+    assert (dest / "pg_wal" / "summaries").is_dir() and (dest / "pg_wal" / "archive_status").is_dir()
+    wal = sorted(p.name for p in (dest / "pg_wal").iterdir() if p.is_file())
+    assert wal and all(len(n) == 24 for n in wal)  # the backup's own WAL, embedded, nothing else
+    assert sorted(p.name for p in (dest / "pg_wal" / "archive_status").iterdir()) == [f"{n}.done" for n in wal]
+    label_text = (dest / "backup_label").read_text()
+    assert f"START WAL LOCATION: {local['start_lsn']} " in label_text and "LABEL: pgdr " in label_text
+    assert not (dest / scratch).exists() and (dest / f"{scratch}_init").exists()
+
+    out, restored, _ = _restore(config, workdir, pg.bins, local["label"])
+    try:
+        got = restored.table_hashes(DBS)
+        assert {k: v for k, v in got.items() if "scratch" not in k} == \
+               {k: v for k, v in expected.items() if "scratch" not in k}
+        assert restored.psql("select count(*) from scratch", dbname="app") == "0"  # reset from its init fork
+    finally:
+        restored.destroy()
+
+
+def test_backup_taken_while_transactions_commit_restores_consistent(src, workdir):
+    """Transfers between accounts (the sum stays 0) and a ledger row each, one transaction after another, and
+    checkpoints, all through the backup: the restored cluster's sum is 0 and its ledger is 1..M, M at least
+    what was committed when the backup began."""
+    import psycopg
+
+    pg, config = src["pg"], src["config"]
+    stop, counts, errors = threading.Event(), [], []
+
+    def writer():
+        try:
+            with psycopg.connect(pg.dsn.replace("dbname=postgres", "dbname=app"), autocommit=True) as c:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    with c.transaction():
+                        c.execute("update accounts set balance = balance - 1 where id = %s", (i * 7919 % 200000 + 1,))
+                        c.execute("update accounts set balance = balance + 1 where id = %s", (i * 104729 % 200000 + 1,))
+                        c.execute("insert into ledger (moved) values (1)")
+                    counts.append(i)
+        except Exception as e:  # reported by the test
+            errors.append(e)
+
+    def checkpointer():
+        # Checkpoints during the copy: recovery must start from the backup's own (backup_label), not from
+        # whichever later one pg_control holds, or pages copied before it miss what changed since the start.
+        try:
+            with psycopg.connect(pg.dsn, autocommit=True) as c:
+                while not stop.is_set():
+                    c.execute("checkpoint")
+                    time.sleep(0.02)
+        except Exception as e:  # reported by the test
+            errors.append(e)
+
+    t, cp = threading.Thread(target=writer), threading.Thread(target=checkpointer)
+    t.start()
+    cp.start()
+    try:
+        time.sleep(0.5)
+        committed_before = len(counts)
+        code, local, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+        cp.join()
+    assert not errors, errors
+    assert code == 0, err
+    assert len(counts) > committed_before + 10  # the writer kept committing through the backup
+    out, restored, _ = _restore(config, workdir, pg.bins, local["label"])
+    try:
+        assert restored.psql("select sum(balance), count(*) from accounts", dbname="app") == "0|200000"
+        n, lo, hi = map(int, restored.psql("select count(*), coalesce(min(id), 0), coalesce(max(id), 0) from ledger",
+                                           dbname="app").split("|"))
+        assert n >= committed_before and (lo, hi) == ((1 if n else 0), n), (n, lo, hi, committed_before)
+        # Every index entry points at a row and every row is indexed: no torn page survived recovery.
+        assert restored.psql("set enable_seqscan = off; set enable_bitmapscan = off; "
+                             "select count(*) from (select id from accounts order by id) s", dbname="app") == "200000"
+    finally:
+        restored.destroy()
+
+
+def test_incremental_builds_on_a_local_full_and_the_chain_restores(src, workdir):
+    pg, config = src["pg"], src["config"]
+    code, full, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+    assert code == 0, err
+    pg.psql("update accounts set filler = 'changed' where id % 100 = 1", dbname="app")
+    pg.psql("create table after_full as select g from generate_series(1, 1000) g", dbname="app")
+    pg.psql("checkpoint")
+    deadline = time.monotonic() + 60
+    while pg.psql("select summarized_lsn >= (select redo_lsn from pg_control_checkpoint()) "
+                  "from pg_get_wal_summarizer_state()") != "t" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    code, incr, err = pgdr("--json", "backup", "--cluster", "app", "--type", "incr", config=config)
+    assert code == 0, err
+    assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
+    assert "goes through pg_basebackup" in err
+    assert incr["stored_size"] < full["stored_size"] / 3
+    expected = pg.table_hashes(DBS)
+    out, restored, _ = _restore(config, workdir, pg.bins, incr["label"])
+    try:
+        assert out["chain"] == [full["label"], incr["label"]]
+        got = restored.table_hashes(DBS)
+        assert {k: v for k, v in got.items() if "scratch" not in k} == \
+               {k: v for k, v in expected.items() if "scratch" not in k}
+    finally:
+        restored.destroy()
+
+
+def test_a_standby_copy_of_the_cluster_is_never_read_as_the_primary(src, workdir):
+    """A standby's data directory holds the same system identifier and files that may lag the primary: the
+    proof of locality refuses it for the primary's session, and a backup of the standby itself goes through
+    pg_basebackup."""
+    import psycopg
+
+    pg, config = src["pg"], src["config"]
+    standby = SandboxCluster(pg.bins, workdir / "local18-standby" / "data", free_port())
+    standby.datadir.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([pg.bins.tool("pg_basebackup"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
+                    "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast"], check=True, capture_output=True)
+    subprocess.run(["chown", "-R", "postgres:postgres", str(standby.datadir)], check=True)
+    standby.datadir.chmod(0o700)
+    with open(standby.datadir / "postgresql.conf", "a") as f:
+        f.write(f"\nport = {standby.port}\nunix_socket_directories = '{standby.socket_dir}'\n")
+    standby.start()
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            pid, ident = c.execute("select pg_backend_pid(), (select system_identifier::text "
+                                   "from pg_control_system())").fetchone()
+            prove_local(pg.datadir, pid, pg.port, ident)  # the primary's own directory: proven
+            with pytest.raises(NotLocal, match="not to the server this session reached"):
+                prove_local(standby.datadir, pid, pg.port, ident)
+            with pytest.raises(NotLocal, match="not on this host"):
+                prove_local(pg.datadir, 4194304 + 17, pg.port, ident)  # past pid_max: a backend elsewhere
+            with pytest.raises(NotLocal, match="holds system"):
+                prove_local(pg.datadir, pid, pg.port, "12345")
+        sconfig = write_config(workdir / "local18-standby.yaml", {"app": {
+            "dsn": standby.dsn, "repository": f"file://{workdir / 'local18-standby' / 'repo'}",
+            "backup_method": "local", "backup_wal": "embed"}})
+        code, out, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=sconfig)
+        assert code == 0, err
+        assert "the server is a standby" in err and "streaming pg_basebackup" in err
+    finally:
+        standby.destroy()
+
+
+def test_local_full_on_postgresql_15(pg15, workdir):
+    """PostgreSQL 15 (backup manifest version 1) and backup_wal: archive-less embed: restores to the source."""
+    config = write_config(workdir / "local15.yaml", {"app": {
+        "dsn": pg15.dsn, "repository": f"file://{workdir / 'local15-repo'}", "backup_method": "local"}})
+    expected = pg15.table_hashes(("app", "billing", "postgres"))
+    code, local, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+    assert code == 0, err
+    assert "reading the data directory" in err
+    m = _manifest(workdir / "local15-repo", "app", local["label"])
+    assert m["PostgreSQL-Backup-Manifest-Version"] == 1 and "System-Identifier" not in m
+    out, restored, _ = _restore(config, workdir, pg15.bins, local["label"])
+    try:
+        assert out["pg_verifybackup"].startswith("ok")
+        assert restored.table_hashes(("app", "billing", "postgres")) == expected
+    finally:
+        restored.destroy()
+
+
+def test_bad_backup_method_is_a_config_error(workdir):
+    config = write_config(workdir / "local-bad.yaml", {"app": {
+        "dsn": "host=127.0.0.1 port=1", "repository": f"file://{workdir / 'local-bad-repo'}",
+        "backup_method": "rsync"}})
+    code, _, err = pgdr("--json", "backup", "--cluster", "app", config=config)
+    assert code == 2 and "backup_method" in err and "'local'" in err
+
+
+def test_tar_header_long_names_and_large_sizes_read_back():
+    """Names past 100 bytes (a GNU long-name record) and sizes past 8 GiB (base-256) read back as written."""
+    import io
+    import tarfile
+
+    name = "base/16384/" + "n" * 150
+    stream = tar_header(name, 3, 0o600, 1_700_000_000, b"0") + b"abc" + b"\0" * 509
+    stream += tar_header("big", 9 << 30, 0o600, 0, b"0")[:512]
+    seen = []
+
+    class Names(TarWatcher):
+        def member(self, n, kind, size, mode, linkname):
+            seen.append((n, size, mode))
+
+    Names().feed(stream)
+    assert seen == [(name, 3, 0o600), ("big", 9 << 30, 0o600)]
+    member = tarfile.open(fileobj=io.BytesIO(stream[:-512] + b"\0" * 1024)).getmembers()[0]
+    assert (member.name, member.size) == (name, 3)

@@ -10,6 +10,8 @@ parallel. Peak RSS of every measured pgdr process is printed too (target: under 
 Rows:
 - full backup, then an incremental after each ~1% of the pages changed: time and stored bytes (target ≤ 0.1×
   the full's time); the first incremental, and the median of the chain's;
+- full backups of the same cluster with backup_method local too (pgdr reads the data directory itself, as
+  pgBackRest does; cluster ``bench-local`` in the same repository), at the start and at the chain's end;
 - every backup and restore starts with a checkpoint, `sync` and a cold page cache (drop_caches);
 - restore of a full + 6 incrementals (each after ~1% changed) against the restore of a full of the same data
   (target ≤ 1.2×): ``--repeat`` rounds, each side first in every other round, each restore into a new
@@ -212,20 +214,27 @@ def main() -> int:
             print(f"beside {brest.version()}", flush=True)
         repo = work / "repo"
         config = work / "pgdr.yaml"
-        config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "repository": f"file://{repo}",
-                                                             "pg_bin_dir": bins.path,
-                                                             "restore_roots": [str(work)]}}}))
+        bench = {"dsn": src.dsn, "repository": f"file://{repo}", "pg_bin_dir": bins.path,
+                 "restore_roots": [str(work)]}
+        # bench-local: the same server, its full backups read from the data directory (backup_method local).
+        config.write_text(json.dumps({"clusters": {"bench": bench,
+                                                   "bench-local": {**bench, "backup_method": "local"}}}))
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
 
-        def backup(kind, label):
+        def backup(kind, label, cluster="bench"):
             waited = settle()
             if waited > 0.2:
                 print(f"  (before {label}: {waited:.1f} s for the WAL summarizer to catch up, off the clock)",
                       flush=True)
-            out = work / f"out-{label}.json"
+            out = work / f"out-{cluster}-{label}.json"
             with open(out, "w") as f:
-                m = timed(pgdr + ["backup", "--cluster", "bench", "--type", kind, "--label", label], stdout=f)
+                m = timed(pgdr + ["backup", "--cluster", cluster, "--type", kind, "--label", label], stdout=f)
             return m, json.loads(out.read_text())
+
+        def local_full(label, versus, whose):
+            m, out = backup("full", label, "bench-local")
+            row(f"pgdr full backup, backup_method local{whose}", m, f"stored {out['stored_size'] / 1e6:.1f} MB; "
+                f"cpu {m['cpu']:.1f} s" + (f"; {m['wall'] / versus:.2f}x pgBackRest's" if versus else ""))
 
         def brest_backup(kind):
             settle()
@@ -238,8 +247,11 @@ def main() -> int:
         full_time, full_bytes = m["wall"], full["stored_size"]
         if brest:
             bm, blabel, bstored = brest_backup("full")
-            row("pgBackRest full backup (zst 3, process-max 2, bundle + block)", bm, f"stored {bstored / 1e6:.1f} MB")
+            row("pgBackRest full backup (zst 3, process-max 2, bundle + block)", bm,
+                f"stored {bstored / 1e6:.1f} MB; cpu {bm['cpu']:.1f} s; pgdr through pg_basebackup "
+                f"{full_time / bm['wall']:.2f}x this")
             bfull_time, bfull_bytes = bm["wall"], bstored
+        local_full("20261101-000000F", bfull_time if brest else None, " (reads the data directory)")
         labels, incs, binc_labels, bincs = [], [], [], []
         for i in range(1, args.chain + 1):
             change_one_percent(src, i)
@@ -269,7 +281,9 @@ def main() -> int:
         row("pgdr full backup of the chain's end state", m, f"stored {full2['stored_size'] / 1e6:.1f} MB")
         if brest:
             bm, bfull2, bstored = brest_backup("full")
-            row("pgBackRest full backup of the chain's end state", bm, f"stored {bstored / 1e6:.1f} MB")
+            row("pgBackRest full backup of the chain's end state", bm, f"stored {bstored / 1e6:.1f} MB; "
+                f"pgdr through pg_basebackup {m['wall'] / bm['wall']:.2f}x this")
+        local_full("20261120-000000F", bm["wall"] if brest else None, " of the chain's end state")
 
         def compare(name_a, cmd_a, name_b, cmd_b, tag):
             """Both restores, ``--repeat`` rounds in alternating order; returns their medians' rows."""
@@ -324,7 +338,8 @@ def main() -> int:
 def s3_rows(args, work, src, bins, row, settle, timed) -> None:
     """Backup and restore of the whole cluster through a proxy adding ``--latency-ms`` to every request, over
     HTTPS (pgBackRest's S3 client speaks nothing else; pgdr checks the proxy's certificate): pgdr with
-    transfer_concurrency 1 and 4, and pgBackRest (bundle + block, process-max 2) when given."""
+    transfer_concurrency 1 and 4 (backup_method local: reading the data directory, as pgBackRest does), and
+    pgBackRest (bundle + block, process-max 2) when given."""
     from latency_proxy import LatencyProxy, self_signed
 
     port = free_port()
@@ -355,6 +370,7 @@ def s3_rows(args, work, src, bins, row, settle, timed) -> None:
             config = work / f"pgdr-s3-{conc}.yaml"
             config.write_text(json.dumps({"clusters": {"bench": {"dsn": src.dsn, "pg_bin_dir": bins.path,
                                                                  "restore_roots": [str(work)],
+                                                                 "backup_method": "local",
                                                                  "repository": {
                                                                      "url": f"s3://{bucket}/r",
                                                                      "endpoint_url": proxy.url,

@@ -253,6 +253,10 @@ def test_a_standby_copy_of_the_cluster_is_never_read_as_the_primary(src, workdir
         code, out, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=sconfig)
         assert code == 0, err
         assert "the server is a standby" in err and "streaming pg_basebackup" in err
+        for cfg, words in ((sconfig, "the server is a standby"), (config, f"reads {pg.datadir}, proven")):
+            code, report, err = pgdr("--json", "check", "--cluster", "app", config=cfg)
+            item = [c for c in report["checks"] if c["name"] == "local_read"]
+            assert item and item[0]["ok"] and words in item[0]["detail"], (report, err)
     finally:
         standby.destroy()
 

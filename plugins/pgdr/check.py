@@ -94,6 +94,8 @@ def run_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> Check
             add("binaries", True, f"pg_basebackup {b.version} in {b.path}")
         except PgdrError as e:
             add("binaries", False, str(e))
+        if cluster.backup_method == "local":
+            add(*_local_read_check(cluster, conn, info))
     add(*_repository_check(storage))
     if info:
         for item in _archiving_checks(cluster, conn, storage):
@@ -105,6 +107,23 @@ def run_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> Check
     if info:
         add(*_identity_check(storage, cluster, info.system_identifier))
     return CheckReport(cluster=cluster.name, ok=all(c.ok for c in checks if c.critical), checks=checks)
+
+
+def _local_read_check(cluster: ClusterConfig, conn: ConnInfo, info) -> tuple[str, bool, str]:
+    """backup_method local: the data directory here is provably the server's, and readable (no backup started)."""
+    from pgdr.localcopy import LocalCopy
+
+    try:
+        local = LocalCopy.open(conn, info, "check", cluster.checkpoint, cluster.backup_wal == "embed")
+    except PgdrError as e:
+        return "local_read", False, f"backup_method local: {e}"
+    if local is None:
+        return "local_read", True, "backup_method local: the server is a standby, so its backups use pg_basebackup"
+    unreadable = local.unreadable()
+    if unreadable:
+        return "local_read", False, (f"backup_method local: cannot read {unreadable}; run pgdr as the server's user "
+                                     "(or one in its group, with initdb --allow-group-access)")
+    return "local_read", True, f"backup_method local: reads {local.datadir}, proven to be this server's"
 
 
 def _repository_check(storage: Storage, prefix: str = "") -> tuple[str, bool, str]:

@@ -212,6 +212,17 @@ class LocalCopy:
             prove_local(copy.datadir, pid, port, ident)
         return copy
 
+    def unreadable(self) -> str | None:
+        """The first directory or file of the data directory this process cannot read (None: all readable), as
+        pgdr check asks before a backup would fail on it."""
+        for root, dirs, files in os.walk(self.datadir, onerror=None):
+            if not os.access(root, os.R_OK | os.X_OK):
+                return root
+            for name in files:
+                if name not in EXCLUDED_FILES and not os.access(os.path.join(root, name), os.R_OK):
+                    return os.path.join(root, name)
+        return None
+
     def chunks(self) -> Iterator[bytes]:
         """The tar stream, in pieces of about CHUNK bytes. The backup starts on the first piece asked for and
         ends (pg_backup_stop) before the last; closing the iterator early closes the session, which aborts it."""

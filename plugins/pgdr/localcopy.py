@@ -18,6 +18,7 @@ cluster (same system identifier, files that may lag the primary's) is refused, o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -109,8 +110,6 @@ class FileChecksum:
 
 
 def _json_string(text: str) -> str:
-    import json
-
     return json.dumps(text, ensure_ascii=False)
 
 
@@ -120,11 +119,11 @@ class ManifestWriter:
 
     def __init__(self, pg_major: int, system_identifier: str):
         if pg_major >= 17:
-            self.text = ('{ "PostgreSQL-Backup-Manifest-Version": 2,\n'
-                         f'"System-Identifier": {int(system_identifier)},\n"Files": [')
+            head = ('{ "PostgreSQL-Backup-Manifest-Version": 2,\n'
+                    f'"System-Identifier": {int(system_identifier)},\n"Files": [')
         else:
-            self.text = '{ "PostgreSQL-Backup-Manifest-Version": 1,\n"Files": ['
-        self.files = 0
+            head = '{ "PostgreSQL-Backup-Manifest-Version": 1,\n"Files": ['
+        self.parts = [head]  # joined once at the end: a cluster has hundreds of thousands of files
 
     def add(self, path: str, size: int, mtime: float, checksum: FileChecksum) -> None:
         raw = path.encode("utf-8", "surrogateescape")
@@ -133,12 +132,12 @@ class ManifestWriter:
         except UnicodeDecodeError:
             name = f'"Encoded-Path": "{raw.hex()}"'
         when = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(mtime))
-        self.text += (f'{"," if self.files else ""}\n{{ {name}, "Size": {size}, "Last-Modified": "{when}", '
-                      f'"Checksum-Algorithm": "{checksum.algorithm}", "Checksum": "{checksum.hexdigest()}" }}')
-        self.files += 1
+        self.parts.append(f'{"," if len(self.parts) > 1 else ""}\n{{ {name}, "Size": {size}, "Last-Modified": '
+                          f'"{when}", "Checksum-Algorithm": "{checksum.algorithm}", "Checksum": '
+                          f'"{checksum.hexdigest()}" }}')
 
     def finish(self, timeline: int, start_lsn: str, end_lsn: str) -> bytes:
-        body = (self.text + "\n],\n" + '"WAL-Ranges": [\n'
+        body = ("".join(self.parts) + "\n],\n" + '"WAL-Ranges": [\n'
                 f'{{ "Timeline": {timeline}, "Start-LSN": "{start_lsn}", "End-LSN": "{end_lsn}" }}' + "\n],\n")
         data = body.encode("utf-8")
         return data + b'"Manifest-Checksum": "' + hashlib.sha256(data).hexdigest().encode() + b'"}\n'

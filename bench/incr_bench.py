@@ -11,7 +11,7 @@ Rows:
 - full backup, then an incremental after each ~1% of the pages changed: time and stored bytes (target ≤ 0.1×
   the full's time); the first incremental, and the median of the chain's;
 - full backups of the same cluster with backup_method local too (pgdr reads the data directory itself, as
-  pgBackRest does; cluster ``bench-local`` in the same repository), at the start and at the chain's end;
+  pgBackRest does; cluster ``bench_local`` in the same repository), at the start and at the chain's end;
 - every backup and restore starts with a checkpoint, `sync` and a cold page cache (drop_caches);
 - restore of a full + 6 incrementals (each after ~1% changed) against the restore of a full of the same data
   (target ≤ 1.2×): ``--repeat`` rounds, each side first in every other round, each restore into a new
@@ -216,9 +216,9 @@ def main() -> int:
         config = work / "pgdr.yaml"
         bench = {"dsn": src.dsn, "repository": f"file://{repo}", "pg_bin_dir": bins.path,
                  "restore_roots": [str(work)]}
-        # bench-local: the same server, its full backups read from the data directory (backup_method local).
+        # bench_local: the same server, its full backups read from the data directory (backup_method local).
         config.write_text(json.dumps({"clusters": {"bench": bench,
-                                                   "bench-local": {**bench, "backup_method": "local"}}}))
+                                                   "bench_local": {**bench, "backup_method": "local"}}}))
         pgdr = [sys.executable, "-m", "pgdr", "--config", str(config), "-q", "--json"]
 
         def backup(kind, label, cluster="bench"):
@@ -232,7 +232,7 @@ def main() -> int:
             return m, json.loads(out.read_text())
 
         def local_full(label, versus, whose):
-            m, out = backup("full", label, "bench-local")
+            m, out = backup("full", label, "bench_local")
             row(f"pgdr full backup, backup_method local{whose}", m, f"stored {out['stored_size'] / 1e6:.1f} MB; "
                 f"cpu {m['cpu']:.1f} s" + (f"; {m['wall'] / versus:.2f}x pgBackRest's" if versus else ""))
 

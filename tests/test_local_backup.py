@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -220,13 +222,32 @@ def test_incremental_builds_on_a_local_full_and_the_chain_restores(src, workdir)
         restored.destroy()
 
 
-def test_a_standby_copy_of_the_cluster_is_never_read_as_the_primary(src, workdir):
-    """A standby's data directory holds the same system identifier and files that may lag the primary: the
-    proof of locality refuses it for the primary's session, and a backup of the standby itself goes through
-    pg_basebackup."""
+def test_a_copy_of_the_cluster_is_never_read_as_the_primary(src, workdir):
+    """A copy of the data directory holds the same system identifier, and even a postmaster.pid naming the
+    primary's postmaster and port (as a standby's on another host, in a pod with the same small PIDs, can):
+    still refused, since a temporary table the primary creates never appears in it. A standby's own backup
+    goes through pg_basebackup."""
     import psycopg
 
     pg, config = src["pg"], src["config"]
+    copy = workdir / "local18-copy"
+    (copy / "global").mkdir(parents=True)
+    shutil.copy2(pg.datadir / "global" / "pg_control", copy / "global")
+    shutil.copy2(pg.datadir / "postmaster.pid", copy)
+    for d in (pg.datadir / "base").iterdir():
+        (copy / "base" / d.name).mkdir(parents=True, exist_ok=True)
+    assert (copy / "postmaster.pid").read_text() == (pg.datadir / "postmaster.pid").read_text()
+    with psycopg.connect(pg.dsn, autocommit=True) as c:
+        ident = c.execute("select system_identifier::text from pg_control_system()").fetchone()[0]
+        prove_local(c, pg.datadir, ident)  # the primary's own directory: proven
+        with pytest.raises(NotLocal, match="did not appear there"):
+            prove_local(c, copy, ident)
+        with pytest.raises(NotLocal, match="holds system"):
+            prove_local(c, pg.datadir, "12345")
+        # The probe leaves nothing behind, here or in the copy.
+        assert c.execute("select count(*) from pg_class where relname like 'pgdr_probe%'").fetchone()[0] == 0
+    assert not [p for p in (copy / "base").rglob("t*_*")]
+
     standby = SandboxCluster(pg.bins, workdir / "local18-standby" / "data", free_port())
     standby.datadir.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([pg.bins.tool("pg_basebackup"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
@@ -237,16 +258,6 @@ def test_a_standby_copy_of_the_cluster_is_never_read_as_the_primary(src, workdir
         f.write(f"\nport = {standby.port}\nunix_socket_directories = '{standby.socket_dir}'\n")
     standby.start()
     try:
-        with psycopg.connect(pg.dsn, autocommit=True) as c:
-            pid, ident = c.execute("select pg_backend_pid(), (select system_identifier::text "
-                                   "from pg_control_system())").fetchone()
-            prove_local(pg.datadir, pid, pg.port, ident)  # the primary's own directory: proven
-            with pytest.raises(NotLocal, match="not to the server this session reached"):
-                prove_local(standby.datadir, pid, pg.port, ident)
-            with pytest.raises(NotLocal, match="not on this host"):
-                prove_local(pg.datadir, 4194304 + 17, pg.port, ident)  # past pid_max: a backend elsewhere
-            with pytest.raises(NotLocal, match="holds system"):
-                prove_local(pg.datadir, pid, pg.port, "12345")
         sconfig = write_config(workdir / "local18-standby.yaml", {"app": {
             "dsn": standby.dsn, "repository": f"file://{workdir / 'local18-standby' / 'repo'}",
             "backup_method": "local", "backup_wal": "embed"}})
@@ -259,6 +270,51 @@ def test_a_standby_copy_of_the_cluster_is_never_read_as_the_primary(src, workdir
             assert item and item[0]["ok"] and words in item[0]["detail"], (report, err)
     finally:
         standby.destroy()
+
+
+def test_idle_session_timeout_does_not_end_the_backup(src, workdir):
+    """The backup's session waits while the files are read: a server's idle_session_timeout must not end it
+    (the backup would fail at pg_backup_stop, after the whole copy)."""
+    pg, config = src["pg"], src["config"]
+    pg.psql("alter system set idle_session_timeout = '50ms'")
+    pg.psql("select pg_reload_conf()")
+    try:
+        code, local, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+    finally:
+        pg.psql("alter system reset idle_session_timeout")
+        pg.psql("select pg_reload_conf()")
+    assert code == 0, err
+    assert local["status"] == "ok"
+
+
+def test_an_unreadable_directory_is_named_by_check_and_backup(src, workdir):
+    """pgdr run as the server's user, a root-only directory in the data directory (lost+found): check names it,
+    and the backup fails naming it, not the repository."""
+    pg = src["pg"]
+    repo = workdir / "local18-asuser-repo"
+    repo.mkdir()
+    shutil.chown(repo, "postgres", "postgres")
+    config = write_config(workdir / "local18-asuser.yaml", {"app": {
+        "dsn": pg.dsn, "repository": f"file://{repo}", "backup_method": "local"}})
+    config.chmod(0o644)
+    lost = pg.datadir / "lost+found"
+    lost.mkdir(mode=0o700)
+    try:
+        def as_postgres(*args):
+            proc = subprocess.run(["runuser", "-u", "postgres", "--", sys.executable, "-m", "pgdr", "--config",
+                                   str(config), "--json", *args], capture_output=True, text=True, cwd="/")
+            return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None, proc.stderr
+
+        code, report, err = as_postgres("check", "--cluster", "app")
+        assert report, err
+        item = [c for c in report["checks"] if c["name"] == "local_read"][0]
+        assert not item["ok"] and str(lost) in item["detail"], item
+        code, out, err = as_postgres("backup", "--cluster", "app", "--type", "full")
+        assert code != 0 and f"cannot read {lost}: Permission denied" in err, err
+        assert "cannot write" not in err
+        assert not list(repo.rglob("backup_manifest*"))
+    finally:
+        lost.rmdir()
 
 
 def test_local_full_on_postgresql_15(pg15, workdir):
@@ -285,6 +341,21 @@ def test_bad_backup_method_is_a_config_error(workdir):
         "backup_method": "rsync"}})
     code, _, err = pgdr("--json", "backup", "--cluster", "app", config=config)
     assert code == 2 and "backup_method" in err and "'local'" in err
+
+
+def test_crc32c_only_from_the_compiled_library(monkeypatch):
+    """google_crc32c's pure-Python fallback does 3 MB/s (days per terabyte): the manifest then uses SHA256."""
+    import google_crc32c
+
+    from pgdr.localcopy import FileChecksum
+
+    c = FileChecksum()
+    c.update(b"123456789")
+    assert (c.algorithm, c.hexdigest()) == ("CRC32C", "839206e3")  # 0xE3069283, least significant byte first
+    monkeypatch.setattr(google_crc32c, "implementation", "python")
+    c = FileChecksum()
+    c.update(b"123456789")
+    assert c.algorithm == "SHA256" and len(c.hexdigest()) == 64
 
 
 def test_tar_header_long_names_and_large_sizes_read_back():

@@ -409,7 +409,7 @@ def _local_copy(cluster, conn, info, label, parent):
         return None
     from pgdr.localcopy import LocalCopy
 
-    local = LocalCopy.open(conn, info, label, cluster.checkpoint, cluster.backup_wal == "embed")
+    local = LocalCopy.open(conn, info, cluster.name, label, cluster.checkpoint, cluster.backup_wal == "embed")
     if local is None:
         log.info("backup %s: the server is a standby; backup_method local reads a primary's data directory, so "
                  "pg_basebackup takes this one", label)

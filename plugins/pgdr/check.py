@@ -114,7 +114,7 @@ def _local_read_check(cluster: ClusterConfig, conn: ConnInfo, info) -> tuple[str
     from pgdr.localcopy import LocalCopy
 
     try:
-        local = LocalCopy.open(conn, info, "check", cluster.checkpoint, cluster.backup_wal == "embed")
+        local = LocalCopy.open(conn, info, cluster.name, "check", cluster.checkpoint, cluster.backup_wal == "embed")
     except PgdrError as e:
         return "local_read", False, f"backup_method local: {e}"
     if local is None:

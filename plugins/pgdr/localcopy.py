@@ -9,20 +9,24 @@ exclusions, pg_control after every other file, the backup_label the server hands
 pg_combinebackup see no difference. Page checksums are not verified on the way (pg_basebackup's
 server does that); incrementals still go through pg_basebackup, which knows the changed blocks.
 
-Before a byte is read, pgdr proves the directory is the one the server it talks to runs in: the
-postmaster named in its postmaster.pid is the parent of this session's backend process and listens on
-the same port, and pg_control holds the server's system identifier. A standby's copy of the same
-cluster (same system identifier, files that may lag the primary's) is refused, on this host or another.
+Before a byte is read, pgdr proves the directory is the one the server it talks to runs in: pg_control
+holds the server's system identifier, and a temporary table the server creates on pgdr's session appears
+in it as a file (and is gone once dropped). Temporary relations are never replicated or copied, so a
+standby's copy of the same cluster (same identifier, same path, same port, on this host or another) never
+shows it, and is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 EXCLUDED_DIR_CONTENTS = frozenset({"pg_stat_tmp", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial",
                                    "pg_snapshots", "pg_subtrans"})
 EXCLUDED_FILES = frozenset({"postgresql.auto.conf.tmp", "current_logfiles.tmp", "backup_label", "tablespace_map",
-                            "backup_manifest", "postmaster.pid", "postmaster.opts"})
+                            "backup_manifest", "postmaster.pid", "postmaster.opts", ".DS_Store"})
 EXCLUDED_PREFIXES = ("pg_internal.init", "pgsql_tmp")
 RELATION = re.compile(r"(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?")
 TEMP_RELATION = re.compile(r"t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?")
@@ -57,9 +61,10 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
-def tar_header(name: str, size: int, mode: int, mtime: int, kind: bytes) -> bytes:
+def tar_header(name: str, size: int, mode: int, mtime: float, kind: bytes, st=None) -> bytes:
     """A ustar header (a GNU long-name record first when the name is longer than 100 bytes; a size past
-    8 GiB in base-256), as pgdr's TarParser and every tar read them."""
+    8 GiB in base-256), as pgdr's TarParser and every tar read them; owner and group from ``st`` (as
+    pg_basebackup's: a tar unpacked by hand belongs to the server's user)."""
     raw = name.encode("utf-8", "surrogateescape")
     head = b""
     if len(raw) > 100:
@@ -68,8 +73,8 @@ def tar_header(name: str, size: int, mode: int, mtime: int, kind: bytes) -> byte
     h = bytearray(BLOCK)
     h[0:len(raw)] = raw
     h[100:108] = _octal(mode & 0o7777, 8)
-    h[108:116] = _octal(0, 8)
-    h[116:124] = _octal(0, 8)
+    h[108:116] = _octal(st.st_uid if st is not None and st.st_uid < 8 ** 7 else 0, 8)
+    h[116:124] = _octal(st.st_gid if st is not None and st.st_gid < 8 ** 7 else 0, 8)
     h[124:136] = _octal(size, 12) if size < 8 ** 11 else b"\x80" + size.to_bytes(11, "big")
     h[136:148] = _octal(max(0, min(int(mtime), 8 ** 11 - 1)), 12)
     h[148:156] = b" " * 8
@@ -90,14 +95,11 @@ class FileChecksum:
     library is missing (correct, slower)."""
 
     def __init__(self):
-        try:
-            import google_crc32c
-
-            self.algorithm = "CRC32C"
-            self._c = google_crc32c.Checksum()
-        except ImportError:
-            self.algorithm = "SHA256"
-            self._c = hashlib.sha256()
+        crc = _crc32c()
+        if crc is not None:
+            self.algorithm, self._c = "CRC32C", crc.Checksum()
+        else:
+            self.algorithm, self._c = "SHA256", hashlib.sha256()
 
     def update(self, data) -> None:
         self._c.update(data)
@@ -107,6 +109,16 @@ class FileChecksum:
             # PostgreSQL writes the CRC's bytes as they lie in memory: least significant first.
             return int.from_bytes(self._c.digest(), "big").to_bytes(4, "little").hex()
         return self._c.hexdigest()
+
+
+def _crc32c():
+    """google_crc32c when its compiled implementation is there (gigabytes a second); None otherwise: its
+    pure-Python fallback does 3 MB/s, days per terabyte, and SHA256 (hashlib) is used instead."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    return google_crc32c if getattr(google_crc32c, "implementation", None) == "c" else None
 
 
 def _json_string(text: str) -> str:
@@ -145,113 +157,155 @@ class ManifestWriter:
 
 # -------------------------------------------------------------------------------------------- locality
 
-def prove_local(datadir: Path, backend_pid: int, port: int, system_identifier: str) -> None:
-    """NotLocal unless ``datadir`` is the data directory of the server whose backend ``backend_pid`` serves
-    this session: its postmaster.pid names that backend's parent and the server's port, and its pg_control
-    holds the server's system identifier."""
-    where = f"data directory {datadir}"
-    try:
-        pidfile = (datadir / "postmaster.pid").read_bytes().decode("ascii").split("\n")
-        owner, port_line = int(pidfile[0]), int(pidfile[3])
-    except FileNotFoundError:
-        raise NotLocal(f"{where} is not here, or no server runs in it (no postmaster.pid)") from None
-    except PermissionError:
-        raise NotLocal(f"{where}: permission denied reading postmaster.pid; run pgdr as the server's user (or "
-                       "one in its group, with initdb --allow-group-access)") from None
-    except (OSError, UnicodeDecodeError, ValueError, IndexError) as e:
-        raise NotLocal(f"{where}: unreadable postmaster.pid ({e})") from None
-    try:
-        ppid = int(Path(f"/proc/{backend_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        raise NotLocal(f"{where}: the server's backend process {backend_pid} is not on this host (or not in this "
-                       "PID namespace); local reads need pgdr beside the server") from None
-    if ppid != owner or port_line != port:
-        raise NotLocal(f"{where} belongs to the postmaster {owner} on port {port_line}, not to the server this "
-                       f"session reached (backend {backend_pid}, parent {ppid}, port {port}): refusing to read it")
+PROBE_PATH = re.compile(r"base/\d+/t\d+_\d+")
+
+
+def _server_identifier(datadir: Path) -> int:
+    """The system identifier in a data directory's global/pg_control (its first 8 bytes, in the host's order)."""
     try:
         with open(datadir / "global" / "pg_control", "rb") as f:
-            ident = int.from_bytes(f.read(8), "little")
+            return int.from_bytes(f.read(8), sys.byteorder)
     except OSError as e:
-        raise NotLocal(f"{where}: cannot read global/pg_control ({e.strerror})") from None
+        raise NotLocal(f"data directory {datadir}: cannot read global/pg_control ({e.strerror}); run pgdr as the "
+                       "server's user (or one in its group, with initdb --allow-group-access)") from None
+
+
+def prove_local(c, datadir: Path, system_identifier: str) -> None:
+    """NotLocal unless ``datadir`` is the data directory of the server on session ``c``: its pg_control holds
+    the server's system identifier, and a temporary table created on ``c`` appears in it as a file and is gone
+    once dropped. A temporary relation is never replicated and never copied: a standby's or another host's
+    copy of the cluster (same identifier, same path, same port, PIDs that may well coincide) never shows it."""
+    import psycopg
+
+    where = f"data directory {datadir}"
+    ident = _server_identifier(datadir)
     if str(ident) != str(system_identifier):
         raise NotLocal(f"{where} holds system {ident}, the server reports {system_identifier}: refusing to read it")
+    table = f"pgdr_probe_{secrets.token_hex(6)}"  # pgdr's own name: hex digits only
+    try:
+        c.execute(f"create temporary table {table} (x int)")
+        try:
+            rel = c.execute("select pg_relation_filepath(%s::regclass)", (f"pg_temp.{table}",)).fetchone()[0]
+            appeared = PROBE_PATH.fullmatch(rel or "") is not None and os.path.lexists(datadir / rel)
+        finally:
+            c.execute(f"drop table pg_temp.{table}")
+    except psycopg.Error as e:
+        raise NotLocal(f"{where}: cannot prove it is the server's: creating a temporary table failed "
+                       f"({str(e).strip()}); the role needs the TEMPORARY privilege on its database") from None
+    if not PROBE_PATH.fullmatch(rel or ""):
+        raise NotLocal(f"{where}: the server put a temporary table at {rel!r}, not in its data directory "
+                       "(temp_tablespaces?): cannot prove the directory is the server's")
+    if not appeared or os.path.lexists(datadir / rel):
+        raise NotLocal(f"{where} is not the connected server's: a temporary table it created "
+                       f"({rel}) did not appear {'and vanish ' if appeared else ''}there (a standby's or another "
+                       "host's copy of the cluster, or pgdr in a container with its own copy): refusing to read it")
 
 
 # ---------------------------------------------------------------------------------------------- the copy
+
+DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO put there never blocks
+HISTORY = re.compile(r"[0-9A-F]{8}\.history")
+
 
 class LocalCopy:
     """One full backup read from the data directory: ``chunks()`` yields its tar stream, backup_manifest last.
     ``open`` proves locality first (NotLocal) and answers None for a standby (pg_basebackup takes those)."""
 
-    def __init__(self, conn: ConnInfo, info: ServerInfo, label: str, checkpoint: str, embed_wal: bool):
-        self.conn, self.info, self.label = conn, info, label
+    def __init__(self, conn: ConnInfo, info: ServerInfo, cluster: str, label: str, checkpoint: str, embed_wal: bool):
+        self.conn, self.info, self.cluster, self.label = conn, info, cluster, label
         self.fast = checkpoint == "fast"
         self.embed_wal = embed_wal
         self.datadir: Path | None = None
+        self.wal_block_size = 8192
+        self.dir_mode = 0o700
         self.files = 0
         self.bytes = 0
 
     @classmethod
-    def open(cls, conn: ConnInfo, info: ServerInfo, label: str, checkpoint: str, embed_wal: bool) -> "LocalCopy | None":
+    def open(cls, conn: ConnInfo, info: ServerInfo, cluster: str, label: str, checkpoint: str,
+             embed_wal: bool) -> "LocalCopy | None":
         if info.major < 15:
             raise PgdrError(f"backup_method local needs PostgreSQL 15 or newer (pg_backup_start); this server is "
                             f"{info.version}: use backup_method pg_basebackup")
-        copy = cls(conn, info, label, checkpoint, embed_wal)
-        with connect(conn) as c:
+        copy = cls(conn, info, cluster, label, checkpoint, embed_wal)
+        with _session(conn) as c:
             try:
-                pid, port, datadir, standby, ident = c.execute(
-                    "select pg_backend_pid(), current_setting('port')::int, current_setting('data_directory'), "
-                    "pg_is_in_recovery(), (select system_identifier::text from pg_control_system())").fetchone()
+                datadir, standby, ident, blcksz = c.execute(
+                    "select current_setting('data_directory'), pg_is_in_recovery(), "
+                    "(select system_identifier::text from pg_control_system()), "
+                    "current_setting('wal_block_size')::int").fetchone()
             except Exception as e:  # psycopg's errors: no privilege to read data_directory, mostly
                 raise PostgresError(f"cannot ask {conn.describe()} where its data directory is: "
                                     f"{str(e).strip()}") from None
             if standby:
                 return None
-            copy.datadir = Path(datadir)
-            prove_local(copy.datadir, pid, port, ident)
+            copy.datadir, copy.wal_block_size = Path(datadir), blcksz
+            prove_local(c, copy.datadir, ident)
+        try:
+            copy.dir_mode = os.stat(copy.datadir).st_mode & 0o777 or 0o700
+        except OSError:
+            pass
         return copy
 
     def unreadable(self) -> str | None:
         """The first directory or file of the data directory this process cannot read (None: all readable), as
         pgdr check asks before a backup would fail on it."""
-        for root, dirs, files in os.walk(self.datadir, onerror=None):
+        failed: list[str] = []
+        for root, dirs, files in os.walk(self.datadir, onerror=lambda e: failed.append(e.filename)):
+            if failed:
+                return failed[0]
             if not os.access(root, os.R_OK | os.X_OK):
                 return root
             for name in files:
                 if name not in EXCLUDED_FILES and not os.access(os.path.join(root, name), os.R_OK):
                     return os.path.join(root, name)
-        return None
+        return failed[0] if failed else None
 
     def chunks(self) -> Iterator[bytes]:
         """The tar stream, in pieces of about CHUNK bytes. The backup starts on the first piece asked for and
         ends (pg_backup_stop) before the last; closing the iterator early closes the session, which aborts it."""
         import psycopg
 
-        c = connect(self.conn)
+        c = _session(self.conn)
         out = _Coalesce()
+        root = None
         try:
             try:
                 start_lsn = c.execute("select pg_backup_start(%s, %s)::text",
-                                      (f"pgdr {self.label}", self.fast)).fetchone()[0]
-                log.info("backup %s: reading %s directly (pg_backup_start at %s)", self.label, self.datadir, start_lsn)
-                # The first proof was on another session: prove it again on the one that holds the backup.
-                pid, port = c.execute("select pg_backend_pid(), current_setting('port')::int").fetchone()
-                prove_local(self.datadir, pid, port, self.info.system_identifier)
+                                      (f"pgdr {self.cluster} {self.label}", self.fast)).fetchone()[0]
+                standby, ident = c.execute("select pg_is_in_recovery(), "
+                                           "(select system_identifier::text from pg_control_system())").fetchone()
             except psycopg.Error as e:
                 raise PostgresError(f"pg_backup_start on {self.conn.describe()} failed: {str(e).strip()}") from None
+            if standby or ident != self.info.system_identifier:
+                raise PgdrError(f"the backup's session reached {'a standby' if standby else f'system {ident}'}, not "
+                                f"the primary of system {self.info.system_identifier} (a DSN naming several hosts?)")
+            # The first proof was on another session: prove it again on the one that holds the backup.
+            prove_local(c, self.datadir, self.info.system_identifier)
+            log.info("backup %s: reading %s directly (pg_backup_start at %s)", self.label, self.datadir, start_lsn)
+            root = _open_dir(None, str(self.datadir), self.datadir, follow=True)
             manifest = ManifestWriter(self.info.major, self.info.system_identifier)
-            yield from self._walk(out, manifest, "", self.datadir)
-            yield from self._file(out, manifest, "global/pg_control", self.datadir / "global" / "pg_control",
-                                  missing_ok=False)
+            yield from self._walk(out, manifest, "", root)
+            global_fd = _open_dir(root, "global", self.datadir / "global")
             try:
+                yield from self._file(out, manifest, "global/pg_control", global_fd, "pg_control", missing_ok=False)
+            finally:
+                os.close(global_fd)
+            try:
+                spaces = c.execute("select count(*) from pg_tablespace where spcname not in "
+                                   "('pg_default', 'pg_global')").fetchone()[0]
                 stop_lsn, labelfile, spcmap = c.execute(
                     "select lsn::text, labelfile, spcmapfile from pg_backup_stop(false)").fetchone()
             except psycopg.Error as e:
                 raise PostgresError(f"pg_backup_stop on {self.conn.describe()} failed: {str(e).strip()}") from None
         finally:
             c.close()
-        if spcmap and spcmap.strip():
-            raise PgdrError("the server reported tablespaces at pg_backup_stop; pgdr does not back them up")
+            if root is not None:
+                os.close(root)
+        if spaces or (spcmap and spcmap.strip()):
+            raise PgdrError("a tablespace was created during the backup; pgdr does not back up tablespaces outside "
+                            "the data directory and refuses rather than take an incomplete backup")
         timeline, label_start = _label_facts(labelfile)
         if parse_lsn(label_start) != parse_lsn(start_lsn):
             raise PgdrError(f"backup_label starts at {label_start}, pg_backup_start said {start_lsn}")
@@ -266,62 +320,80 @@ class LocalCopy:
         log.info("backup %s: read %d files, %.1f MB, from %s; pg_backup_stop at %s", self.label, self.files,
                  self.bytes / 1e6, self.datadir, stop_lsn)
 
-    # -- the walk, as basebackup.c's sendDir
+    # -- the walk, as basebackup.c's sendDir: every directory and file opened from its parent's descriptor,
+    # never through a symbolic link, so nothing outside the data directory is ever read, whoever swaps what.
 
-    def _walk(self, out, manifest, rel: str, path: Path) -> Iterator[bytes]:
+    def _walk(self, out, manifest, rel: str, dir_fd: int) -> Iterator[bytes]:
         parent = rel.rstrip("/")
         db_dir = parent.startswith("base/") and parent.count("/") == 1 and parent[5:].isdigit()
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except FileNotFoundError:
-            return  # a database dropped during the backup: its WAL says so
-        names = {e.name for e in entries}
-        for e in entries:
-            name = e.name
+            names = sorted(os.listdir(dir_fd))
+        except OSError as e:
+            raise PgdrError(f"cannot list {self.datadir / parent}: {e.strerror}") from None
+        present = set(names)
+        for name in names:
             child = f"{rel}{name}"
             if name in EXCLUDED_FILES or name.startswith(EXCLUDED_PREFIXES):
                 continue
             if db_dir:
                 m = RELATION.fullmatch(name)
-                if m and m.group(2) != "init" and f"{m.group(1)}_init" in names:
+                if m and m.group(2) != "init" and f"{m.group(1)}_init" in present:
                     continue  # an unlogged relation: only its init fork is kept (recovery resets it)
                 if TEMP_RELATION.fullmatch(name):
                     continue
             if child == "global/pg_control":
                 continue  # after everything else
             try:
-                st = e.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                continue
+                continue  # dropped during the backup
+            except OSError as e:
+                raise PgdrError(f"cannot read {self.datadir / child}: {e.strerror}") from None
             if name in EXCLUDED_DIR_CONTENTS or child == "pg_wal":
-                yield from out.add(tar_header(child + "/", 0, _dir_mode(e, st), st.st_mtime, b"5"))
+                mode = st.st_mode if stat.S_ISDIR(st.st_mode) else self.dir_mode  # a linked pg_wal: a directory
+                yield from out.add(tar_header(child + "/", 0, mode, st.st_mtime, b"5", st))
                 if child == "pg_wal":
                     for sub in ("archive_status", "summaries") if self.info.major >= 17 else ("archive_status",):
-                        yield from out.add(tar_header(f"pg_wal/{sub}/", 0, 0o700, st.st_mtime, b"5"))
+                        yield from out.add(tar_header(f"pg_wal/{sub}/", 0, mode, st.st_mtime, b"5", st))
                 continue
+            if parent == "pg_tblspc":
+                raise PgdrError(f"{self.datadir / child}: a tablespace appeared during the backup; pgdr does not "
+                                "back up tablespaces and refuses rather than take an incomplete backup")
             if stat.S_ISDIR(st.st_mode):
-                yield from out.add(tar_header(child + "/", 0, st.st_mode, st.st_mtime, b"5"))
-                yield from self._walk(out, manifest, child + "/", Path(e.path))
+                try:
+                    sub = _open_dir(dir_fd, name, self.datadir / child)
+                except FileNotFoundError:
+                    continue
+                try:
+                    yield from out.add(tar_header(child + "/", 0, st.st_mode, st.st_mtime, b"5", st))
+                    yield from self._walk(out, manifest, child + "/", sub)
+                finally:
+                    os.close(sub)
             elif stat.S_ISREG(st.st_mode):
-                yield from self._file(out, manifest, child, Path(e.path), st=st)
+                yield from self._file(out, manifest, child, dir_fd, name)
             else:
                 log.warning("backup %s: skipping %s in the data directory: not a file or a directory (as "
                             "pg_basebackup does)", self.label, child)
 
-    def _file(self, out, manifest, rel: str, path: Path, st=None, missing_ok=True) -> Iterator[bytes]:
+    def _file(self, out, manifest, rel: str, dir_fd: int, name: str, missing_ok=True) -> Iterator[bytes]:
+        path = self.datadir / rel
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(name, FILE_OPEN, dir_fd=dir_fd)
         except FileNotFoundError:
             if missing_ok:
                 return  # dropped during the backup: replaying its WAL drops it again
             raise PgdrError(f"{path} is missing") from None
         except OSError as e:
+            if e.errno == errno.ELOOP:  # swapped for a link since it was listed: never followed
+                raise PgdrError(f"{path} became a symbolic link during the backup; refusing to follow it") from None
             raise PgdrError(f"cannot read {path}: {e.strerror}") from None
         try:
-            st = st or os.fstat(fd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PgdrError(f"{path} is no longer a regular file; refusing it")
             size = st.st_size  # what the header promises: a file that grows is cut here, WAL has the rest
             checksum = FileChecksum()
-            yield from out.add(tar_header(rel, size, st.st_mode, st.st_mtime, b"0"))
+            yield from out.add(tar_header(rel, size, st.st_mode, st.st_mtime, b"0", st))
             done = 0
             while done < size:
                 data = os.read(fd, min(CHUNK, size - done))
@@ -347,36 +419,56 @@ class LocalCopy:
         return tar_header(name, len(data), 0o600, int(mtime), b"0") + _padded(data)
 
     def _wal(self, out, manifest, timeline: int, start_lsn: str, stop_lsn: str) -> Iterator[bytes]:
-        """The WAL from start to stop, from pg_wal (backup_wal: embed), each segment checked to be the one its
-        name says (a recycled file holds an older address); and the timeline history files."""
+        """The WAL from start to stop, from pg_wal (backup_wal: embed), and the timeline history files. Every
+        page up to the stop must carry its own address (a recycled segment holds an older one), the first the
+        server's system identifier, and the name must still be the file read (not renamed while read)."""
         seg = self.info.wal_segment_size
-        first, last = parse_lsn(start_lsn) // seg, (parse_lsn(stop_lsn) - 1) // seg
+        start, stop = parse_lsn(start_lsn), parse_lsn(stop_lsn)
+        first, last = start // seg, (stop - 1) // seg
         per_id = 0x100000000 // seg
-        wal = self.datadir / "pg_wal"
-        for n in range(first, last + 1):
-            name = f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}"
-            try:
-                with open(wal / name, "rb") as f:
-                    head = f.read(24)
-                    if len(head) < 24 or int.from_bytes(head[8:16], "little") != n * seg:
-                        raise PgdrError(f"pg_wal/{name} does not hold segment {name} (a recycled file?); "
-                                        "the backup cannot embed its WAL")
-                    f.seek(0)
-                    data = f.read(seg + 1)
-            except FileNotFoundError:
-                raise PgdrError(f"WAL segment {name} was removed before the backup could copy it: raise "
-                                "wal_keep_size, or use backup_wal: archive") from None
-            if len(data) != seg:
-                raise PgdrError(f"pg_wal/{name} has {len(data)} bytes, not {seg}")
-            yield from out.add(tar_header(f"pg_wal/{name}", seg, 0o600, int(time.time()), b"0"))
-            yield from out.add(data)
-            yield from out.add(self._done(name, manifest))
-        for e in sorted(os.scandir(wal), key=lambda e: e.name):
-            if e.name.endswith(".history") and e.is_file(follow_symlinks=False):
-                data = Path(e.path).read_bytes()
-                yield from out.add(tar_header(f"pg_wal/{e.name}", len(data), 0o600, int(time.time()), b"0")
-                                   + _padded(data))
-                yield from out.add(self._done(e.name, manifest))
+        wal = _open_dir(None, str(self.datadir / "pg_wal"), self.datadir / "pg_wal", follow=True)
+        try:
+            for n in range(first, last + 1):
+                name = f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}"
+                data = self._segment(wal, name, n * seg, min(seg, stop - n * seg))
+                yield from out.add(tar_header(f"pg_wal/{name}", seg, 0o600, int(time.time()), b"0"))
+                yield from out.add(data)
+                yield from out.add(self._done(name, manifest))
+            for name in sorted(os.listdir(wal)):
+                if HISTORY.fullmatch(name):
+                    yield from self._file(out, manifest, f"pg_wal/{name}", wal, name)
+                    yield from out.add(self._done(name, manifest))
+        except OSError as e:
+            raise PgdrError(f"cannot read {self.datadir / 'pg_wal'}: {e.strerror}") from None
+        finally:
+            os.close(wal)
+
+    def _segment(self, wal: int, name: str, address: int, needed: int) -> bytes:
+        seg, page = self.info.wal_segment_size, self.wal_block_size
+        where = f"{self.datadir / 'pg_wal' / name}"
+        try:
+            fd = os.open(name, FILE_OPEN, dir_fd=wal)
+        except FileNotFoundError:
+            raise PgdrError(f"WAL segment {name} was removed before the backup could copy it: raise "
+                            "wal_keep_size, or use backup_wal: archive") from None
+        try:
+            before = os.fstat(fd)
+            data = b"".join(iter(lambda: os.read(fd, CHUNK), b""))
+            after = os.stat(name, dir_fd=wal, follow_symlinks=False)
+        finally:
+            os.close(fd)
+        if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+            raise PgdrError(f"{where} was replaced while it was read; the backup cannot embed its WAL")
+        if len(data) != seg:
+            raise PgdrError(f"{where} has {len(data)} bytes, not {seg}")
+        if int.from_bytes(data[24:32], sys.byteorder) != int(self.info.system_identifier):
+            raise PgdrError(f"{where} belongs to another system (its first page names system "
+                            f"{int.from_bytes(data[24:32], sys.byteorder)})")
+        for offset in range(0, (needed + page - 1) // page * page, page):
+            if int.from_bytes(data[offset + 8:offset + 16], sys.byteorder) != address + offset:
+                raise PgdrError(f"{where}: the page at offset {offset} does not belong to this segment (a recycled "
+                                "file?); the backup cannot embed its WAL")
+        return data
 
     def _done(self, name: str, manifest) -> bytes:
         """Marked archived, as pg_basebackup marks the WAL it embeds: a server started from the backup must not
@@ -384,8 +476,31 @@ class LocalCopy:
         return self._member(f"pg_wal/archive_status/{name}.done", b"", time.time(), manifest)
 
 
-def _dir_mode(entry, st) -> int:
-    return st.st_mode if stat.S_ISDIR(st.st_mode) else 0o700  # a linked pg_wal is written as a directory
+def _session(conn: ConnInfo):
+    """A session that stays up through a long copy: no server-side timeouts, TCP keepalives."""
+    c = connect(conn, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=6)
+    try:
+        c.execute("set idle_session_timeout = 0")
+        c.execute("set idle_in_transaction_session_timeout = 0")
+        c.execute("set statement_timeout = 0")
+    except Exception:
+        c.close()
+        raise
+    return c
+
+
+def _open_dir(dir_fd: int | None, name: str, shown: Path, follow: bool = False) -> int:
+    """A descriptor of directory ``name`` in ``dir_fd``; never through a symbolic link unless ``follow`` (the data
+    directory itself and pg_wal, which PostgreSQL allows to be links)."""
+    try:
+        return os.open(name, DIR_OPEN & ~os.O_NOFOLLOW if follow else DIR_OPEN, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PgdrError(f"{shown} became a symbolic link or a file during the backup; refusing to follow it") \
+                from None
+        raise PgdrError(f"cannot read {shown}: {e.strerror}") from None
 
 
 def _label_facts(labelfile: str) -> tuple[int, str]:
@@ -416,4 +531,3 @@ class _Coalesce:
         if self.buf:
             yield bytes(self.buf)
             self.buf.clear()
-

@@ -39,7 +39,10 @@ class BinDir:
 @lru_cache(maxsize=64)
 def probe(path: str, tool: str = "pg_basebackup") -> BinDir | None:
     exe = Path(path) / tool
-    if not exe.is_file() or not os.access(exe, os.X_OK):
+    try:
+        if not exe.is_file() or not os.access(exe, os.X_OK):
+            return None
+    except OSError:  # a directory on PATH this user may not enter (root's, for the server's user): not there
         return None
     try:
         out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=20).stdout

@@ -105,6 +105,18 @@ def repo_snapshot(storage) -> dict:
             if "/reports/" not in o.key and "/lock/" not in o.key and not o.key.endswith("/catalog.json")}
 
 
+@contextmanager
+def server_setting(pg, name: str, value: str):
+    """``ALTER SYSTEM SET name = value`` on server ``pg``, reloaded, for the block; reset and reloaded after."""
+    pg.psql(f"alter system set {name} = '{value}'")
+    pg.psql("select pg_reload_conf()")
+    try:
+        yield
+    finally:
+        pg.psql(f"alter system reset {name}")
+        pg.psql("select pg_reload_conf()")
+
+
 def wait_for(condition, what: str, timeout: float = 90, poll: float = 0.3) -> None:
     """Until ``condition()`` is true; AssertionError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

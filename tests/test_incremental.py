@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from helpers import archive_repo, incremental_file, pgdr, switch_and_wait_archived, write_config
+from helpers import archive_repo, incremental_file, pgdr, server_setting, switch_and_wait_archived, write_config
 from pgdr.labels import LABEL, chain_full, label_time
 from pgdr.sandbox import SandboxCluster, free_port
 from test_backup_restore import socket_dir
@@ -350,13 +350,8 @@ def test_the_drill_restores_a_chain_through_the_same_path(chain, workdir):
         "dsn": chain["pg"].dsn, "repository": chain["repo"], "drill": {"scratch_dir": str(scratch)}}})
     config.chmod(0o644)
     pg = chain["pg"]
-    pg.psql("alter system set archive_timeout = 2")  # the drill's mark must reach the archive soon
-    pg.psql("select pg_reload_conf()")
-    try:
+    with server_setting(pg, "archive_timeout", "2"):  # the drill's mark must reach the archive soon
         code, report, err = pgdr("--json", "drill", "--cluster", "app", "--run-id", "chain-1", config=config)
-    finally:
-        pg.psql("alter system reset archive_timeout")
-        pg.psql("select pg_reload_conf()")
     assert code == 0, err
     assert report["ok"] is True and report["failures"] == [], report["failures"]
     assert report["backup"]["label"] == chain["backups"][-1]["label"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pgdr, write_config
+from helpers import pgdr, server_setting, write_config
 from pgdr.localcopy import NotLocal, prove_local, tar_header
 from pgdr.sandbox import SandboxCluster, free_port
 from pgdr.tarstream import TarWatcher
@@ -276,13 +276,8 @@ def test_idle_session_timeout_does_not_end_the_backup(src, workdir):
     """The backup's session waits while the files are read: a server's idle_session_timeout must not end it
     (the backup would fail at pg_backup_stop, after the whole copy)."""
     pg, config = src["pg"], src["config"]
-    pg.psql("alter system set idle_session_timeout = '50ms'")
-    pg.psql("select pg_reload_conf()")
-    try:
+    with server_setting(pg, "idle_session_timeout", "50ms"):
         code, local, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
-    finally:
-        pg.psql("alter system reset idle_session_timeout")
-        pg.psql("select pg_reload_conf()")
     assert code == 0, err
     assert local["status"] == "ok"
 

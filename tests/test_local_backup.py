@@ -371,3 +371,32 @@ def test_tar_header_long_names_and_large_sizes_read_back():
     assert seen == [(name, 3, 0o600), ("big", 9 << 30, 0o600)]
     member = tarfile.open(fileobj=io.BytesIO(stream[:-512] + b"\0" * 1024)).getmembers()[0]
     assert (member.name, member.size) == (name, 3)
+
+
+def test_a_backup_manifest_of_any_size_is_kept_and_its_wal_ranges_read():
+    """A cluster of hundreds of thousands of files has a backup_manifest of tens of MB: the watcher spools it
+    whole (before, nothing past 64 MiB was kept, and such a backup failed saying PostgreSQL 13 was required),
+    and its WAL-Ranges are read from its end without parsing the rest."""
+    import hashlib
+
+    from pgdr.backup import wal_ranges
+    from pgdr.errors import IntegrityError
+
+    files = b",\n".join(b'{ "Path": "base/16384/%d", "Size": 8192, "Last-Modified": "2026-12-04 13:48:00 GMT", '
+                        b'"Checksum-Algorithm": "CRC32C", "Checksum": "0badf00d" }' % i for i in range(600_000))
+    body = (b'{ "PostgreSQL-Backup-Manifest-Version": 2,\n"System-Identifier": 1,\n"Files": [\n' + files +
+            b'\n],\n"WAL-Ranges": [\n{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }\n],\n'
+            b'"Manifest-Checksum": "00"}\n')
+    assert len(body) > 64 << 20
+    stream = tar_header("backup_manifest", len(body), 0o600, 0, b"0") + body + b"\0" * (-len(body) % 512 + 1024)
+    watcher = TarWatcher()
+    for i in range(0, len(stream), 1 << 20):
+        watcher.feed(stream[i:i + (1 << 20)])
+    spooled = watcher.spooled["backup_manifest"]
+    assert hashlib.sha256(spooled.read()).digest() == hashlib.sha256(body).digest()
+    assert wal_ranges(spooled) == [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]
+    watcher.close()
+    import io
+
+    with pytest.raises(IntegrityError, match="unreadable backup_manifest"):
+        wal_ranges(io.BytesIO(body.replace(b'"WAL-Ranges"', b'"Other"')))

@@ -227,11 +227,12 @@ def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest)
     key = repo.key(parent.label, name)
     blob = storage.get_bytes(key)
     data = b"".join(unseal([blob], storage.keyring, f"{parent.label}/{name}", key)) if parent.encryption else blob
+    import io
+
     try:
-        ranges = json.loads(data)["WAL-Ranges"]
-        stop = max(parse_lsn(r["End-LSN"]) for r in ranges)
-    except (ValueError, KeyError, TypeError) as e:
-        raise IntegrityError(f"{key}: unreadable backup_manifest ({e}); take a full backup") from None
+        stop = max(parse_lsn(r["End-LSN"]) for r in wal_ranges(io.BytesIO(data)))
+    except IntegrityError as e:
+        raise IntegrityError(f"{key}: {e}; take a full backup") from None
     if stop != parse_lsn(parent.stop_lsn):
         raise IntegrityError(f"{key} ends its WAL at a different LSN than backup {parent.label} "
                              f"({parent.stop_lsn}): refusing to build an incremental on it")
@@ -400,6 +401,43 @@ def store_parts(reader: ChunkReader, watcher: TarWatcher, repo: Repository, labe
     return files
 
 
+def wal_ranges(f) -> list[dict]:
+    """The WAL-Ranges of a backup_manifest (a binary file object), read from its end, where PostgreSQL writes
+    them: parsing the whole document would take gigabytes for a cluster of a million files."""
+    from pgdr.errors import IntegrityError
+
+    f.seek(0, 2)
+    f.seek(max(0, f.tell() - (1 << 20)))
+    tail = f.read()
+    at = tail.rfind(b'"WAL-Ranges"')
+    try:
+        ranges = json.loads(b"{" + tail[at:])["WAL-Ranges"] if at >= 0 else None
+        if not ranges or not all(isinstance(r, dict) and {"Timeline", "Start-LSN", "End-LSN"} <= set(r)
+                                 for r in ranges):
+            raise ValueError("no WAL-Ranges at its end")
+        for r in ranges:
+            parse_lsn(r["Start-LSN"]), parse_lsn(r["End-LSN"]), int(r["Timeline"])
+    except (ValueError, TypeError, PgdrError) as e:
+        raise IntegrityError(f"unreadable backup_manifest ({e})") from None
+    return ranges
+
+
+def store_backup_manifest(watcher: TarWatcher, repo: Repository, label: str, data_key) -> list[dict]:
+    """The backup_manifest the tar stream carried, into the repository from its spool (sealed when encrypting):
+    no size limit, never whole in memory. Returns its WAL-Ranges."""
+    spool = watcher.spooled.get("backup_manifest")
+    if spool is None:
+        raise PgdrError("the backup's tar stream held no backup_manifest; PostgreSQL 13 or newer is required")
+    ranges = wal_ranges(spool)
+    spool.seek(0)
+    body = iter(lambda: spool.read(CHUNK), b"")
+    name = "backup_manifest.enc" if data_key else "backup_manifest"
+    if data_key:
+        body = seal(body, data_key, f"{label}/{name}")
+    repo.storage.put_stream(repo.key(label, name), body, lock=True)
+    return ranges
+
+
 def _local_copy(cluster, conn, info, label, parent):
     """The LocalCopy of a full backup with ``backup_method: local``; None where pg_basebackup takes it."""
     if cluster.backup_method != "local":
@@ -465,13 +503,10 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
     else:
         files, watcher = _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_key,
                                             parent_path)
-    pg_manifest = watcher.captured.get("backup_manifest")
-    if not pg_manifest:
-        raise PgdrError("pg_basebackup produced no backup_manifest; PostgreSQL 13 or newer is required")
-    storage.put_bytes(repo.key(label, "backup_manifest.enc" if data_key else "backup_manifest"),
-                      b"".join(seal([pg_manifest], data_key, f"{label}/backup_manifest.enc")) if data_key
-                      else pg_manifest, lock=True)
-    ranges = json.loads(pg_manifest)["WAL-Ranges"]
+    try:
+        ranges = store_backup_manifest(watcher, repo, label, data_key)
+    finally:
+        watcher.close()
     first = min(ranges, key=lambda r: parse_lsn(r["Start-LSN"]))
     last = max(ranges, key=lambda r: parse_lsn(r["End-LSN"]))
     stop = utcnow()

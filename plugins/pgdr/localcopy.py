@@ -27,6 +27,7 @@ import re
 import secrets
 import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -127,15 +128,23 @@ def _json_string(text: str) -> str:
 
 class ManifestWriter:
     """backup_manifest, byte for byte in PostgreSQL's layout (backup_manifest.c): one line per file, the
-    WAL range, and the SHA-256 of everything before its last line."""
+    WAL range, and the SHA-256 of everything before its last line. Written to a temporary file as it goes
+    (a cluster has up to millions of files), hashed on the way."""
 
     def __init__(self, pg_major: int, system_identifier: str):
+        self.file = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+        self.sha = hashlib.sha256()
+        self.files = 0
         if pg_major >= 17:
-            head = ('{ "PostgreSQL-Backup-Manifest-Version": 2,\n'
-                    f'"System-Identifier": {int(system_identifier)},\n"Files": [')
+            self._write('{ "PostgreSQL-Backup-Manifest-Version": 2,\n'
+                        f'"System-Identifier": {int(system_identifier)},\n"Files": [')
         else:
-            head = '{ "PostgreSQL-Backup-Manifest-Version": 1,\n"Files": ['
-        self.parts = [head]  # joined once at the end: a cluster has hundreds of thousands of files
+            self._write('{ "PostgreSQL-Backup-Manifest-Version": 1,\n"Files": [')
+
+    def _write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.sha.update(data)
+        self.file.write(data)
 
     def add(self, path: str, size: int, mtime: float, checksum: FileChecksum) -> None:
         raw = path.encode("utf-8", "surrogateescape")
@@ -144,15 +153,18 @@ class ManifestWriter:
         except UnicodeDecodeError:
             name = f'"Encoded-Path": "{raw.hex()}"'
         when = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(mtime))
-        self.parts.append(f'{"," if len(self.parts) > 1 else ""}\n{{ {name}, "Size": {size}, "Last-Modified": '
-                          f'"{when}", "Checksum-Algorithm": "{checksum.algorithm}", "Checksum": '
-                          f'"{checksum.hexdigest()}" }}')
+        self._write(f'{"," if self.files else ""}\n{{ {name}, "Size": {size}, "Last-Modified": "{when}", '
+                    f'"Checksum-Algorithm": "{checksum.algorithm}", "Checksum": "{checksum.hexdigest()}" }}')
+        self.files += 1
 
-    def finish(self, timeline: int, start_lsn: str, end_lsn: str) -> bytes:
-        body = ("".join(self.parts) + "\n],\n" + '"WAL-Ranges": [\n'
-                f'{{ "Timeline": {timeline}, "Start-LSN": "{start_lsn}", "End-LSN": "{end_lsn}" }}' + "\n],\n")
-        data = body.encode("utf-8")
-        return data + b'"Manifest-Checksum": "' + hashlib.sha256(data).hexdigest().encode() + b'"}\n'
+    def finish(self, timeline: int, start_lsn: str, end_lsn: str):
+        """The whole document: (a file at its start, its size). The caller closes the file."""
+        self._write("\n],\n" + '"WAL-Ranges": [\n'
+                    f'{{ "Timeline": {timeline}, "Start-LSN": "{start_lsn}", "End-LSN": "{end_lsn}" }}' + "\n],\n")
+        self.file.write(b'"Manifest-Checksum": "' + self.sha.hexdigest().encode() + b'"}\n')
+        size = self.file.tell()
+        self.file.seek(0)
+        return self.file, size
 
 
 # -------------------------------------------------------------------------------------------- locality
@@ -313,8 +325,12 @@ class LocalCopy:
         yield from out.add(self._member("backup_label", labelfile.encode(), now, manifest))
         if self.embed_wal:
             yield from self._wal(out, manifest, timeline, start_lsn, stop_lsn)
-        doc = manifest.finish(timeline, start_lsn, stop_lsn)
-        yield from out.add(tar_header("backup_manifest", len(doc), 0o600, int(now), b"0") + _padded(doc))
+        doc, size = manifest.finish(timeline, start_lsn, stop_lsn)
+        with doc:
+            yield from out.add(tar_header("backup_manifest", size, 0o600, int(now), b"0"))
+            for piece in iter(lambda: doc.read(CHUNK), b""):
+                yield from out.add(piece)
+            yield from out.add(b"\0" * (-size % BLOCK))
         yield from out.add(b"\0" * (2 * BLOCK))
         yield from out.flush()
         log.info("backup %s: read %d files, %.1f MB, from %s; pg_backup_stop at %s", self.label, self.files,

@@ -18,7 +18,6 @@ committed; only then may the caller stop and empty the destination.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -28,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.config import ClusterConfig
-from pgdr.backup import PART_SIZE, store_parts
-from pgdr.crypto import CIPHER, seal
+from pgdr.backup import PART_SIZE, store_backup_manifest, store_parts
+from pgdr.crypto import CIPHER
 from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
 from pgdr.labels import make_label
 from pgdr.lsn import parse_lsn
@@ -131,18 +130,16 @@ def take_safety_backup(cluster: ClusterConfig, storage: Storage, pgdata: Path, o
                 "cold copy (server stopped)"
         log.info("safety backup %s of %s: %s", label, pgdata, method)
         files, watcher = _store_stream(cmd, repo, label, cluster, data_key)
-        pg_manifest = watcher.captured.get("backup_manifest")
         if pid:
-            if not pg_manifest:
-                raise PgdrError("pg_basebackup produced no backup_manifest")
-            storage.put_bytes(repo.key(label, "backup_manifest.enc" if data_key else "backup_manifest"),
-                              b"".join(seal([pg_manifest], data_key, f"{label}/backup_manifest.enc")) if data_key
-                              else pg_manifest, lock=True)
-            ranges = json.loads(pg_manifest)["WAL-Ranges"]
+            try:
+                ranges = store_backup_manifest(watcher, repo, label, data_key)
+            finally:
+                watcher.close()
             start_lsn = min((r["Start-LSN"] for r in ranges), key=parse_lsn)
             stop_lsn = max((r["End-LSN"] for r in ranges), key=parse_lsn)
             timeline = int(max(ranges, key=lambda r: parse_lsn(r["End-LSN"]))["Timeline"])
         else:
+            watcher.close()
             start_lsn, stop_lsn, timeline = info.redo_lsn, info.checkpoint_lsn, info.timeline
         checked = _check_stored(repo, label, files)
         manifest = BackupManifest(

@@ -121,29 +121,56 @@ class TarParser:
                     self._long_link = kv[len("linkpath="):]
 
 
-class TarWatcher(TarParser):
-    """Counts members and captures small named ones, touching nothing."""
+SPOOL_IN_MEMORY = 8 << 20  # a spooled member past this goes to a temporary file
 
-    def __init__(self, capture: tuple[str, ...] = ("backup_manifest", "backup_label"), limit: int = 64 << 20):
+
+class TarWatcher(TarParser):
+    """Counts members, keeps small named ones (``captured``: bytes) and spools others whatever their size
+    (``spooled``: a file at its start; backup_manifest, tens of MB for a cluster of hundreds of thousands of
+    files), touching nothing."""
+
+    def __init__(self, capture: tuple[str, ...] = ("backup_label",), spool: tuple[str, ...] = ("backup_manifest",),
+                 limit: int = 64 << 20):
         super().__init__()
         self.capture = set(capture)
+        self.spool = set(spool)
         self.limit = limit
         self.captured: dict[str, bytes] = {}
+        self.spooled: dict = {}
         self._current: bytearray | None = None
+        self._spool = None
         self._name = ""
 
     def member(self, name, kind, size, mode, linkname):
+        import tempfile
+
         self._name = name
         self._current = bytearray() if name in self.capture and size <= self.limit else None
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) if name in self.spool else None
 
     def data(self, chunk):
         if self._current is not None:
             self._current += chunk
+        if self._spool is not None:
+            self._spool.write(chunk)
 
     def member_end(self):
         if self._current is not None:
             self.captured[self._name] = bytes(self._current)
             self._current = None
+        if self._spool is not None:
+            earlier = self.spooled.pop(self._name, None)
+            if earlier is not None:
+                earlier.close()
+            self._spool.seek(0)
+            self.spooled[self._name] = self._spool
+            self._spool = None
+
+    def close(self) -> None:
+        """Release the spooled members (their temporary files)."""
+        for f in self.spooled.values():
+            f.close()
+        self.spooled.clear()
 
 
 KINDS = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device", b"4": "a block device",

@@ -282,6 +282,19 @@ def test_idle_session_timeout_does_not_end_the_backup(src, workdir):
     assert local["status"] == "ok"
 
 
+def test_role_defaults_do_not_defeat_the_proof(src, workdir):
+    """A backup role hardened with read-only transactions by default, or with temp_tablespaces set, is still
+    proven local: the backup's session sets both back for itself."""
+    pg, config = src["pg"], src["config"]
+    pg.psql("alter role postgres set default_transaction_read_only = on")
+    try:
+        code, local, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+    finally:
+        pg.psql("begin; set transaction read write; alter role postgres reset default_transaction_read_only; commit")
+    assert code == 0, err
+    assert local["status"] == "ok"
+
+
 def test_an_unreadable_directory_is_named_by_check_and_backup(src, workdir):
     """pgdr run as the server's user, a root-only directory in the data directory (lost+found): check names it,
     and the backup fails naming it, not the repository."""

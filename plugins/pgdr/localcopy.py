@@ -182,6 +182,19 @@ def _server_identifier(datadir: Path) -> int:
                        "server's user (or one in its group, with initdb --allow-group-access)") from None
 
 
+def _exists(datadir: Path, rel: str) -> bool:
+    try:
+        os.lstat(datadir / rel)
+        return True
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise NotLocal(f"data directory {datadir}: permission denied looking into {Path(rel).parent}; run pgdr as "
+                       "the server's user (or one in its group, with initdb --allow-group-access)") from None
+    except OSError as e:
+        raise NotLocal(f"data directory {datadir}: cannot look into {Path(rel).parent} ({e.strerror})") from None
+
+
 def prove_local(c, datadir: Path, system_identifier: str) -> None:
     """NotLocal unless ``datadir`` is the data directory of the server on session ``c``: its pg_control holds
     the server's system identifier, and a temporary table created on ``c`` appears in it as a file and is gone
@@ -198,16 +211,16 @@ def prove_local(c, datadir: Path, system_identifier: str) -> None:
         c.execute(f"create temporary table {table} (x int)")
         try:
             rel = c.execute("select pg_relation_filepath(%s::regclass)", (f"pg_temp.{table}",)).fetchone()[0]
-            appeared = PROBE_PATH.fullmatch(rel or "") is not None and os.path.lexists(datadir / rel)
+            appeared = PROBE_PATH.fullmatch(rel or "") is not None and _exists(datadir, rel)
         finally:
             c.execute(f"drop table pg_temp.{table}")
     except psycopg.Error as e:
         raise NotLocal(f"{where}: cannot prove it is the server's: creating a temporary table failed "
                        f"({str(e).strip()}); the role needs the TEMPORARY privilege on its database") from None
     if not PROBE_PATH.fullmatch(rel or ""):
-        raise NotLocal(f"{where}: the server put a temporary table at {rel!r}, not in its data directory "
-                       "(temp_tablespaces?): cannot prove the directory is the server's")
-    if not appeared or os.path.lexists(datadir / rel):
+        raise NotLocal(f"{where}: the server put a temporary table at {rel!r}, not in its data directory (is the "
+                       "connected database in another tablespace?): cannot prove the directory is the server's")
+    if not appeared or _exists(datadir, rel):
         raise NotLocal(f"{where} is not the connected server's: a temporary table it created "
                        f"({rel}) did not appear {'and vanish ' if appeared else ''}there (a standby's or another "
                        "host's copy of the cluster, or pgdr in a container with its own copy): refusing to read it")
@@ -452,8 +465,10 @@ class LocalCopy:
                 yield from out.add(self._done(name, manifest))
             for name in sorted(os.listdir(wal)):
                 if HISTORY.fullmatch(name):
+                    copied = self.files
                     yield from self._file(out, manifest, f"pg_wal/{name}", wal, name)
-                    yield from out.add(self._done(name, manifest))
+                    if self.files > copied:  # not removed meanwhile
+                        yield from out.add(self._done(name, manifest))
         except OSError as e:
             raise PgdrError(f"cannot read {self.datadir / 'pg_wal'}: {e.strerror}") from None
         finally:
@@ -499,6 +514,9 @@ def _session(conn: ConnInfo):
         c.execute("set idle_session_timeout = 0")
         c.execute("set idle_in_transaction_session_timeout = 0")
         c.execute("set statement_timeout = 0")
+        # The proof's temporary table: in the data directory, writable, whatever the role's defaults say.
+        c.execute("set temp_tablespaces = ''")
+        c.execute("set default_transaction_read_only = off")
     except Exception:
         c.close()
         raise

@@ -10,6 +10,7 @@ Whatever cannot take an incremental falls back to a full and says why.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pgdr.compression import SUFFIX, compress_stream
 from pgdr.config import ClusterConfig
 from pgdr.crypto import CIPHER, seal
-from pgdr.errors import LockedError, PgdrError, PostgresError
+from pgdr.errors import IntegrityError, LockedError, PgdrError, PostgresError
 from pgdr.labels import check_label, chain_full, is_incremental, label_time, make_incr_label, make_label
 from pgdr.lock import ClusterLock
 from pgdr.lsn import parse_lsn
@@ -221,14 +222,11 @@ def label_now(make, taken, clock=utcnow, sleep=time.sleep) -> str:
 def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest) -> bytes:
     """The parent's own backup_manifest, as pg_basebackup --incremental needs it; checked against pgdr's."""
     from pgdr.crypto import unseal
-    from pgdr.errors import IntegrityError
 
     name = "backup_manifest.enc" if parent.encryption else "backup_manifest"
     key = repo.key(parent.label, name)
     blob = storage.get_bytes(key)
     data = b"".join(unseal([blob], storage.keyring, f"{parent.label}/{name}", key)) if parent.encryption else blob
-    import io
-
     try:
         stop = max(parse_lsn(r["End-LSN"]) for r in wal_ranges(io.BytesIO(data)))
     except IntegrityError as e:
@@ -401,11 +399,26 @@ def store_parts(reader: ChunkReader, watcher: TarWatcher, repo: Repository, labe
     return files
 
 
+def store_tar(chunks, repo: Repository, label: str, cluster: ClusterConfig, data_key, part_size: int = PART_SIZE,
+              abort=None) -> tuple[list[StoredFile], TarWatcher]:
+    """A backup's tar stream (chunks, read ahead in a thread) into the repository as its parts: the parts, and
+    the TarWatcher that saw it (the caller closes it). The source is closed however this ends: a generator runs
+    its cleanup at once (a local copy's session ends, and the server abandons the backup)."""
+    prefetch = Prefetch(chunks, depth=16)
+    watcher = TarWatcher()
+    try:
+        files = store_parts(ChunkReader(prefetch), watcher, repo, label, cluster, data_key, part_size, abort)
+    except BaseException:
+        watcher.close()
+        raise
+    finally:
+        prefetch.close()
+    return files, watcher
+
+
 def wal_ranges(f) -> list[dict]:
     """The WAL-Ranges of a backup_manifest (a binary file object), read from its end, where PostgreSQL writes
     them: parsing the whole document would take gigabytes for a cluster of a million files."""
-    from pgdr.errors import IntegrityError
-
     f.seek(0, 2)
     f.seek(max(0, f.tell() - (1 << 20)))
     tail = f.read()
@@ -417,7 +430,7 @@ def wal_ranges(f) -> list[dict]:
             raise ValueError("no WAL-Ranges at its end")
         for r in ranges:
             parse_lsn(r["Start-LSN"]), parse_lsn(r["End-LSN"]), int(r["Timeline"])
-    except (ValueError, TypeError, PgdrError) as e:
+    except (ValueError, TypeError, KeyError) as e:
         raise IntegrityError(f"unreadable backup_manifest ({e})") from None
     return ranges
 
@@ -462,11 +475,8 @@ def _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_
     with tempfile.TemporaryFile() as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, env=conn.process_env())
         stop_on_abort = _kill_when(abort, proc)
-        prefetch = Prefetch(read_pipe(proc.stdout), depth=16)
-        reader = ChunkReader(prefetch)
-        watcher = TarWatcher()
         try:
-            files = store_parts(reader, watcher, repo, label, cluster, data_key, part_size, abort)
+            files, watcher = store_tar(read_pipe(proc.stdout), repo, label, cluster, data_key, part_size, abort)
             rc = proc.wait()
         except BaseException:
             proc.kill()
@@ -474,7 +484,6 @@ def _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_
             raise
         finally:
             stop_on_abort.set()
-            prefetch.close()
         if abort is not None and abort.is_set():
             raise LockedError(f"backup {label} aborted: its lock was lost")
         errfile.seek(0)
@@ -492,12 +501,7 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
     if local is not None:
         log.info("backup %s of cluster %s: reading the data directory %s directly (PostgreSQL %s) into %s",
                  label, cluster.name, local.datadir, info.version, storage.describe())
-        prefetch = Prefetch(local.chunks(), depth=16)
-        watcher = TarWatcher()
-        try:
-            files = store_parts(ChunkReader(prefetch), watcher, repo, label, cluster, data_key, part_size, abort)
-        finally:
-            prefetch.close()  # an early stop closes the backup's session, which aborts it on the server
+        files, watcher = store_tar(local.chunks(), repo, label, cluster, data_key, part_size, abort)
         if abort is not None and abort.is_set():
             raise LockedError(f"backup {label} aborted: its lock was lost")
     else:

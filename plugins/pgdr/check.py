@@ -111,7 +111,7 @@ def run_check(cluster: ClusterConfig, conn: ConnInfo, storage: Storage) -> Check
 
 def _local_read_check(cluster: ClusterConfig, conn: ConnInfo, info) -> tuple[str, bool, str]:
     """backup_method local: the data directory here is provably the server's, and readable (no backup started)."""
-    from pgdr.localcopy import LocalCopy
+    from pgdr.localcopy import READ_HINT, LocalCopy
 
     try:
         local = LocalCopy.open(conn, info, cluster.name, "check", cluster.checkpoint, cluster.backup_wal == "embed")
@@ -121,8 +121,7 @@ def _local_read_check(cluster: ClusterConfig, conn: ConnInfo, info) -> tuple[str
         return "local_read", True, "backup_method local: the server is a standby, so its backups use pg_basebackup"
     unreadable = local.unreadable()
     if unreadable:
-        return "local_read", False, (f"backup_method local: cannot read {unreadable}; run pgdr as the server's user "
-                                     "(or one in its group, with initdb --allow-group-access)")
+        return "local_read", False, f"backup_method local: cannot read {unreadable}; {READ_HINT}"
     return "local_read", True, f"backup_method local: reads {local.datadir}, proven to be this server's"
 
 

@@ -36,6 +36,7 @@ from pgdr.errors import PgdrError, PostgresError
 from pgdr.lsn import parse_lsn
 from pgdr.postgres import ConnInfo, ServerInfo, connect
 from pgdr.streams import CHUNK
+from pgdr.tarstream import SPOOL_IN_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ EXCLUDED_FILES = frozenset({"postgresql.auto.conf.tmp", "current_logfiles.tmp", 
 EXCLUDED_PREFIXES = ("pg_internal.init", "pgsql_tmp")
 RELATION = re.compile(r"(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?")
 TEMP_RELATION = re.compile(r"t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?")
-WAL_SEGMENT = re.compile(r"[0-9A-F]{24}")
 BLOCK = 512
-XLOG_PAGE_MAGIC_OFFSET = 8  # XLogPageHeaderData: magic u16, info u16, tli u32, pageaddr u64
+READ_HINT = "run pgdr as the server's user (or one in its group, with initdb --allow-group-access)"
 
 
 class NotLocal(PgdrError):
@@ -132,7 +132,7 @@ class ManifestWriter:
     (a cluster has up to millions of files), hashed on the way."""
 
     def __init__(self, pg_major: int, system_identifier: str):
-        self.file = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         self.sha = hashlib.sha256()
         self.files = 0
         if pg_major >= 17:
@@ -178,8 +178,8 @@ def _server_identifier(datadir: Path) -> int:
         with open(datadir / "global" / "pg_control", "rb") as f:
             return int.from_bytes(f.read(8), sys.byteorder)
     except OSError as e:
-        raise NotLocal(f"data directory {datadir}: cannot read global/pg_control ({e.strerror}); run pgdr as the "
-                       "server's user (or one in its group, with initdb --allow-group-access)") from None
+        raise NotLocal(f"data directory {datadir}: cannot read global/pg_control ({e.strerror}); {READ_HINT}") \
+            from None
 
 
 def _exists(datadir: Path, rel: str) -> bool:
@@ -189,8 +189,8 @@ def _exists(datadir: Path, rel: str) -> bool:
     except FileNotFoundError:
         return False
     except PermissionError:
-        raise NotLocal(f"data directory {datadir}: permission denied looking into {Path(rel).parent}; run pgdr as "
-                       "the server's user (or one in its group, with initdb --allow-group-access)") from None
+        raise NotLocal(f"data directory {datadir}: permission denied looking into {Path(rel).parent}; "
+                       f"{READ_HINT}") from None
     except OSError as e:
         raise NotLocal(f"data directory {datadir}: cannot look into {Path(rel).parent} ({e.strerror})") from None
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.config import ClusterConfig
-from pgdr.backup import PART_SIZE, store_backup_manifest, store_parts
+from pgdr.backup import PART_SIZE, store_backup_manifest, store_tar
 from pgdr.crypto import CIPHER
 from pgdr.errors import IntegrityError, PgdrError, RestoreRefused
 from pgdr.labels import make_label
@@ -38,7 +38,7 @@ from pgdr.repository import MANIFEST, Repository
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.server import pid_file_lines, running_pid
 from pgdr.storage import Storage
-from pgdr.streams import ChunkReader, Digest, Prefetch, read_pipe
+from pgdr.streams import Digest, read_pipe
 from pgdr.tarstream import TarWatcher
 
 log = logging.getLogger(__name__)
@@ -184,21 +184,16 @@ def _basebackup_command(cluster, pgdata: Path, info: DataDirInfo, user: str | No
 def _store_stream(cmd: list[str], repo: Repository, label: str, cluster, data_key,
                   part_size: int = PART_SIZE) -> tuple[list[StoredFile], TarWatcher]:
     """A tar stream from ``cmd`` into the repository as parts, as ``pgdr backup`` stores them."""
-    watcher = TarWatcher()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "PGCONNECT_TIMEOUT": "10"}
     with tempfile.TemporaryFile() as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, stdin=subprocess.DEVNULL, env=env)
-        prefetch = Prefetch(read_pipe(proc.stdout), depth=16)
-        reader = ChunkReader(prefetch)
         try:
-            files = store_parts(reader, watcher, repo, label, cluster, data_key, part_size)
+            files, watcher = store_tar(read_pipe(proc.stdout), repo, label, cluster, data_key, part_size)
             rc = proc.wait()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-        finally:
-            prefetch.close()
         errfile.seek(0)
         stderr = errfile.read().decode(errors="replace").strip()
     if rc != 0:

@@ -125,19 +125,13 @@ SPOOL_IN_MEMORY = 8 << 20  # a spooled member past this goes to a temporary file
 
 
 class TarWatcher(TarParser):
-    """Counts members, keeps small named ones (``captured``: bytes) and spools others whatever their size
-    (``spooled``: a file at its start; backup_manifest, tens of MB for a cluster of hundreds of thousands of
-    files), touching nothing."""
+    """Counts members and spools the named ones whatever their size (``spooled``: a file at its start;
+    backup_manifest is tens of MB for a cluster of hundreds of thousands of files), touching nothing."""
 
-    def __init__(self, capture: tuple[str, ...] = ("backup_label",), spool: tuple[str, ...] = ("backup_manifest",),
-                 limit: int = 64 << 20):
+    def __init__(self, spool: tuple[str, ...] = ("backup_manifest",)):
         super().__init__()
-        self.capture = set(capture)
         self.spool = set(spool)
-        self.limit = limit
-        self.captured: dict[str, bytes] = {}
         self.spooled: dict = {}
-        self._current: bytearray | None = None
         self._spool = None
         self._name = ""
 
@@ -145,19 +139,13 @@ class TarWatcher(TarParser):
         import tempfile
 
         self._name = name
-        self._current = bytearray() if name in self.capture and size <= self.limit else None
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) if name in self.spool else None
 
     def data(self, chunk):
-        if self._current is not None:
-            self._current += chunk
         if self._spool is not None:
             self._spool.write(chunk)
 
     def member_end(self):
-        if self._current is not None:
-            self.captured[self._name] = bytes(self._current)
-            self._current = None
         if self._spool is not None:
             earlier = self.spooled.pop(self._name, None)
             if earlier is not None:

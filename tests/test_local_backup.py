@@ -413,3 +413,48 @@ def test_a_backup_manifest_of_any_size_is_kept_and_its_wal_ranges_read():
 
     with pytest.raises(IntegrityError, match="unreadable backup_manifest"):
         wal_ranges(io.BytesIO(body.replace(b'"WAL-Ranges"', b'"Other"')))
+
+
+def test_embedded_wal_is_checked_page_by_page(tmp_path):
+    """A segment whose pages up to the stop carry their own addresses and the system's identifier is embedded;
+    one page from elsewhere (a recycled file overwritten in part), a wrong system or a short file is refused."""
+    import os
+    import sys
+
+    from pgdr.errors import PgdrError
+    from pgdr.localcopy import LocalCopy
+    from pgdr.postgres import ServerInfo
+
+    seg, page, address, ident = 16 << 20, 8192, 5 * (16 << 20), 7715444862237826023
+    info = ServerInfo(180000, "18.0", str(ident), 1, "replica", 10, True, [], [])
+    copy = LocalCopy(None, info, "app", "20261204-000000F", "fast", True)
+    copy.datadir = tmp_path
+    (tmp_path / "pg_wal").mkdir()
+
+    def segment(bad_page=None, system=ident, size=seg):
+        data = bytearray(size)
+        for offset in range(0, size, page):
+            data[offset + 8:offset + 16] = (address + offset + (page if offset == bad_page else 0)).to_bytes(
+                8, sys.byteorder)
+        data[24:32] = system.to_bytes(8, sys.byteorder)
+        (tmp_path / "pg_wal" / "000000010000000000000005").write_bytes(bytes(data))
+
+    fd = os.open(tmp_path / "pg_wal", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        segment()
+        assert len(copy._segment(fd, "000000010000000000000005", address, 100 * page)) == seg
+        segment(bad_page=50 * page)
+        with pytest.raises(PgdrError, match="offset 409600 does not belong"):
+            copy._segment(fd, "000000010000000000000005", address, 100 * page)
+        segment(bad_page=150 * page)  # past the stop: what is there is never replayed
+        assert len(copy._segment(fd, "000000010000000000000005", address, 100 * page)) == seg
+        segment(system=12345)
+        with pytest.raises(PgdrError, match="belongs to another system"):
+            copy._segment(fd, "000000010000000000000005", address, 100 * page)
+        segment(size=seg - page)
+        with pytest.raises(PgdrError, match="bytes, not"):
+            copy._segment(fd, "000000010000000000000005", address, 100 * page)
+        with pytest.raises(PgdrError, match="was removed before the backup could copy it"):
+            copy._segment(fd, "000000010000000000000006", address + seg, page)
+    finally:
+        os.close(fd)

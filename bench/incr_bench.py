@@ -12,6 +12,7 @@ Rows:
   the full's time); the first incremental, and the median of the chain's;
 - full backups of the same cluster with backup_method local too (pgdr reads the data directory itself, as
   pgBackRest does; cluster ``bench_local`` in the same repository), at the start and at the chain's end;
+  then ``--full-rounds`` of those against pgBackRest's full, each side first in every other round: medians;
 - every backup and restore starts with a checkpoint, `sync` and a cold page cache (drop_caches);
 - restore of a full + 6 incrementals (each after ~1% changed) against the restore of a full of the same data
   (target ≤ 1.2×): ``--repeat`` rounds, each side first in every other round, each restore into a new
@@ -149,6 +150,8 @@ def main() -> int:
     ap.add_argument("--latency-ms", type=float, default=30)
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the restore comparison (each side first "
                                                           "in every other round)")
+    ap.add_argument("--full-rounds", type=int, default=3, help="rounds of the full backup comparison with "
+                                                               "pgBackRest (each side first in every other round)")
     ap.add_argument("--pgbackrest", default=os.environ.get("PGBACKREST"),
                     help="a pgBackRest binary (2.55+ for PostgreSQL 18) for rows beside pgdr's")
     ap.add_argument("--workdir", default="/var/tmp/pgdr-incr-bench")
@@ -284,6 +287,8 @@ def main() -> int:
             row("pgBackRest full backup of the chain's end state", bm, f"stored {bstored / 1e6:.1f} MB; "
                 f"pgdr through pg_basebackup {m['wall'] / bm['wall']:.2f}x this")
         local_full("20261120-000000F", bm["wall"] if brest else None, " of the chain's end state")
+        if brest:
+            full_rounds(args, backup, brest_backup, row)
 
         def compare(name_a, cmd_a, name_b, cmd_b, tag):
             """Both restores, ``--repeat`` rounds in alternating order; returns their medians' rows."""
@@ -333,6 +338,30 @@ def main() -> int:
     for name, wall, rss, extra in results:
         print(f"| {name} | {wall:.1f} | {rss:.0f} | {extra} |")
     return 0
+
+
+def full_rounds(args, backup, brest_backup, row) -> None:
+    """pgdr's full backup (backup_method local) and pgBackRest's, ``--full-rounds`` rounds each, each side first
+    in every other round: one run of each moves by ±5% with this host's neighbours, the medians less."""
+    runs = {"pgdr": [], "pgBackRest": []}
+    for r in range(args.full_rounds):
+        def pgdr_side():
+            runs["pgdr"].append(backup("full", f"202611{21 + r:02d}-000000F", "bench_local")[0])
+
+        def brest_side():
+            runs["pgBackRest"].append(brest_backup("full")[0])
+
+        for side in ((pgdr_side, brest_side) if r % 2 == 0 else (brest_side, pgdr_side)):
+            side()
+    med = {name: statistics.median(m["wall"] for m in ms) for name, ms in runs.items()}
+    for name, ms in runs.items():
+        walls = ", ".join(f"{m['wall']:.2f}" for m in ms)
+        cpu = statistics.median(m["cpu"] for m in ms)
+        ratio = f"{med['pgdr'] / med['pgBackRest']:.2f}x pgBackRest's median; " if name == "pgdr" else ""
+        what = "backup_method local" if name == "pgdr" else "zst 3, process-max 2"
+        row(f"{name} full backup ({what}), median of {len(ms)} alternating rounds",
+            {"wall": med[name], "rss_mb": max(m["rss_mb"] for m in ms)},
+            f"{ratio}runs: {walls} s; cpu {cpu:.1f} s")
 
 
 def s3_rows(args, work, src, bins, row, settle, timed) -> None:

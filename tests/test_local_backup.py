@@ -415,12 +415,15 @@ def test_a_backup_manifest_of_any_size_is_kept_and_its_wal_ranges_read():
         wal_ranges(io.BytesIO(body.replace(b'"WAL-Ranges"', b'"Other"')))
 
 
-def test_embedded_wal_is_checked_page_by_page(tmp_path):
-    """A segment whose pages up to the stop carry their own addresses and the system's identifier is embedded;
-    one page from elsewhere (a recycled file overwritten in part), a wrong system or a short file is refused."""
+def test_embedded_wal_segments_are_checked(tmp_path):
+    """A segment whose first page carries its own address and the system's identifier is embedded, whatever
+    its later pages hold (after a WAL switch the rest of a segment keeps the recycled file's old pages); one
+    beginning with another address (a recycled file), another system's, a short file, one removed, and one
+    renamed away while read (recycled) are refused."""
     import os
     import sys
 
+    from pgdr import localcopy
     from pgdr.errors import PgdrError
     from pgdr.localcopy import LocalCopy
     from pgdr.postgres import ServerInfo
@@ -430,31 +433,106 @@ def test_embedded_wal_is_checked_page_by_page(tmp_path):
     copy = LocalCopy(None, info, "app", "20261204-000000F", "fast", True)
     copy.datadir = tmp_path
     (tmp_path / "pg_wal").mkdir()
+    name = "000000010000000000000005"
 
-    def segment(bad_page=None, system=ident, size=seg):
+    def segment(first_address=address, stale_from=None, system=ident, size=seg):
         data = bytearray(size)
         for offset in range(0, size, page):
-            data[offset + 8:offset + 16] = (address + offset + (page if offset == bad_page else 0)).to_bytes(
+            data[offset + 8:offset + 16] = (first_address + offset - (3 * seg if stale_from is not None and
+                                                                      offset >= stale_from else 0)).to_bytes(
                 8, sys.byteorder)
         data[24:32] = system.to_bytes(8, sys.byteorder)
-        (tmp_path / "pg_wal" / "000000010000000000000005").write_bytes(bytes(data))
+        (tmp_path / "pg_wal" / name).write_bytes(bytes(data))
 
     fd = os.open(tmp_path / "pg_wal", os.O_RDONLY | os.O_DIRECTORY)
     try:
         segment()
-        assert len(copy._segment(fd, "000000010000000000000005", address, 100 * page)) == seg
-        segment(bad_page=50 * page)
-        with pytest.raises(PgdrError, match="offset 409600 does not belong"):
-            copy._segment(fd, "000000010000000000000005", address, 100 * page)
-        segment(bad_page=150 * page)  # past the stop: what is there is never replayed
-        assert len(copy._segment(fd, "000000010000000000000005", address, 100 * page)) == seg
+        assert len(copy._segment(fd, name, address)) == seg
+        segment(stale_from=50 * page)  # switched at page 50: the rest is an older segment's
+        assert len(copy._segment(fd, name, address)) == seg
+        segment(first_address=address - 3 * seg)
+        with pytest.raises(PgdrError, match="does not begin with its own address"):
+            copy._segment(fd, name, address)
         segment(system=12345)
         with pytest.raises(PgdrError, match="belongs to another system"):
-            copy._segment(fd, "000000010000000000000005", address, 100 * page)
+            copy._segment(fd, name, address)
         segment(size=seg - page)
         with pytest.raises(PgdrError, match="bytes, not"):
-            copy._segment(fd, "000000010000000000000005", address, 100 * page)
+            copy._segment(fd, name, address)
         with pytest.raises(PgdrError, match="was removed before the backup could copy it"):
-            copy._segment(fd, "000000010000000000000006", address + seg, page)
+            copy._segment(fd, "000000010000000000000006", address + seg)
+        segment()
+        real_read = os.read
+
+        def read_then_recycle(f, n):  # the server renames the segment ahead while pgdr reads it
+            data = real_read(f, n)
+            if (tmp_path / "pg_wal" / name).exists():
+                os.rename(tmp_path / "pg_wal" / name, tmp_path / "pg_wal" / "000000010000000000000009")
+            return data
+
+        localcopy.os.read = read_then_recycle
+        try:
+            with pytest.raises(PgdrError, match="was removed or recycled while it was read"):
+                copy._segment(fd, name, address)
+        finally:
+            localcopy.os.read = real_read
     finally:
         os.close(fd)
+
+
+def _drain_to_directory(chunks, dest: Path) -> None:
+    """A local copy's tar stream, unpacked into ``dest`` as pg_basebackup -Fp would leave it."""
+    import io
+    import tarfile
+
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:") as tar:
+        tar.extractall(dest)  # pgdr's own stream, just written
+
+
+def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
+    """A copy paused just after pg_backup_start while the server writes and checkpoints far past max_wal_size:
+    the backup's temporary replication slot keeps the start segment, so the embedded WAL runs from start to
+    stop (pg_verifybackup parses it with pg_waldump), and the slot is gone once the backup ends. A role
+    without REPLICATION gets no slot: the backup still runs, and says it is unprotected."""
+    from conftest import _bins
+    from pgdr.localcopy import LocalCopy
+    from pgdr.postgres import ConnInfo, server_info
+
+    pg = SandboxCluster(_bins(18), workdir / "slot18" / "data", free_port())
+    pg.init(extra_conf="min_wal_size = 32MB\nmax_wal_size = 32MB\nwal_keep_size = 0\n").start()
+    try:
+        pg.psql("create table churn (v text)")
+        conn = ConnInfo(pg.dsn)
+        copy = LocalCopy.open(conn, server_info(conn), "app", "20261204-000000F", "fast", True)
+        chunks = copy.chunks()
+        first = next(chunks)  # pg_backup_start has run
+        start_segment = pg.psql("select pg_walfile_name(redo_lsn) from pg_control_checkpoint()")
+        for _ in range(8):
+            pg.psql("insert into churn select repeat('w', 1000) from generate_series(1, 5000)")
+            pg.psql("select pg_switch_wal()")
+            pg.psql("checkpoint")
+        assert (pg.datadir / "pg_wal" / start_segment).exists()
+        dest = workdir / "slot18-backup"
+        _drain_to_directory(itertools.chain([first], chunks), dest)
+        assert (dest / "pg_wal" / start_segment).exists()
+        assert pg.psql("select count(*) from pg_replication_slots") == "0"
+        run = subprocess.run([pg.bins.tool("pg_verifybackup"), str(dest)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+
+        pg.psql("create role bk login")
+        pg.psql("grant pg_read_all_settings to bk")
+        pg.psql("grant execute on function pg_backup_start(text, boolean), pg_backup_stop(boolean), "
+                "pg_control_system() to bk")
+        bk = ConnInfo(pg.dsn.replace("user=postgres", "user=bk"))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pgdr.localcopy"):
+            chunks = LocalCopy.open(bk, server_info(bk), "app", "20261204-000001F", "fast", True).chunks()
+            _drain_to_directory(chunks, workdir / "slot18-backup-bk")
+        assert "cannot hold the backup's WAL with a temporary replication slot" in caplog.text
+        assert "permission denied" in caplog.text.lower() or "replication" in caplog.text.lower()
+        run = subprocess.run([pg.bins.tool("pg_verifybackup"), str(workdir / "slot18-backup-bk")],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    finally:
+        pg.destroy()

@@ -242,7 +242,6 @@ class LocalCopy:
         self.fast = checkpoint == "fast"
         self.embed_wal = embed_wal
         self.datadir: Path | None = None
-        self.wal_block_size = 8192
         self.dir_mode = 0o700
         self.files = 0
         self.bytes = 0
@@ -256,16 +255,15 @@ class LocalCopy:
         copy = cls(conn, info, cluster, label, checkpoint, embed_wal)
         with _session(conn) as c:
             try:
-                datadir, standby, ident, blcksz = c.execute(
+                datadir, standby, ident = c.execute(
                     "select current_setting('data_directory'), pg_is_in_recovery(), "
-                    "(select system_identifier::text from pg_control_system()), "
-                    "current_setting('wal_block_size')::int").fetchone()
+                    "(select system_identifier::text from pg_control_system())").fetchone()
             except Exception as e:  # psycopg's errors: no privilege to read data_directory, mostly
                 raise PostgresError(f"cannot ask {conn.describe()} where its data directory is: "
                                     f"{str(e).strip()}") from None
             if standby:
                 return None
-            copy.datadir, copy.wal_block_size = Path(datadir), blcksz
+            copy.datadir = Path(datadir)
             prove_local(c, copy.datadir, ident)
         try:
             copy.dir_mode = os.stat(copy.datadir).st_mode & 0o777 or 0o700
@@ -296,6 +294,8 @@ class LocalCopy:
         out = _Coalesce()
         root = None
         try:
+            if self.embed_wal:
+                self._reserve_wal(c)
             try:
                 start_lsn = c.execute("select pg_backup_start(%s, %s)::text",
                                       (f"pgdr {self.cluster} {self.label}", self.fast)).fetchone()[0]
@@ -324,20 +324,20 @@ class LocalCopy:
                     "select lsn::text, labelfile, spcmapfile from pg_backup_stop(false)").fetchone()
             except psycopg.Error as e:
                 raise PostgresError(f"pg_backup_stop on {self.conn.describe()} failed: {str(e).strip()}") from None
+            if spaces or (spcmap and spcmap.strip()):
+                raise PgdrError("a tablespace was created during the backup; pgdr does not back up tablespaces "
+                                "outside the data directory and refuses rather than take an incomplete backup")
+            timeline, label_start = _label_facts(labelfile)
+            if parse_lsn(label_start) != parse_lsn(start_lsn):
+                raise PgdrError(f"backup_label starts at {label_start}, pg_backup_start said {start_lsn}")
+            now = time.time()
+            yield from out.add(self._member("backup_label", labelfile.encode(), now, manifest))
+            if self.embed_wal:  # before the session ends: its slot holds this WAL until then
+                yield from self._wal(out, manifest, timeline, start_lsn, stop_lsn)
         finally:
             c.close()
             if root is not None:
                 os.close(root)
-        if spaces or (spcmap and spcmap.strip()):
-            raise PgdrError("a tablespace was created during the backup; pgdr does not back up tablespaces outside "
-                            "the data directory and refuses rather than take an incomplete backup")
-        timeline, label_start = _label_facts(labelfile)
-        if parse_lsn(label_start) != parse_lsn(start_lsn):
-            raise PgdrError(f"backup_label starts at {label_start}, pg_backup_start said {start_lsn}")
-        now = time.time()
-        yield from out.add(self._member("backup_label", labelfile.encode(), now, manifest))
-        if self.embed_wal:
-            yield from self._wal(out, manifest, timeline, start_lsn, stop_lsn)
         doc, size = manifest.finish(timeline, start_lsn, stop_lsn)
         with doc:
             yield from out.add(tar_header("backup_manifest", size, 0o600, int(now), b"0"))
@@ -447,10 +447,29 @@ class LocalCopy:
         manifest.add(name, len(data), mtime, checksum)
         return tar_header(name, len(data), 0o600, int(mtime), b"0") + _padded(data)
 
+    def _reserve_wal(self, c) -> None:
+        """A temporary replication slot on the backup's session, holding the WAL from before pg_backup_start
+        until the session ends (as pg_basebackup -X stream holds it): on a busy server a long copy would
+        otherwise see the start segment recycled before it is embedded, and fail. Dropped by the server
+        when the session ends, however it ends. Without the REPLICATION attribute or a free slot, the backup
+        goes on unprotected (it fails cleanly if a segment is gone) and says so."""
+        import psycopg
+
+        name = f"pgdr_{os.getpid()}_{secrets.token_hex(4)}"
+        try:
+            c.execute("select pg_create_physical_replication_slot(%s, true, true)", (name,))
+        except psycopg.Error as e:
+            log.warning("backup %s: cannot hold the backup's WAL with a temporary replication slot (%s); a long "
+                        "copy on a busy server may lose its start segment and fail: grant the backup role "
+                        "REPLICATION, or keep a free slot (max_replication_slots)", self.label,
+                        str(e).strip().splitlines()[0])
+
     def _wal(self, out, manifest, timeline: int, start_lsn: str, stop_lsn: str) -> Iterator[bytes]:
-        """The WAL from start to stop, from pg_wal (backup_wal: embed), and the timeline history files. Every
-        page up to the stop must carry its own address (a recycled segment holds an older one), the first the
-        server's system identifier, and the name must still be the file read (not renamed while read)."""
+        """The WAL from start to stop, from pg_wal (backup_wal: embed), and the timeline history files. Each
+        segment's first page must carry its own address and the server's system identifier, and its name must
+        still be the file read once read: the server only ever recycles a segment into a name ahead of the
+        one it writes, so a past segment's name holds that segment or nothing, unless it was renamed away
+        (and rewritten) while read, which the name no longer pointing at the file read shows."""
         seg = self.info.wal_segment_size
         start, stop = parse_lsn(start_lsn), parse_lsn(stop_lsn)
         first, last = start // seg, (stop - 1) // seg
@@ -459,7 +478,7 @@ class LocalCopy:
         try:
             for n in range(first, last + 1):
                 name = f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}"
-                data = self._segment(wal, name, n * seg, min(seg, stop - n * seg))
+                data = self._segment(wal, name, n * seg)
                 yield from out.add(tar_header(f"pg_wal/{name}", seg, 0o600, int(time.time()), b"0"))
                 yield from out.add(data)
                 yield from out.add(self._done(name, manifest))
@@ -474,31 +493,37 @@ class LocalCopy:
         finally:
             os.close(wal)
 
-    def _segment(self, wal: int, name: str, address: int, needed: int) -> bytes:
-        seg, page = self.info.wal_segment_size, self.wal_block_size
+    def _segment(self, wal: int, name: str, address: int) -> bytes:
+        """Segment ``name``, read whole. Only its first page's address is checked, not every page's: after a
+        WAL switch (archive_timeout, pg_switch_wal, another backup starting) the rest of a segment is never
+        written and holds whatever the recycled file held before."""
+        seg = self.info.wal_segment_size
         where = f"{self.datadir / 'pg_wal' / name}"
         try:
             fd = os.open(name, FILE_OPEN, dir_fd=wal)
         except FileNotFoundError:
-            raise PgdrError(f"WAL segment {name} was removed before the backup could copy it: raise "
-                            "wal_keep_size, or use backup_wal: archive") from None
+            raise PgdrError(f"WAL segment {name} was removed before the backup could copy it: grant the backup "
+                            "role REPLICATION (pgdr then holds the WAL with a temporary slot), raise wal_keep_size, "
+                            "or use backup_wal: archive") from None
         try:
             before = os.fstat(fd)
             data = b"".join(iter(lambda: os.read(fd, CHUNK), b""))
-            after = os.stat(name, dir_fd=wal, follow_symlinks=False)
+            try:
+                after = os.stat(name, dir_fd=wal, follow_symlinks=False)
+            except FileNotFoundError:
+                after = None
         finally:
             os.close(fd)
-        if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
-            raise PgdrError(f"{where} was replaced while it was read; the backup cannot embed its WAL")
+        if after is None or (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+            raise PgdrError(f"{where} was removed or recycled while it was read; the backup cannot embed its WAL")
         if len(data) != seg:
             raise PgdrError(f"{where} has {len(data)} bytes, not {seg}")
         if int.from_bytes(data[24:32], sys.byteorder) != int(self.info.system_identifier):
             raise PgdrError(f"{where} belongs to another system (its first page names system "
                             f"{int.from_bytes(data[24:32], sys.byteorder)})")
-        for offset in range(0, (needed + page - 1) // page * page, page):
-            if int.from_bytes(data[offset + 8:offset + 16], sys.byteorder) != address + offset:
-                raise PgdrError(f"{where}: the page at offset {offset} does not belong to this segment (a recycled "
-                                "file?); the backup cannot embed its WAL")
+        if int.from_bytes(data[8:16], sys.byteorder) != address:
+            raise PgdrError(f"{where} does not begin with its own address (a recycled file?); the backup cannot "
+                            "embed its WAL")
         return data
 
     def _done(self, name: str, manifest) -> bytes:

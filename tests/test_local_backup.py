@@ -496,6 +496,8 @@ def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
     stop (pg_verifybackup parses it with pg_waldump), and the slot is gone once the backup ends. A role
     without REPLICATION gets no slot: the backup still runs, and says it is unprotected."""
     from conftest import _bins
+    from pgdr.check import _local_read_check
+    from pgdr.config import load_config
     from pgdr.localcopy import LocalCopy
     from pgdr.postgres import ConnInfo, server_info
 
@@ -525,6 +527,12 @@ def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
         pg.psql("grant execute on function pg_backup_start(text, boolean), pg_backup_stop(boolean), "
                 "pg_control_system() to bk")
         bk = ConnInfo(pg.dsn.replace("user=postgres", "user=bk"))
+        cluster = load_config(write_config(workdir / "slot18.yaml", {"app": {
+            "dsn": pg.dsn, "repository": f"file://{workdir / 'slot18-repo'}", "backup_method": "local"}})).cluster("app")
+        name, ok, detail = _local_read_check(cluster, conn, server_info(conn))
+        assert ok and "a temporary replication slot holds each backup's WAL" in detail, detail
+        name, ok, detail = _local_read_check(cluster, bk, server_info(bk))
+        assert ok and "this role lacks REPLICATION" in detail, detail
         caplog.clear()
         with caplog.at_level("WARNING", logger="pgdr.localcopy"):
             chunks = LocalCopy.open(bk, server_info(bk), "app", "20261204-000001F", "fast", True).chunks()

@@ -122,7 +122,12 @@ def _local_read_check(cluster: ClusterConfig, conn: ConnInfo, info) -> tuple[str
     unreadable = local.unreadable()
     if unreadable:
         return "local_read", False, f"backup_method local: cannot read {unreadable}; {READ_HINT}"
-    return "local_read", True, f"backup_method local: reads {local.datadir}, proven to be this server's"
+    held = ""
+    if local.embed_wal:
+        held = ("; a temporary replication slot holds each backup's WAL" if local.can_hold_wal() else
+                "; this role lacks REPLICATION, so no slot holds a backup's WAL: a long copy on a busy server "
+                "may lose its start segment")
+    return "local_read", True, f"backup_method local: reads {local.datadir}, proven to be this server's{held}"
 
 
 def _repository_check(storage: Storage, prefix: str = "") -> tuple[str, bool, str]:

@@ -447,6 +447,12 @@ class LocalCopy:
         manifest.add(name, len(data), mtime, checksum)
         return tar_header(name, len(data), 0o600, int(mtime), b"0") + _padded(data)
 
+    def can_hold_wal(self) -> bool:
+        """Whether this role may create the temporary replication slot that holds a backup's WAL."""
+        with connect(self.conn) as c:
+            return bool(c.execute("select rolreplication or rolsuper from pg_roles "
+                                  "where rolname = current_user").fetchone()[0])
+
     def _reserve_wal(self, c) -> None:
         """A temporary replication slot on the backup's session, holding the WAL from before pg_backup_start
         until the session ends (as pg_basebackup -X stream holds it): on a busy server a long copy would

@@ -148,7 +148,7 @@ def main() -> int:
     ap.add_argument("--random-mb", type=int, default=200, help="MB of incompressible rows (what S3 moves)")
     ap.add_argument("--s3-mb", type=int, default=1, help="0: skip the S3 rows")
     ap.add_argument("--latency-ms", type=float, default=30)
-    ap.add_argument("--repeat", type=int, default=2, help="rounds of the restore comparison (each side first "
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the restore comparison (each side first "
                                                           "in every other round)")
     ap.add_argument("--full-rounds", type=int, default=3, help="rounds of the full backup comparison with "
                                                                "pgBackRest (each side first in every other round)")

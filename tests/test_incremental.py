@@ -225,6 +225,53 @@ def test_runs_of_blocks_land_at_their_offsets_however_the_stream_is_cut(tmp_path
     assert unchanged.read_bytes() == b"u" * 2 * 8192 and lengths["base/5/2619"] == 2 * 8192
 
 
+def test_the_combined_manifest_is_rewritten_line_by_line(tmp_path):
+    """The newest member's backup_manifest, rewritten as pg_combinebackup would: an INCREMENTAL. entry becomes
+    the rebuilt file with its new size and no checksum, backup_label loses its checksum, other entries and the
+    WAL ranges stay, and the Manifest-Checksum covers the new text. A manifest pgdr does not understand (a
+    garbled line, one cut short) is refused, naming the line, and the original is left as it was."""
+    import hashlib
+    import json
+
+    from pgdr.errors import IntegrityError
+    from pgdr.incremental import rewrite_backup_manifest
+
+    entries = [{"Path": "backup_label", "Size": 10, "Last-Modified": "2026-12-04 10:00:00 GMT",
+                "Checksum-Algorithm": "CRC32C", "Checksum": "aaaaaaaa"},
+               {"Path": "base/5/INCREMENTAL.16384", "Size": 8204, "Last-Modified": "2026-12-04 10:00:01 GMT",
+                "Checksum-Algorithm": "CRC32C", "Checksum": "bbbbbbbb"},
+               {"Encoded-Path": "62617365", "Size": 1, "Last-Modified": "2026-12-04 10:00:02 GMT"},
+               {"Path": "global/pg_control", "Size": 8192, "Last-Modified": "2026-12-04 10:00:03 GMT",
+                "Checksum-Algorithm": "CRC32C", "Checksum": "cccccccc"}]
+    ranges = [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120"}]
+    body = ('{ "PostgreSQL-Backup-Manifest-Version": 2,\n"System-Identifier": 7715444862237826023,\n"Files": [\n'
+            + ",\n".join(json.dumps(e) for e in entries) + '\n],\n"WAL-Ranges": [\n'
+            + ",\n".join(json.dumps(r) for r in ranges) + "\n],\n")
+    original = body + '"Manifest-Checksum": "%s"}\n' % hashlib.sha256(body.encode()).hexdigest()
+    path = tmp_path / "backup_manifest"
+    (tmp_path / "backup_label").write_text("START WAL LOCATION: 0/2000028\n")
+    path.write_text(original)
+    rewrite_backup_manifest(tmp_path, {"base/5/16384": 3 * 8192})
+    text = path.read_text()
+    doc = json.loads(text)
+    head, _, tail = text.rpartition('"Manifest-Checksum": ')
+    assert json.loads(tail.rstrip().rstrip("}")) == hashlib.sha256(head.encode()).hexdigest()
+    assert doc["System-Identifier"] == 7715444862237826023 and doc["WAL-Ranges"] == ranges
+    assert doc["Files"] == [
+        {"Path": "backup_label", "Size": 30, "Last-Modified": "2026-12-04 10:00:00 GMT"},
+        {"Path": "base/5/16384", "Size": 3 * 8192, "Last-Modified": "2026-12-04 10:00:01 GMT"},
+        entries[2], entries[3]]
+    assert not (tmp_path / "backup_manifest.pgdr-tmp").exists()
+
+    for broken, where in ((original.replace('"Size": 8204', '"Size": 82 04'), "line 5: unreadable"),
+                          (original[:original.index('"WAL-Ranges"')], "ends early"),
+                          (original.replace('"Files": [', '"Files": ['.lower()), "line 3: unexpected")):
+        path.write_text(broken)
+        with pytest.raises(IntegrityError, match=where):
+            rewrite_backup_manifest(tmp_path, {"base/5/16384": 3 * 8192})
+        assert path.read_text() == broken and not (tmp_path / "backup_manifest.pgdr-tmp").exists()
+
+
 # ------------------------------------------------------------------------------------------------ retention
 
 NOW = datetime(2026, 12, 30, 12, 0, tzinfo=timezone.utc)

@@ -10,7 +10,6 @@ Whatever cannot take an incremental falls back to a full and says why.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import subprocess
@@ -219,22 +218,26 @@ def label_now(make, taken, clock=utcnow, sleep=time.sleep) -> str:
     return label
 
 
-def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest) -> bytes:
-    """The parent's own backup_manifest, as pg_basebackup --incremental needs it; checked against pgdr's."""
+def _parent_manifest(storage: Storage, repo: Repository, parent: BackupManifest, out) -> None:
+    """The parent's own backup_manifest into ``out`` (a binary file), as pg_basebackup --incremental needs
+    it, streamed (a cluster of a million files has a manifest of hundreds of MB); checked against pgdr's."""
     from pgdr.crypto import unseal
 
     name = "backup_manifest.enc" if parent.encryption else "backup_manifest"
     key = repo.key(parent.label, name)
-    blob = storage.get_bytes(key)
-    data = b"".join(unseal([blob], storage.keyring, f"{parent.label}/{name}", key)) if parent.encryption else blob
+    body = storage.get_stream(key)
+    if parent.encryption:
+        body = unseal(body, storage.keyring, f"{parent.label}/{name}", key)
+    for chunk in body:
+        out.write(chunk)
+    out.flush()
     try:
-        stop = max(parse_lsn(r["End-LSN"]) for r in wal_ranges(io.BytesIO(data)))
+        stop = max(parse_lsn(r["End-LSN"]) for r in wal_ranges(out))
     except IntegrityError as e:
         raise IntegrityError(f"{key}: {e}; take a full backup") from None
     if stop != parse_lsn(parent.stop_lsn):
         raise IntegrityError(f"{key} ends its WAL at a different LSN than backup {parent.label} "
                              f"({parent.stop_lsn}): refusing to build an incremental on it")
-    return data
 
 
 def _run_backup(cluster: ClusterConfig, conn: ConnInfo, storage: Storage, label: str | None,
@@ -348,8 +351,11 @@ def _stream_backup(cluster, conn, storage, repo, bins, info, label, part_size, a
     parent_file = None
     if parent is not None:
         parent_file = tempfile.NamedTemporaryFile(prefix="pgdr-parent-manifest-")
-        parent_file.write(_parent_manifest(storage, repo, parent))
-        parent_file.flush()
+        try:
+            _parent_manifest(storage, repo, parent, parent_file)
+        except BaseException:
+            parent_file.close()
+            raise
     try:
         return _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, parent, data_key,
                        parent_file.name if parent_file else None)

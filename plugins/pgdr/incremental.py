@@ -39,6 +39,7 @@ import os
 import stat
 import struct
 from pathlib import Path
+from typing import Iterator
 
 from pgdr.errors import BackupNotFound, IntegrityError, PgdrError
 from pgdr.labels import chain_full, is_incremental
@@ -476,40 +477,122 @@ def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -
 # ------------------------------------------------------------------------------------- backup_manifest
 
 def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None:
-    """The newest member's backup_manifest, as pg_combinebackup writes it for the combined directory."""
+    """The newest member's backup_manifest, as pg_combinebackup writes it for the combined directory. Read and
+    written a line at a time, never whole: PostgreSQL writes one file a line, and a cluster of a million
+    files has a manifest of hundreds of MB (parsed whole, several GB of Python objects)."""
     path = target / "backup_manifest"
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise IntegrityError(f"the incremental's backup_manifest is unreadable: {e}") from None
-    lines = []
-    for entry in data.get("Files", []):
-        p = entry.get("Path")
-        if p is None:
-            lines.append(entry)  # an Encoded-Path entry: never an incremental file
-            continue
-        head, _, leaf = p.rpartition("/")
-        if leaf.startswith(PREFIX):
-            real = (head + "/" if head else "") + leaf[len(PREFIX):]
-            size = reconstructed.get(real)
-            if size is None or size < 0:
-                raise IntegrityError(f"backup_manifest lists {p}, which the incremental's tar did not hold")
-            entry = {"Path": real, "Size": size, "Last-Modified": entry.get("Last-Modified")}
-        elif p == "backup_label":
-            entry = {"Path": p, "Size": (target / p).stat().st_size, "Last-Modified": entry.get("Last-Modified")}
-        lines.append({k: v for k, v in entry.items() if v is not None})
-    out = ['{ "PostgreSQL-Backup-Manifest-Version": %d,\n' % data.get("PostgreSQL-Backup-Manifest-Version", 2)]
-    if "System-Identifier" in data:
-        out.append('"System-Identifier": %d,\n' % int(data["System-Identifier"]))
-    out.append('"Files": [\n')
-    out.append(",\n".join(json.dumps(e) for e in lines) + "\n],\n")
-    out.append('"WAL-Ranges": [\n')
-    out.append(",\n".join(json.dumps(r) for r in data.get("WAL-Ranges", [])) + "\n],\n")
-    body = "".join(out).encode()
-    checksum = hashlib.sha256(body).hexdigest()
     tmp = target / "backup_manifest.pgdr-tmp"
-    tmp.write_bytes(body + b'"Manifest-Checksum": "' + checksum.encode() + b'"}\n')
+    sha = hashlib.sha256()
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as out:
+            pending: list[str] = []
+
+            def flush() -> None:
+                data = "".join(pending).encode()
+                pending.clear()
+                sha.update(data)
+                out.write(data)
+
+            def emit(text: str) -> None:
+                pending.append(text)
+                if len(pending) >= 4096:
+                    flush()
+
+            for kind, value in _manifest_lines(src):
+                if kind == "version":
+                    emit('{ "PostgreSQL-Backup-Manifest-Version": %d,\n' % value)
+                elif kind == "system":
+                    emit('"System-Identifier": %d,\n' % value)
+                elif kind == "files":
+                    emit('"Files": [\n')
+                    first = True
+                elif kind == "file":
+                    emit(("" if first else ",\n") + json.dumps(_combined_entry(target, value, reconstructed)))
+                    first = False
+                elif kind == "ranges":
+                    emit('\n],\n"WAL-Ranges": [\n')
+                    first = True
+                elif kind == "range":
+                    emit(("" if first else ",\n") + json.dumps(value))
+                    first = False
+                elif kind == "end":
+                    emit("\n],\n")
+            flush()
+            out.write(b'"Manifest-Checksum": "' + sha.hexdigest().encode() + b'"}\n')
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise IntegrityError(f"the incremental's backup_manifest is unreadable: {e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def _combined_entry(target: Path, entry: dict, reconstructed: dict[str, int]) -> dict:
+    """A file's manifest entry in the combined directory: an INCREMENTAL. file becomes the file it rebuilt,
+    without a checksum (pg_combinebackup leaves none either), and so does backup_label."""
+    p = entry.get("Path")
+    if p is None:
+        return entry  # an Encoded-Path entry: never an incremental file
+    head, _, leaf = p.rpartition("/")
+    if leaf.startswith(PREFIX):
+        real = (head + "/" if head else "") + leaf[len(PREFIX):]
+        size = reconstructed.get(real)
+        if size is None or size < 0:
+            raise IntegrityError(f"backup_manifest lists {p}, which the incremental's tar did not hold")
+        entry = {"Path": real, "Size": size, "Last-Modified": entry.get("Last-Modified")}
+    elif p == "backup_label":
+        entry = {"Path": p, "Size": (target / p).stat().st_size, "Last-Modified": entry.get("Last-Modified")}
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _manifest_lines(src) -> Iterator[tuple[str, object]]:
+    """A backup_manifest as PostgreSQL (13 to 18) lays it out, a line at a time: ("version", n), ("system",
+    n), ("files", None), ("file", entry) for each, ("ranges", None), ("range", r) for each, ("end", None).
+    Anything else is refused, naming the line: pgdr rewrites nothing it has not understood."""
+    state = "head"
+    number, line = 0, ""
+    try:
+        for number, raw in enumerate(src, start=1):
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            if state == "file" and line.startswith("{"):  # all but a handful of lines
+                entry = json.loads(line[:-1] if line.endswith(",") else line)
+                if not isinstance(entry, dict):
+                    raise ValueError
+                yield "file", entry
+            elif state == "head" and line.startswith('{ "PostgreSQL-Backup-Manifest-Version": ') and \
+                    line.endswith(","):
+                yield "version", int(line.split(":", 1)[1].strip().rstrip(","))
+                state = "system"
+            elif state == "system" and line.startswith('"System-Identifier": ') and line.endswith(","):
+                yield "system", int(line.split(":", 1)[1].strip().rstrip(","))
+                state = "files?"
+            elif state in ("system", "files?") and line == '"Files": [':
+                yield "files", None
+                state = "file"
+            elif state == "file" and line == "],":
+                state = "ranges?"
+            elif state == "ranges?" and line == '"WAL-Ranges": [':
+                yield "ranges", None
+                state = "range"
+            elif state == "range" and line.startswith("{"):
+                entry = json.loads(line.rstrip(","))
+                if not isinstance(entry, dict) or not {"Timeline", "Start-LSN", "End-LSN"} <= set(entry):
+                    raise ValueError
+                yield "range", entry
+            elif state == "range" and line == "],":
+                yield "end", None
+                state = "checksum"
+            elif state == "checksum" and line.startswith('"Manifest-Checksum": '):
+                state = "done"
+            elif not (line == "" and state in ("file", "range")):  # an empty list's own line
+                raise IntegrityError(f"the incremental's backup_manifest, line {number}: unexpected: {line[:120]!r}")
+    except ValueError:
+        raise IntegrityError(f"the incremental's backup_manifest, line {number}: unreadable: {line[:120]!r}") \
+            from None
+    if state != "done":
+        missing = "Manifest-Checksum" if state == "checksum" else "end of its lists"
+        raise IntegrityError(f"the incremental's backup_manifest ends early (no {missing})")
 
 
 # ------------------------------------------------------------------------------------------- the server

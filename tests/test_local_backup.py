@@ -544,3 +544,52 @@ def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
         assert run.returncode == 0, run.stderr
     finally:
         pg.destroy()
+
+
+def test_the_directory_proven_is_the_directory_read(workdir, monkeypatch):
+    """The server runs from a path through a symbolic link. Right after the proof on the backup's session, the
+    link is swapped for one to a copy of the data directory (holding a marker file): what is read is still
+    the server's own directory, opened once before the proof, never the copy the path now names."""
+    import io
+    import os
+    import tarfile
+
+    from conftest import _bins
+    from pgdr import localcopy
+    from pgdr.localcopy import LocalCopy
+    from pgdr.postgres import ConnInfo, server_info
+
+    base = workdir / "swap18"
+    real = SandboxCluster(_bins(18), base / "real", free_port()).init()
+    link = base / "data"
+    link.symlink_to(real.datadir)
+    pg = SandboxCluster(real.bins, link, real.port).start()
+    try:
+        assert pg.psql("show data_directory") == str(link)
+        copy = base / "copy"
+        shutil.copytree(real.datadir, copy, symlinks=True, ignore=shutil.ignore_patterns("postmaster.pid"))
+        (copy / "SWAPPED").write_text("the copy, not the server's directory")
+        conn = ConnInfo(pg.dsn)
+        local = LocalCopy.open(conn, server_info(conn), "app", "20261204-000002F", "fast", False)
+        proven = []
+        real_prove = localcopy.prove_local
+
+        def prove_then_swap(c, datadir, ident, *args):
+            real_prove(c, datadir, ident, *args)
+            if local.files == 0 and not proven:  # the backup session's proof: swap the path right after it
+                proven.append(datadir)
+                (base / "data.new").symlink_to(copy)
+                os.replace(base / "data.new", link)
+
+        monkeypatch.setattr(localcopy, "prove_local", prove_then_swap)
+        stream = b"".join(local.chunks())
+        assert proven and os.readlink(link) == str(copy)
+        with tarfile.open(fileobj=io.BytesIO(stream), mode="r:") as tar:
+            names = set(tar.getnames())
+        assert "SWAPPED" not in names and "global/pg_control" in names and "PG_VERSION" in names
+    finally:
+        if link.is_symlink():
+            link.unlink()
+            link.symlink_to(real.datadir)
+        pg.destroy()
+        real.destroy()

@@ -172,19 +172,35 @@ class ManifestWriter:
 PROBE_PATH = re.compile(r"base/\d+/t\d+_\d+")
 
 
-def _server_identifier(datadir: Path) -> int:
+def open_root(datadir: Path) -> int:
+    """A descriptor of the data directory (which may be a symbolic link): proven, then read, through it alone,
+    so swapping a component of its path in between changes nothing."""
+    try:
+        return os.open(str(datadir), DIR_OPEN & ~os.O_NOFOLLOW)
+    except OSError as e:
+        raise NotLocal(f"data directory {datadir}: cannot open it ({e.strerror}); {READ_HINT}") from None
+
+
+def _server_identifier(datadir: Path, root: int) -> int:
     """The system identifier in a data directory's global/pg_control (its first 8 bytes, in the host's order)."""
     try:
-        with open(datadir / "global" / "pg_control", "rb") as f:
-            return int.from_bytes(f.read(8), sys.byteorder)
+        parent = os.open("global", DIR_OPEN, dir_fd=root)
+        try:
+            fd = os.open("pg_control", FILE_OPEN, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            return int.from_bytes(os.read(fd, 8), sys.byteorder)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise NotLocal(f"data directory {datadir}: cannot read global/pg_control ({e.strerror}); {READ_HINT}") \
             from None
 
 
-def _exists(datadir: Path, rel: str) -> bool:
+def _exists(datadir: Path, root: int, rel: str) -> bool:
     try:
-        os.lstat(datadir / rel)
+        os.stat(rel, dir_fd=root, follow_symlinks=False)
         return True
     except FileNotFoundError:
         return False
@@ -195,15 +211,22 @@ def _exists(datadir: Path, rel: str) -> bool:
         raise NotLocal(f"data directory {datadir}: cannot look into {Path(rel).parent} ({e.strerror})") from None
 
 
-def prove_local(c, datadir: Path, system_identifier: str) -> None:
-    """NotLocal unless ``datadir`` is the data directory of the server on session ``c``: its pg_control holds
-    the server's system identifier, and a temporary table created on ``c`` appears in it as a file and is gone
-    once dropped. A temporary relation is never replicated and never copied: a standby's or another host's
-    copy of the cluster (same identifier, same path, same port, PIDs that may well coincide) never shows it."""
+def prove_local(c, datadir: Path, system_identifier: str, root: int | None = None) -> None:
+    """NotLocal unless ``datadir`` (through ``root``, its descriptor, when given) is the data directory of the
+    server on session ``c``: its pg_control holds the server's system identifier, and a temporary table created
+    on ``c`` appears in it as a file and is gone once dropped. A temporary relation is never replicated and
+    never copied: a standby's or another host's copy of the cluster (same identifier, same path, same port,
+    PIDs that may well coincide) never shows it."""
+    if root is None:
+        root = open_root(datadir)
+        try:
+            return prove_local(c, datadir, system_identifier, root)
+        finally:
+            os.close(root)
     import psycopg
 
     where = f"data directory {datadir}"
-    ident = _server_identifier(datadir)
+    ident = _server_identifier(datadir, root)
     if str(ident) != str(system_identifier):
         raise NotLocal(f"{where} holds system {ident}, the server reports {system_identifier}: refusing to read it")
     table = f"pgdr_probe_{secrets.token_hex(6)}"  # pgdr's own name: hex digits only
@@ -211,7 +234,7 @@ def prove_local(c, datadir: Path, system_identifier: str) -> None:
         c.execute(f"create temporary table {table} (x int)")
         try:
             rel = c.execute("select pg_relation_filepath(%s::regclass)", (f"pg_temp.{table}",)).fetchone()[0]
-            appeared = PROBE_PATH.fullmatch(rel or "") is not None and _exists(datadir, rel)
+            appeared = PROBE_PATH.fullmatch(rel or "") is not None and _exists(datadir, root, rel)
         finally:
             c.execute(f"drop table pg_temp.{table}")
     except psycopg.Error as e:
@@ -220,7 +243,7 @@ def prove_local(c, datadir: Path, system_identifier: str) -> None:
     if not PROBE_PATH.fullmatch(rel or ""):
         raise NotLocal(f"{where}: the server put a temporary table at {rel!r}, not in its data directory (is the "
                        "connected database in another tablespace?): cannot prove the directory is the server's")
-    if not appeared or _exists(datadir, rel):
+    if not appeared or _exists(datadir, root, rel):
         raise NotLocal(f"{where} is not the connected server's: a temporary table it created "
                        f"({rel}) did not appear {'and vanish ' if appeared else ''}there (a standby's or another "
                        "host's copy of the cluster, or pgdr in a container with its own copy): refusing to read it")
@@ -294,6 +317,7 @@ class LocalCopy:
         out = _Coalesce()
         root = None
         try:
+            root = open_root(self.datadir)  # before the proof: what is proven is what is read
             if self.embed_wal:
                 self._reserve_wal(c)
             try:
@@ -307,9 +331,8 @@ class LocalCopy:
                 raise PgdrError(f"the backup's session reached {'a standby' if standby else f'system {ident}'}, not "
                                 f"the primary of system {self.info.system_identifier} (a DSN naming several hosts?)")
             # The first proof was on another session: prove it again on the one that holds the backup.
-            prove_local(c, self.datadir, self.info.system_identifier)
+            prove_local(c, self.datadir, self.info.system_identifier, root)
             log.info("backup %s: reading %s directly (pg_backup_start at %s)", self.label, self.datadir, start_lsn)
-            root = _open_dir(None, str(self.datadir), self.datadir, follow=True)
             manifest = ManifestWriter(self.info.major, self.info.system_identifier)
             yield from self._walk(out, manifest, "", root)
             global_fd = _open_dir(root, "global", self.datadir / "global")
@@ -333,7 +356,7 @@ class LocalCopy:
             now = time.time()
             yield from out.add(self._member("backup_label", labelfile.encode(), now, manifest))
             if self.embed_wal:  # before the session ends: its slot holds this WAL until then
-                yield from self._wal(out, manifest, timeline, start_lsn, stop_lsn)
+                yield from self._wal(out, manifest, root, timeline, start_lsn, stop_lsn)
         finally:
             c.close()
             if root is not None:
@@ -470,7 +493,7 @@ class LocalCopy:
                         "REPLICATION, or keep a free slot (max_replication_slots)", self.label,
                         str(e).strip().splitlines()[0])
 
-    def _wal(self, out, manifest, timeline: int, start_lsn: str, stop_lsn: str) -> Iterator[bytes]:
+    def _wal(self, out, manifest, root: int, timeline: int, start_lsn: str, stop_lsn: str) -> Iterator[bytes]:
         """The WAL from start to stop, from pg_wal (backup_wal: embed), and the timeline history files. Each
         segment's first page must carry its own address and the server's system identifier, and its name must
         still be the file read once read: the server only ever recycles a segment into a name ahead of the
@@ -480,7 +503,7 @@ class LocalCopy:
         start, stop = parse_lsn(start_lsn), parse_lsn(stop_lsn)
         first, last = start // seg, (stop - 1) // seg
         per_id = 0x100000000 // seg
-        wal = _open_dir(None, str(self.datadir / "pg_wal"), self.datadir / "pg_wal", follow=True)
+        wal = _open_dir(root, "pg_wal", self.datadir / "pg_wal", follow=True)
         try:
             for n in range(first, last + 1):
                 name = f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}"

@@ -96,6 +96,8 @@ def test_local_full_holds_what_pg_basebackup_holds_and_restores_to_the_source(sr
         return sorted(("pg_wal/archive_status/*.done" if f["Path"].endswith(".done") else f["Path"])
                       for f in m["Files"])
     assert files(mine) == [p for p in files(theirs) if p != "tablespace_map"]
+    # Counted by the copy as it writes its tar, by a parser of pg_basebackup's: the same members but one.
+    assert local["pg_file_count"] == ref["pg_file_count"] - 1
     assert mine["PostgreSQL-Backup-Manifest-Version"] == theirs["PostgreSQL-Backup-Manifest-Version"] == 2
     assert mine["System-Identifier"] == theirs["System-Identifier"]
     assert {f["Checksum-Algorithm"] for f in mine["Files"]} == {"CRC32C"}
@@ -587,6 +589,10 @@ def test_the_directory_proven_is_the_directory_read(workdir, monkeypatch):
         with tarfile.open(fileobj=io.BytesIO(stream), mode="r:") as tar:
             names = set(tar.getnames())
         assert "SWAPPED" not in names and "global/pg_control" in names and "PG_VERSION" in names
+        assert local.members == len(names) and local.watcher.members == len(names)
+        manifest = local.watcher.spooled["backup_manifest"]
+        assert json.loads(manifest.read())["Files"] and "backup_manifest" in names
+        local.watcher.close()
     finally:
         if link.is_symlink():
             link.unlink()

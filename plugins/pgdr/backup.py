@@ -406,12 +406,13 @@ def store_parts(reader: ChunkReader, watcher: TarWatcher, repo: Repository, labe
 
 
 def store_tar(chunks, repo: Repository, label: str, cluster: ClusterConfig, data_key, part_size: int = PART_SIZE,
-              abort=None) -> tuple[list[StoredFile], TarWatcher]:
+              abort=None, watcher=None) -> tuple[list[StoredFile], TarWatcher]:
     """A backup's tar stream (chunks, read ahead in a thread) into the repository as its parts: the parts, and
-    the TarWatcher that saw it (the caller closes it). The source is closed however this ends: a generator runs
-    its cleanup at once (a local copy's session ends, and the server abandons the backup)."""
+    the TarWatcher that saw it (the caller closes it; or ``watcher``, what the stream's writer knows of it).
+    The source is closed however this ends: a generator runs its cleanup at once (a local copy's session ends,
+    and the server abandons the backup)."""
     prefetch = Prefetch(chunks, depth=16)
-    watcher = TarWatcher()
+    watcher = TarWatcher() if watcher is None else watcher
     try:
         files = store_parts(ChunkReader(prefetch), watcher, repo, label, cluster, data_key, part_size, abort)
     except BaseException:
@@ -507,7 +508,8 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
     if local is not None:
         log.info("backup %s of cluster %s: reading the data directory %s directly (PostgreSQL %s) into %s",
                  label, cluster.name, local.datadir, info.version, storage.describe())
-        files, watcher = store_tar(local.chunks(), repo, label, cluster, data_key, part_size, abort)
+        files, watcher = store_tar(local.chunks(), repo, label, cluster, data_key, part_size, abort,
+                                   watcher=local.watcher)
         if abort is not None and abort.is_set():
             raise LockedError(f"backup {label} aborted: its lock was lost")
     else:

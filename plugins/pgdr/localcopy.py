@@ -49,6 +49,7 @@ EXCLUDED_PREFIXES = ("pg_internal.init", "pgsql_tmp")
 RELATION = re.compile(r"(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?")
 TEMP_RELATION = re.compile(r"t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?")
 BLOCK = 512
+SMALL_FILE = 256 << 10  # read in one call, sent with its header in one piece
 READ_HINT = "run pgdr as the server's user (or one in its group, with initdb --allow-group-access)"
 
 
@@ -71,18 +72,18 @@ def tar_header(name: str, size: int, mode: int, mtime: float, kind: bytes, st=No
     if len(raw) > 100:
         head = tar_header("././@LongLink", len(raw) + 1, 0, 0, b"L") + _padded(raw + b"\0")
         raw = raw[:100]
-    h = bytearray(BLOCK)
-    h[0:len(raw)] = raw
-    h[100:108] = _octal(mode & 0o7777, 8)
-    h[108:116] = _octal(st.st_uid if st is not None and st.st_uid < 8 ** 7 else 0, 8)
-    h[116:124] = _octal(st.st_gid if st is not None and st.st_gid < 8 ** 7 else 0, 8)
-    h[124:136] = _octal(size, 12) if size < 8 ** 11 else b"\x80" + size.to_bytes(11, "big")
-    h[136:148] = _octal(max(0, min(int(mtime), 8 ** 11 - 1)), 12)
-    h[148:156] = b" " * 8
-    h[156:157] = kind
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return head + bytes(h)
+    ids = (b"%07o\0%07o\0" % (st.st_uid if st is not None and st.st_uid < 8 ** 7 else 0,
+                              st.st_gid if st is not None and st.st_gid < 8 ** 7 else 0))
+    fields = (b"%07o\0" % (mode & 0o7777) + ids
+              + (b"%011o\0" % size if size < 8 ** 11 else b"\x80" + size.to_bytes(11, "big"))
+              + b"%011o\0" % max(0, min(int(mtime), 8 ** 11 - 1)))
+    # The checksum counts its own field as 8 spaces, and "ustar\x0000" (which sums to 655).
+    check = b"%06o\0 " % (sum(raw) + sum(fields) + 8 * 32 + kind[0] + 655)
+    return head + raw + bytes(100 - len(raw)) + fields + check + kind + _TAR_GAP + b"ustar\x0000" + _TAR_TAIL
+
+
+_TAR_GAP = bytes(257 - 157)  # linkname
+_TAR_TAIL = bytes(BLOCK - 265)  # owner and group names, device numbers, prefix: empty
 
 
 def _padded(data: bytes) -> bytes:
@@ -122,8 +123,11 @@ def _crc32c():
     return google_crc32c if getattr(google_crc32c, "implementation", None) == "c" else None
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_./-]*")
+
+
 def _json_string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+    return f'"{text}"' if PLAIN_NAME.fullmatch(text) else json.dumps(text, ensure_ascii=False)
 
 
 class ManifestWriter:
@@ -135,6 +139,7 @@ class ManifestWriter:
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         self.sha = hashlib.sha256()
         self.files = 0
+        self._lines: list[str] = []
         if pg_major >= 17:
             self._write('{ "PostgreSQL-Backup-Manifest-Version": 2,\n'
                         f'"System-Identifier": {int(system_identifier)},\n"Files": [')
@@ -142,7 +147,13 @@ class ManifestWriter:
             self._write('{ "PostgreSQL-Backup-Manifest-Version": 1,\n"Files": [')
 
     def _write(self, text: str) -> None:
-        data = text.encode("utf-8")
+        self._lines.append(text)
+        if len(self._lines) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = "".join(self._lines).encode("utf-8")
+        self._lines.clear()
         self.sha.update(data)
         self.file.write(data)
 
@@ -161,6 +172,7 @@ class ManifestWriter:
         """The whole document: (a file at its start, its size). The caller closes the file."""
         self._write("\n],\n" + '"WAL-Ranges": [\n'
                     f'{{ "Timeline": {timeline}, "Start-LSN": "{start_lsn}", "End-LSN": "{end_lsn}" }}' + "\n],\n")
+        self._flush()
         self.file.write(b'"Manifest-Checksum": "' + self.sha.hexdigest().encode() + b'"}\n')
         size = self.file.tell()
         self.file.seek(0)
@@ -268,6 +280,8 @@ class LocalCopy:
         self.dir_mode = 0o700
         self.files = 0
         self.bytes = 0
+        self.members = 0
+        self.watcher = CopyWatcher(self)
 
     @classmethod
     def open(cls, conn: ConnInfo, info: ServerInfo, cluster: str, label: str, checkpoint: str,
@@ -362,13 +376,18 @@ class LocalCopy:
             if root is not None:
                 os.close(root)
         doc, size = manifest.finish(timeline, start_lsn, stop_lsn)
-        with doc:
-            yield from out.add(tar_header("backup_manifest", size, 0o600, int(now), b"0"))
+        try:
+            yield from out.add(self._header("backup_manifest", size, 0o600, int(now), b"0"))
             for piece in iter(lambda: doc.read(CHUNK), b""):
                 yield from out.add(piece)
             yield from out.add(b"\0" * (-size % BLOCK))
-        yield from out.add(b"\0" * (2 * BLOCK))
-        yield from out.flush()
+            yield from out.add(b"\0" * (2 * BLOCK))
+            yield from out.flush()
+        except BaseException:
+            doc.close()
+            raise
+        doc.seek(0)
+        self.watcher.spooled["backup_manifest"] = doc
         log.info("backup %s: read %d files, %.1f MB, from %s; pg_backup_stop at %s", self.label, self.files,
                  self.bytes / 1e6, self.datadir, stop_lsn)
 
@@ -379,11 +398,13 @@ class LocalCopy:
         parent = rel.rstrip("/")
         db_dir = parent.startswith("base/") and parent.count("/") == 1 and parent[5:].isdigit()
         try:
-            names = sorted(os.listdir(dir_fd))
+            with os.scandir(dir_fd) as listing:
+                # A regular file (as the directory entry says) is opened and fstat'ed by _file: no stat here.
+                entries = sorted((e.name, e.is_file(follow_symlinks=False)) for e in listing)
         except OSError as e:
             raise PgdrError(f"cannot list {self.datadir / parent}: {e.strerror}") from None
-        present = set(names)
-        for name in names:
+        present = {name for name, _ in entries}
+        for name, regular in entries:
             child = f"{rel}{name}"
             if name in EXCLUDED_FILES or name.startswith(EXCLUDED_PREFIXES):
                 continue
@@ -395,6 +416,9 @@ class LocalCopy:
                     continue
             if child == "global/pg_control":
                 continue  # after everything else
+            if regular and parent != "pg_tblspc" and name not in EXCLUDED_DIR_CONTENTS and child != "pg_wal":
+                yield from self._file(out, manifest, child, dir_fd, name)  # as the S_ISREG branch below
+                continue
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -403,10 +427,10 @@ class LocalCopy:
                 raise PgdrError(f"cannot read {self.datadir / child}: {e.strerror}") from None
             if name in EXCLUDED_DIR_CONTENTS or child == "pg_wal":
                 mode = st.st_mode if stat.S_ISDIR(st.st_mode) else self.dir_mode  # a linked pg_wal: a directory
-                yield from out.add(tar_header(child + "/", 0, mode, st.st_mtime, b"5", st))
+                yield from out.add(self._header(child + "/", 0, mode, st.st_mtime, b"5", st))
                 if child == "pg_wal":
                     for sub in ("archive_status", "summaries") if self.info.major >= 17 else ("archive_status",):
-                        yield from out.add(tar_header(f"pg_wal/{sub}/", 0, mode, st.st_mtime, b"5", st))
+                        yield from out.add(self._header(f"pg_wal/{sub}/", 0, mode, st.st_mtime, b"5", st))
                 continue
             if parent == "pg_tblspc":
                 raise PgdrError(f"{self.datadir / child}: a tablespace appeared during the backup; pgdr does not "
@@ -417,7 +441,7 @@ class LocalCopy:
                 except FileNotFoundError:
                     continue
                 try:
-                    yield from out.add(tar_header(child + "/", 0, st.st_mode, st.st_mtime, b"5", st))
+                    yield from out.add(self._header(child + "/", 0, st.st_mode, st.st_mtime, b"5", st))
                     yield from self._walk(out, manifest, child + "/", sub)
                 finally:
                     os.close(sub)
@@ -428,47 +452,58 @@ class LocalCopy:
                             "pg_basebackup does)", self.label, child)
 
     def _file(self, out, manifest, rel: str, dir_fd: int, name: str, missing_ok=True) -> Iterator[bytes]:
-        path = self.datadir / rel
         try:
             fd = os.open(name, FILE_OPEN, dir_fd=dir_fd)
         except FileNotFoundError:
             if missing_ok:
                 return  # dropped during the backup: replaying its WAL drops it again
-            raise PgdrError(f"{path} is missing") from None
+            raise PgdrError(f"{self.datadir / rel} is missing") from None
         except OSError as e:
             if e.errno == errno.ELOOP:  # swapped for a link since it was listed: never followed
-                raise PgdrError(f"{path} became a symbolic link during the backup; refusing to follow it") from None
-            raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+                raise PgdrError(f"{self.datadir / rel} became a symbolic link during the backup; refusing to "
+                                "follow it") from None
+            raise PgdrError(f"cannot read {self.datadir / rel}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise PgdrError(f"{path} is no longer a regular file; refusing it")
+                raise PgdrError(f"{self.datadir / rel} is no longer a regular file; refusing it")
             size = st.st_size  # what the header promises: a file that grows is cut here, WAL has the rest
             checksum = FileChecksum()
-            yield from out.add(tar_header(rel, size, st.st_mode, st.st_mtime, b"0", st))
-            done = 0
-            while done < size:
-                data = os.read(fd, min(CHUNK, size - done))
-                if not data:
-                    # Truncated while read: zeros to the size promised, as pg_basebackup; WAL replay truncates it.
-                    data = bytes(min(CHUNK, size - done))
+            header = self._header(rel, size, st.st_mode, st.st_mtime, b"0", st)
+            if size < SMALL_FILE:  # header, contents and padding in one piece
+                data = _read_small(fd, size)
                 checksum.update(data)
-                done += len(data)
-                yield from out.add(data)
-            yield from out.add(b"\0" * (-size % BLOCK))
+                yield from out.add(header + data + bytes(-size % BLOCK))
+            else:
+                yield from out.add(header)
+                done = 0
+                while done < size:
+                    data = os.read(fd, min(CHUNK, size - done))
+                    if not data:
+                        # Truncated while read: zeros to the size promised, as pg_basebackup; WAL replay
+                        # truncates it.
+                        data = bytes(min(CHUNK, size - done))
+                    checksum.update(data)
+                    done += len(data)
+                    yield from out.add(data)
+                yield from out.add(bytes(-size % BLOCK))
         except OSError as e:
-            raise PgdrError(f"cannot read {path}: {e.strerror}") from None
+            raise PgdrError(f"cannot read {self.datadir / rel}: {e.strerror}") from None
         finally:
             os.close(fd)
         manifest.add(rel, size, st.st_mtime, checksum)
         self.files += 1
         self.bytes += size
 
+    def _header(self, name: str, size: int, mode: int, mtime: float, kind: bytes, st=None) -> bytes:
+        self.members += 1
+        return tar_header(name, size, mode, mtime, kind, st)
+
     def _member(self, name: str, data: bytes, mtime: float, manifest) -> bytes:
         checksum = FileChecksum()
         checksum.update(data)
         manifest.add(name, len(data), mtime, checksum)
-        return tar_header(name, len(data), 0o600, int(mtime), b"0") + _padded(data)
+        return self._header(name, len(data), 0o600, int(mtime), b"0") + _padded(data)
 
     def can_hold_wal(self) -> bool:
         """Whether this role may create the temporary replication slot that holds a backup's WAL."""
@@ -508,7 +543,7 @@ class LocalCopy:
             for n in range(first, last + 1):
                 name = f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}"
                 data = self._segment(wal, name, n * seg)
-                yield from out.add(tar_header(f"pg_wal/{name}", seg, 0o600, int(time.time()), b"0"))
+                yield from out.add(self._header(f"pg_wal/{name}", seg, 0o600, int(time.time()), b"0"))
                 yield from out.add(data)
                 yield from out.add(self._done(name, manifest))
             for name in sorted(os.listdir(wal)):
@@ -561,6 +596,28 @@ class LocalCopy:
         return self._member(f"pg_wal/archive_status/{name}.done", b"", time.time(), manifest)
 
 
+class CopyWatcher:
+    """What store_tar's TarWatcher learns from a tar stream, told by the local copy that wrote it: its member
+    count, and its backup_manifest (``spooled``, once the stream has ended). Parsing pgdr's own stream back, a
+    header per file on the thread that compresses, would only repeat what the copy knows."""
+
+    def __init__(self, copy: LocalCopy):
+        self._copy = copy
+        self.spooled: dict = {}
+
+    @property
+    def members(self) -> int:
+        return self._copy.members
+
+    def feed(self, data) -> None:
+        pass
+
+    def close(self) -> None:
+        for f in self.spooled.values():
+            f.close()
+        self.spooled.clear()
+
+
 def _session(conn: ConnInfo):
     """A session that stays up through a long copy: no server-side timeouts, TCP keepalives."""
     c = connect(conn, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=6)
@@ -575,6 +632,17 @@ def _session(conn: ConnInfo):
         c.close()
         raise
     return c
+
+
+def _read_small(fd: int, size: int) -> bytes:
+    """A small file's ``size`` bytes; zeros for what was truncated while it was read, as pg_basebackup."""
+    data = os.read(fd, size) if size else b""
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            return data + bytes(size - len(data))
+        data += more
+    return data
 
 
 def _open_dir(dir_fd: int | None, name: str, shown: Path, follow: bool = False) -> int:

@@ -236,17 +236,19 @@ def test_the_combined_manifest_is_rewritten_line_by_line(tmp_path):
     from pgdr.errors import IntegrityError
     from pgdr.incremental import rewrite_backup_manifest
 
-    entries = [{"Path": "backup_label", "Size": 10, "Last-Modified": "2026-12-04 10:00:00 GMT",
-                "Checksum-Algorithm": "CRC32C", "Checksum": "aaaaaaaa"},
-               {"Path": "base/5/INCREMENTAL.16384", "Size": 8204, "Last-Modified": "2026-12-04 10:00:01 GMT",
-                "Checksum-Algorithm": "CRC32C", "Checksum": "bbbbbbbb"},
-               {"Encoded-Path": "62617365", "Size": 1, "Last-Modified": "2026-12-04 10:00:02 GMT"},
-               {"Path": "global/pg_control", "Size": 8192, "Last-Modified": "2026-12-04 10:00:03 GMT",
-                "Checksum-Algorithm": "CRC32C", "Checksum": "cccccccc"}]
+    # PostgreSQL's own layout (backup_manifest.c): "{ " and " }" around each entry, one a line.
+    lines = ['{ "Path": "backup_label", "Size": 10, "Last-Modified": "2026-12-04 10:00:00 GMT", '
+             '"Checksum-Algorithm": "CRC32C", "Checksum": "aaaaaaaa" }',
+             '{ "Path": "base/5/INCREMENTAL.16384", "Size": 8204, "Last-Modified": "2026-12-04 10:00:01 GMT", '
+             '"Checksum-Algorithm": "CRC32C", "Checksum": "bbbbbbbb" }',
+             '{ "Encoded-Path": "62617365", "Size": 1, "Last-Modified": "2026-12-04 10:00:02 GMT" }',
+             '{ "Path": "global/pg_control", "Size": 8192, "Last-Modified": "2026-12-04 10:00:03 GMT", '
+             '"Checksum-Algorithm": "CRC32C", "Checksum": "cccccccc" }']
+    entries = [json.loads(line) for line in lines]
     ranges = [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120"}]
     body = ('{ "PostgreSQL-Backup-Manifest-Version": 2,\n"System-Identifier": 7715444862237826023,\n"Files": [\n'
-            + ",\n".join(json.dumps(e) for e in entries) + '\n],\n"WAL-Ranges": [\n'
-            + ",\n".join(json.dumps(r) for r in ranges) + "\n],\n")
+            + ",\n".join(lines) + '\n],\n"WAL-Ranges": [\n'
+            + '{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120" }' + "\n],\n")
     original = body + '"Manifest-Checksum": "%s"}\n' % hashlib.sha256(body.encode()).hexdigest()
     path = tmp_path / "backup_manifest"
     (tmp_path / "backup_label").write_text("START WAL LOCATION: 0/2000028\n")
@@ -265,11 +267,14 @@ def test_the_combined_manifest_is_rewritten_line_by_line(tmp_path):
 
     for broken, where in ((original.replace('"Size": 8204', '"Size": 82 04'), "line 5: unreadable"),
                           (original[:original.index('"WAL-Ranges"')], "ends early"),
-                          (original.replace('"Files": [', '"Files": ['.lower()), "line 3: unexpected")):
-        path.write_text(broken)
+                          (original.replace('"Files": [', '"Files": ['.lower()), "line 3: unexpected"),
+                          (original.replace('"Size": 8192', '"Size": 8193'), "line 12: its Manifest-Checksum"),
+                          (original.replace("global/pg_control", "global/pg_contr\udcff"), "line 7: not UTF-8")):
+        path.write_bytes(broken.encode("utf-8", "surrogateescape"))
         with pytest.raises(IntegrityError, match=where):
             rewrite_backup_manifest(tmp_path, {"base/5/16384": 3 * 8192})
-        assert path.read_text() == broken and not (tmp_path / "backup_manifest.pgdr-tmp").exists()
+        assert path.read_bytes() == broken.encode("utf-8", "surrogateescape")
+        assert not (tmp_path / "backup_manifest.pgdr-tmp").exists()
 
 
 # ------------------------------------------------------------------------------------------------ retention

@@ -419,7 +419,7 @@ def test_a_backup_manifest_of_any_size_is_kept_and_its_wal_ranges_read():
 
 def test_embedded_wal_segments_are_checked(tmp_path):
     """A segment whose first page carries its own address and the system's identifier is embedded, whatever
-    its later pages hold (after a WAL switch the rest of a segment keeps the recycled file's old pages); one
+    its later pages hold (after a WAL switch the rest of a segment is zeros, without page headers); one
     beginning with another address (a recycled file), another system's, a short file, one removed, and one
     renamed away while read (recycled) are refused."""
     import os
@@ -437,12 +437,10 @@ def test_embedded_wal_segments_are_checked(tmp_path):
     (tmp_path / "pg_wal").mkdir()
     name = "000000010000000000000005"
 
-    def segment(first_address=address, stale_from=None, system=ident, size=seg):
+    def segment(first_address=address, switched_at=None, system=ident, size=seg):
         data = bytearray(size)
-        for offset in range(0, size, page):
-            data[offset + 8:offset + 16] = (first_address + offset - (3 * seg if stale_from is not None and
-                                                                      offset >= stale_from else 0)).to_bytes(
-                8, sys.byteorder)
+        for offset in range(0, size if switched_at is None else switched_at, page):
+            data[offset + 8:offset + 16] = (first_address + offset).to_bytes(8, sys.byteorder)
         data[24:32] = system.to_bytes(8, sys.byteorder)
         (tmp_path / "pg_wal" / name).write_bytes(bytes(data))
 
@@ -450,7 +448,7 @@ def test_embedded_wal_segments_are_checked(tmp_path):
     try:
         segment()
         assert len(copy._segment(fd, name, address)) == seg
-        segment(stale_from=50 * page)  # switched at page 50: the rest is an older segment's
+        segment(switched_at=50 * page)  # switched at page 50: the rest is zeros
         assert len(copy._segment(fd, name, address)) == seg
         segment(first_address=address - 3 * seg)
         with pytest.raises(PgdrError, match="does not begin with its own address"):
@@ -492,7 +490,36 @@ def _drain_to_directory(chunks, dest: Path) -> None:
         tar.extractall(dest)  # pgdr's own stream, just written
 
 
-def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
+def test_links_and_special_files_in_the_data_directory(src, workdir):
+    """A symbolic link or a FIFO where PostgreSQL keeps relations (base/, global/) fails the backup, naming it:
+    pg_basebackup would skip it with a warning and the backup would lack what it holds. Elsewhere (a FIFO
+    beside postgresql.conf) it is skipped with a warning, as pg_basebackup skips it, and the backup is taken."""
+    import os
+
+    pg, config = src["pg"], src["config"]
+    outside = workdir / "local18-elsewhere"
+    outside.mkdir(exist_ok=True)
+    db = next(p for p in (pg.datadir / "base").iterdir() if p.name.isdigit())
+    for made in (db / "99999", pg.datadir / "global" / "99999"):
+        made.symlink_to(outside)
+        try:
+            code, out, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+        finally:
+            made.unlink()
+        assert code != 0 and "is a symbolic link or a special file where PostgreSQL keeps relations" in err, err
+        assert str(made) in err
+    fifo = pg.datadir / "pgdr-test-fifo"
+    os.mkfifo(fifo)
+    try:
+        code, out, err = pgdr("--json", "backup", "--cluster", "app", "--type", "full", config=config)
+    finally:
+        fifo.unlink()
+    assert code == 0, err
+    assert "skipping pgdr-test-fifo in the data directory: not a file or a directory" in err
+    assert "pgdr-test-fifo" not in {f["Path"] for f in _manifest(src["repo"], "app", out["label"])["Files"]}
+
+
+def test_a_long_copy_keeps_its_start_segment(workdir, caplog, monkeypatch):
     """A copy paused just after pg_backup_start while the server writes and checkpoints far past max_wal_size:
     the backup's temporary replication slot keeps the start segment, so the embedded WAL runs from start to
     stop (pg_verifybackup parses it with pg_waldump), and the slot is gone once the backup ends. A role
@@ -517,12 +544,26 @@ def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
             pg.psql("select pg_switch_wal()")
             pg.psql("checkpoint")
         assert (pg.datadir / "pg_wal" / start_segment).exists()
+        # And between pg_backup_stop and reading the WAL: the slot lives as long as the session, which ends
+        # only once the WAL is read.
+        real_wal = LocalCopy._wal
+
+        def churn_then_read(self, *args):
+            for _ in range(4):
+                pg.psql("insert into churn select repeat('w', 1000) from generate_series(1, 5000)")
+                pg.psql("select pg_switch_wal()")
+                pg.psql("checkpoint")
+            assert (pg.datadir / "pg_wal" / start_segment).exists()
+            return real_wal(self, *args)
+
+        monkeypatch.setattr(LocalCopy, "_wal", churn_then_read)
         dest = workdir / "slot18-backup"
         _drain_to_directory(itertools.chain([first], chunks), dest)
         assert (dest / "pg_wal" / start_segment).exists()
         assert pg.psql("select count(*) from pg_replication_slots") == "0"
         run = subprocess.run([pg.bins.tool("pg_verifybackup"), str(dest)], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
+        monkeypatch.undo()
 
         pg.psql("create role bk login")
         pg.psql("grant pg_read_all_settings to bk")
@@ -535,6 +576,13 @@ def test_a_long_copy_keeps_its_start_segment(workdir, caplog):
         assert ok and "a temporary replication slot holds each backup's WAL" in detail, detail
         name, ok, detail = _local_read_check(cluster, bk, server_info(bk))
         assert ok and "this role lacks REPLICATION" in detail, detail
+        pg.psql("select count(*) from (select pg_create_physical_replication_slot('fill' || g) "
+                "from generate_series(1, current_setting('max_replication_slots')::int) g) s")
+        try:
+            name, ok, detail = _local_read_check(cluster, conn, server_info(conn))
+            assert ok and "every replication slot (max_replication_slots) is taken" in detail, detail
+        finally:
+            pg.psql("select count(pg_drop_replication_slot(slot_name)) from pg_replication_slots")
         caplog.clear()
         with caplog.at_level("WARNING", logger="pgdr.localcopy"):
             chunks = LocalCopy.open(bk, server_info(bk), "app", "20261204-000001F", "fast", True).chunks()

@@ -511,6 +511,7 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
         files, watcher = store_tar(local.chunks(), repo, label, cluster, data_key, part_size, abort,
                                    watcher=local.watcher)
         if abort is not None and abort.is_set():
+            watcher.close()
             raise LockedError(f"backup {label} aborted: its lock was lost")
     else:
         files, watcher = _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_key,

@@ -124,9 +124,10 @@ def _local_read_check(cluster: ClusterConfig, conn: ConnInfo, info) -> tuple[str
         return "local_read", False, f"backup_method local: cannot read {unreadable}; {READ_HINT}"
     held = ""
     if local.embed_wal:
-        held = ("; a temporary replication slot holds each backup's WAL" if local.can_hold_wal() else
-                "; this role lacks REPLICATION, so no slot holds a backup's WAL: a long copy on a busy server "
-                "may lose its start segment")
+        why = local.wal_hold()
+        held = ("; a temporary replication slot holds each backup's WAL" if why is None else
+                f"; {why}, so no slot holds a backup's WAL: a long copy on a busy server may lose its start "
+                "segment")
     return "local_read", True, f"backup_method local: reads {local.datadir}, proven to be this server's{held}"
 
 

@@ -552,9 +552,12 @@ def _manifest_lines(src) -> Iterator[tuple[str, object]]:
     Anything else is refused, naming the line: pgdr rewrites nothing it has not understood."""
     state = "head"
     number, line = 0, ""
+    sha = hashlib.sha256()  # of everything before the Manifest-Checksum line, which must match it
     try:
         for number, raw in enumerate(src, start=1):
-            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            line = raw.rstrip(b"\r\n").decode("utf-8")  # PostgreSQL writes Encoded-Path for other names
+            if not line.startswith('"Manifest-Checksum": '):
+                sha.update(raw)
             if state == "file" and line.startswith("{"):  # all but a handful of lines
                 entry = json.loads(line[:-1] if line.endswith(",") else line)
                 if not isinstance(entry, dict):
@@ -584,9 +587,14 @@ def _manifest_lines(src) -> Iterator[tuple[str, object]]:
                 yield "end", None
                 state = "checksum"
             elif state == "checksum" and line.startswith('"Manifest-Checksum": '):
+                if line != f'"Manifest-Checksum": "{sha.hexdigest()}"}}':
+                    raise IntegrityError(f"the incremental's backup_manifest, line {number}: its Manifest-Checksum "
+                                         "does not match its contents")
                 state = "done"
             elif not (line == "" and state in ("file", "range")):  # an empty list's own line
                 raise IntegrityError(f"the incremental's backup_manifest, line {number}: unexpected: {line[:120]!r}")
+    except UnicodeDecodeError:
+        raise IntegrityError(f"the incremental's backup_manifest, line {number}: not UTF-8") from None
     except ValueError:
         raise IntegrityError(f"the incremental's backup_manifest, line {number}: unreadable: {line[:120]!r}") \
             from None

@@ -211,8 +211,17 @@ def _server_identifier(datadir: Path, root: int) -> int:
 
 
 def _exists(datadir: Path, root: int, rel: str) -> bool:
+    """Whether ``rel`` is in the data directory, every directory on the way opened without following a link,
+    as the walk opens them: the proof sees what the copy reads (a linked database directory, which the walk
+    would skip, is refused)."""
+    *dirs, leaf = rel.split("/")
+    opened: list[int] = []
     try:
-        os.stat(rel, dir_fd=root, follow_symlinks=False)
+        at = root
+        for name in dirs:
+            at = os.open(name, DIR_OPEN, dir_fd=at)
+            opened.append(at)
+        os.stat(leaf, dir_fd=at, follow_symlinks=False)
         return True
     except FileNotFoundError:
         return False
@@ -220,7 +229,14 @@ def _exists(datadir: Path, root: int, rel: str) -> bool:
         raise NotLocal(f"data directory {datadir}: permission denied looking into {Path(rel).parent}; "
                        f"{READ_HINT}") from None
     except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotLocal(f"data directory {datadir}: {Path(rel).parent} is a symbolic link, which a local copy "
+                           "does not follow (nor does pg_basebackup): use backup_method pg_basebackup, or "
+                           "move the database back into the data directory") from None
         raise NotLocal(f"data directory {datadir}: cannot look into {Path(rel).parent} ({e.strerror})") from None
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def prove_local(c, datadir: Path, system_identifier: str, root: int | None = None) -> None:
@@ -277,11 +293,11 @@ class LocalCopy:
         self.fast = checkpoint == "fast"
         self.embed_wal = embed_wal
         self.datadir: Path | None = None
-        self.dir_mode = 0o700
         self.files = 0
         self.bytes = 0
-        self.members = 0
-        self.watcher = CopyWatcher(self)
+        self.watcher = CopyWatcher()
+        self._manifest: ManifestWriter | None = None  # until handed over to the watcher
+        self.root_stat: os.stat_result | None = None  # the data directory's: owner and mode for pgdr's members
 
     @classmethod
     def open(cls, conn: ConnInfo, info: ServerInfo, cluster: str, label: str, checkpoint: str,
@@ -302,10 +318,6 @@ class LocalCopy:
                 return None
             copy.datadir = Path(datadir)
             prove_local(c, copy.datadir, ident)
-        try:
-            copy.dir_mode = os.stat(copy.datadir).st_mode & 0o777 or 0o700
-        except OSError:
-            pass
         return copy
 
     def unreadable(self) -> str | None:
@@ -325,13 +337,21 @@ class LocalCopy:
     def chunks(self) -> Iterator[bytes]:
         """The tar stream, in pieces of about CHUNK bytes. The backup starts on the first piece asked for and
         ends (pg_backup_stop) before the last; closing the iterator early closes the session, which aborts it."""
+        try:
+            yield from self._copy(_session(self.conn), _Coalesce())
+        except BaseException:
+            if self._manifest is not None:  # not handed over: released now, not whenever it is collected
+                self._manifest.file.close()
+                self._manifest = None
+            raise
+
+    def _copy(self, c, out: "_Coalesce") -> Iterator[bytes]:
         import psycopg
 
-        c = _session(self.conn)
-        out = _Coalesce()
         root = None
         try:
             root = open_root(self.datadir)  # before the proof: what is proven is what is read
+            self.root_stat = os.fstat(root)
             if self.embed_wal:
                 self._reserve_wal(c)
             try:
@@ -347,7 +367,7 @@ class LocalCopy:
             # The first proof was on another session: prove it again on the one that holds the backup.
             prove_local(c, self.datadir, self.info.system_identifier, root)
             log.info("backup %s: reading %s directly (pg_backup_start at %s)", self.label, self.datadir, start_lsn)
-            manifest = ManifestWriter(self.info.major, self.info.system_identifier)
+            manifest = self._manifest = ManifestWriter(self.info.major, self.info.system_identifier)
             yield from self._walk(out, manifest, "", root)
             global_fd = _open_dir(root, "global", self.datadir / "global")
             try:
@@ -376,18 +396,15 @@ class LocalCopy:
             if root is not None:
                 os.close(root)
         doc, size = manifest.finish(timeline, start_lsn, stop_lsn)
-        try:
-            yield from out.add(self._header("backup_manifest", size, 0o600, int(now), b"0"))
-            for piece in iter(lambda: doc.read(CHUNK), b""):
-                yield from out.add(piece)
-            yield from out.add(b"\0" * (-size % BLOCK))
-            yield from out.add(b"\0" * (2 * BLOCK))
-            yield from out.flush()
-        except BaseException:
-            doc.close()
-            raise
+        yield from out.add(self._header("backup_manifest", size, 0o600, int(now), b"0"))
+        for piece in iter(lambda: doc.read(CHUNK), b""):
+            yield from out.add(piece)
+        yield from out.add(b"\0" * (-size % BLOCK))
+        yield from out.add(b"\0" * (2 * BLOCK))
+        yield from out.flush()
         doc.seek(0)
-        self.watcher.spooled["backup_manifest"] = doc
+        self._manifest = None
+        self.watcher.hand_over("backup_manifest", doc)
         log.info("backup %s: read %d files, %.1f MB, from %s; pg_backup_stop at %s", self.label, self.files,
                  self.bytes / 1e6, self.datadir, stop_lsn)
 
@@ -426,7 +443,8 @@ class LocalCopy:
             except OSError as e:
                 raise PgdrError(f"cannot read {self.datadir / child}: {e.strerror}") from None
             if name in EXCLUDED_DIR_CONTENTS or child == "pg_wal":
-                mode = st.st_mode if stat.S_ISDIR(st.st_mode) else self.dir_mode  # a linked pg_wal: a directory
+                # A linked pg_wal: a directory, with the data directory's mode.
+                mode = st.st_mode if stat.S_ISDIR(st.st_mode) else self.root_stat.st_mode
                 yield from out.add(self._header(child + "/", 0, mode, st.st_mtime, b"5", st))
                 if child == "pg_wal":
                     for sub in ("archive_status", "summaries") if self.info.major >= 17 else ("archive_status",):
@@ -447,6 +465,10 @@ class LocalCopy:
                     os.close(sub)
             elif stat.S_ISREG(st.st_mode):
                 yield from self._file(out, manifest, child, dir_fd, name)
+            elif child.startswith(("base/", "global/")):
+                # pg_basebackup skips it with a warning: a database or relation that would be missing.
+                raise PgdrError(f"{self.datadir / child} is a symbolic link or a special file where PostgreSQL "
+                                "keeps relations; refusing rather than take a backup without what it holds")
             else:
                 log.warning("backup %s: skipping %s in the data directory: not a file or a directory (as "
                             "pg_basebackup does)", self.label, child)
@@ -495,9 +517,15 @@ class LocalCopy:
         self.files += 1
         self.bytes += size
 
+    @property
+    def members(self) -> int:
+        return self.watcher.members
+
     def _header(self, name: str, size: int, mode: int, mtime: float, kind: bytes, st=None) -> bytes:
-        self.members += 1
-        return tar_header(name, size, mode, mtime, kind, st)
+        """A member's header; one pgdr writes itself (backup_label, WAL, backup_manifest) belongs to the data
+        directory's owner, the server's user, as pg_basebackup's do."""
+        self.watcher.members += 1
+        return tar_header(name, size, mode, mtime, kind, st or self.root_stat)
 
     def _member(self, name: str, data: bytes, mtime: float, manifest) -> bytes:
         checksum = FileChecksum()
@@ -505,11 +533,20 @@ class LocalCopy:
         manifest.add(name, len(data), mtime, checksum)
         return self._header(name, len(data), 0o600, int(mtime), b"0") + _padded(data)
 
-    def can_hold_wal(self) -> bool:
-        """Whether this role may create the temporary replication slot that holds a backup's WAL."""
-        with connect(self.conn) as c:
-            return bool(c.execute("select rolreplication or rolsuper from pg_roles "
-                                  "where rolname = current_user").fetchone()[0])
+    def wal_hold(self) -> str | None:
+        """Why no temporary replication slot can hold a backup's WAL (None: one can): the role lacks
+        REPLICATION, or every slot max_replication_slots allows is taken."""
+        if not self.info.can_replicate:
+            return "this role lacks REPLICATION"
+        try:
+            with connect(self.conn) as c:
+                free = c.execute("select current_setting('max_replication_slots')::int - "
+                                 "(select count(*) from pg_replication_slots)").fetchone()[0]
+        except PgdrError as e:
+            return f"cannot count the free replication slots ({e})"
+        except Exception as e:  # psycopg's errors
+            return f"cannot count the free replication slots ({_first_line(e)})"
+        return None if free > 0 else "every replication slot (max_replication_slots) is taken"
 
     def _reserve_wal(self, c) -> None:
         """A temporary replication slot on the backup's session, holding the WAL from before pg_backup_start
@@ -525,8 +562,7 @@ class LocalCopy:
         except psycopg.Error as e:
             log.warning("backup %s: cannot hold the backup's WAL with a temporary replication slot (%s); a long "
                         "copy on a busy server may lose its start segment and fail: grant the backup role "
-                        "REPLICATION, or keep a free slot (max_replication_slots)", self.label,
-                        str(e).strip().splitlines()[0])
+                        "REPLICATION, or keep a free slot (max_replication_slots)", self.label, _first_line(e))
 
     def _wal(self, out, manifest, root: int, timeline: int, start_lsn: str, stop_lsn: str) -> Iterator[bytes]:
         """The WAL from start to stop, from pg_wal (backup_wal: embed), and the timeline history files. Each
@@ -559,8 +595,8 @@ class LocalCopy:
 
     def _segment(self, wal: int, name: str, address: int) -> bytes:
         """Segment ``name``, read whole. Only its first page's address is checked, not every page's: after a
-        WAL switch (archive_timeout, pg_switch_wal, another backup starting) the rest of a segment is never
-        written and holds whatever the recycled file held before."""
+        WAL switch (archive_timeout, pg_switch_wal, another backup starting) the rest of a segment is zeros,
+        with no page headers, and recovery never reads it."""
         seg = self.info.wal_segment_size
         where = f"{self.datadir / 'pg_wal' / name}"
         try:
@@ -601,21 +637,30 @@ class CopyWatcher:
     count, and its backup_manifest (``spooled``, once the stream has ended). Parsing pgdr's own stream back, a
     header per file on the thread that compresses, would only repeat what the copy knows."""
 
-    def __init__(self, copy: LocalCopy):
-        self._copy = copy
+    def __init__(self):
+        self.members = 0
         self.spooled: dict = {}
-
-    @property
-    def members(self) -> int:
-        return self._copy.members
+        self._closed = False
 
     def feed(self, data) -> None:
         pass
 
+    def hand_over(self, name: str, f) -> None:
+        if self._closed:  # the backup already ended (failed) while the copy finished
+            f.close()
+        else:
+            self.spooled[name] = f
+
     def close(self) -> None:
+        self._closed = True
         for f in self.spooled.values():
             f.close()
         self.spooled.clear()
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _session(conn: ConnInfo):
@@ -625,6 +670,10 @@ def _session(conn: ConnInfo):
         c.execute("set idle_session_timeout = 0")
         c.execute("set idle_in_transaction_session_timeout = 0")
         c.execute("set statement_timeout = 0")
+        # The server notices a vanished pgdr within minutes (over TCP), and drops the backup and its slot.
+        c.execute("set tcp_keepalives_idle = 60")
+        c.execute("set tcp_keepalives_interval = 10")
+        c.execute("set tcp_keepalives_count = 6")
         # The proof's temporary table: in the data directory, writable, whatever the role's defaults say.
         c.execute("set temp_tablespaces = ''")
         c.execute("set default_transaction_read_only = off")

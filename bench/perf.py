@@ -1,6 +1,6 @@
 """Every performance row of issue 13, in one run: pgdr beside pgBackRest, each pair on the same cluster.
 
-    make bench-perf                       # about 16 minutes on 2 cores (with --pgbackrest)
+    make bench-perf                       # about 25 minutes on 2 cores (with --pgbackrest)
     make bench-perf BENCH_ARGS=--quick    # smaller clusters, a first look
 
 Runs, one after another (nothing else should run on the machine meanwhile):
@@ -12,7 +12,10 @@ Runs, one after another (nothing else should run on the machine meanwhile):
                          and archive-async;
 - bench/replay_bench.py  WAL replay of ~1 GB to a server ready for connections, pgBackRest archive-get async;
 - bench/archive_scale_bench.py  one WAL lookup (each push and fetch makes one) in a file repository holding
-                         up to 200,000 segments of a timeline.
+                         up to 200,000 segments of a timeline;
+- bench/many_files_bench.py  full backups of ~200,000 small files, cold and warm cache, pgdr local, through
+                         pg_basebackup and pgBackRest; a chain's restore and its peak RSS;
+- bench/manifest_rss.py  peak memory of rewriting a chain's backup_manifest for a million files.
 
 Each bench's own output streams by; at the end its summary lines are printed again, together. Numbers are
 printed, never asserted.
@@ -48,6 +51,11 @@ def main() -> int:
         ("WAL replay to ready (PostgreSQL 15)", "replay_bench.py", ["--wal-mb", "256", "--rounds", "1"] if q else []),
         ("WAL lookups in a large file repository", "archive_scale_bench.py",
          ["--sizes", "1000,10000"] if q else ["--sizes", "1000,10000,50000,200000"]),
+        ("a cluster of many small files (PostgreSQL 18)", "many_files_bench.py",
+         (["--tables", "5000", "--rounds", "1"] if q else [])
+         + (["--pgbackrest", args.pgbackrest] if args.pgbackrest else [])),
+        ("memory of a chain restore's manifest rewrite", "manifest_rss.py",
+         ["--files", "100000"] if q else []),
     ]
     summaries = []
     started = time.monotonic()

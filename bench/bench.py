@@ -35,17 +35,22 @@ from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: 
 PG15 = "/usr/lib/postgresql/15/bin"
 
 
-def pg15_and_workdir(workdir: str):
-    """PostgreSQL 15's binaries and an empty work directory (the bench's user postgres created if missing)."""
-    bins = probe(PG15, "postgres")
-    if bins is None:
-        raise SystemExit("PostgreSQL 15 binaries are missing: apt-get install postgresql-15")
+def fresh_workdir(workdir: str) -> Path:
+    """An empty work directory the server's user can enter (the bench's user postgres created if missing)."""
     ensure_system_user("postgres")
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     work.chmod(0o755)
-    return bins, work
+    return work
+
+
+def pg15_and_workdir(workdir: str):
+    """PostgreSQL 15's binaries and an empty work directory."""
+    bins = probe(PG15, "postgres")
+    if bins is None:
+        raise SystemExit("PostgreSQL 15 binaries are missing: apt-get install postgresql-15")
+    return bins, fresh_workdir(workdir)
 
 
 def run(cmd, **kw):

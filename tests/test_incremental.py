@@ -221,7 +221,8 @@ def test_runs_of_blocks_land_at_their_offsets_however_the_stream_is_cut(tmp_path
     # Truncated to 11 blocks, then blocks 0-3, 7, 9-10 and 13-14 written: 11 and 12 read as zeros.
     expected = [new.get(n, old[n] if n < 11 else bytes(8192)) for n in range(15)]
     assert (root / "base" / "5" / "16384").read_bytes() == b"".join(expected)
-    assert lengths["base/5/16384"] == 15 * 8192 and applier.reconstructed["base/5/16384"] == 15 * 8192
+    assert lengths["base/5/16384"] == 15 * 8192 and applier.rebuilt == 2
+    assert (root / "base" / "5" / "16384").stat().st_size == 15 * 8192
     assert unchanged.read_bytes() == b"u" * 2 * 8192 and lengths["base/5/2619"] == 2 * 8192
 
 
@@ -253,7 +254,10 @@ def test_the_combined_manifest_is_rewritten_line_by_line(tmp_path):
     path = tmp_path / "backup_manifest"
     (tmp_path / "backup_label").write_text("START WAL LOCATION: 0/2000028\n")
     path.write_text(original)
-    rewrite_backup_manifest(tmp_path, {"base/5/16384": 3 * 8192})
+    (tmp_path / "base" / "5").mkdir(parents=True)
+    (tmp_path / "base" / "5" / "16384").write_bytes(bytes(3 * 8192))  # as the chain's restore rebuilt it
+    held = {"backup_label", "base/5/16384", "global/pg_control"}
+    rewrite_backup_manifest(tmp_path, held, 1)
     text = path.read_text()
     doc = json.loads(text)
     head, _, tail = text.rpartition('"Manifest-Checksum": ')
@@ -272,9 +276,17 @@ def test_the_combined_manifest_is_rewritten_line_by_line(tmp_path):
                           (original.replace("global/pg_control", "global/pg_contr\udcff"), "line 7: not UTF-8")):
         path.write_bytes(broken.encode("utf-8", "surrogateescape"))
         with pytest.raises(IntegrityError, match=where):
-            rewrite_backup_manifest(tmp_path, {"base/5/16384": 3 * 8192})
+            rewrite_backup_manifest(tmp_path, held, 1)
         assert path.read_bytes() == broken.encode("utf-8", "surrogateescape")
         assert not (tmp_path / "backup_manifest.pgdr-tmp").exists()
+    # The tar and the manifest disagree: an incremental file the tar did not hold, or one more in the tar.
+    for held_now, rebuilt, where in (({"backup_label", "global/pg_control"}, 1, "which the incremental's tar did "
+                                      "not hold"),
+                                     (held, 2, "lists 1 incremental files, its tar held 2")):
+        path.write_text(original)
+        with pytest.raises(IntegrityError, match=where):
+            rewrite_backup_manifest(tmp_path, held_now, rebuilt)
+        assert path.read_text() == original
 
 
 # ------------------------------------------------------------------------------------------------ retention

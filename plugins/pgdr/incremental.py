@@ -273,7 +273,9 @@ class ChainApplier(TarExtractor):
         self._skip = False
         self.files: set[str] = set()  # paths (relative, reconstructed names) this member holds
         self.dirs: set[str] = set()
-        self.reconstructed: dict[str, int] = {}  # path -> length
+        # How many INCREMENTAL. files this member rebuilt (their paths are in ``files``, their lengths on the
+        # disk): no per-file map, a chain of a million files is restored in bounded memory.
+        self.rebuilt = 0
         self._inc: _IncrementalFile | None = None
         self._label: bytearray | None = None
         self._label_parent: int | None = None
@@ -379,9 +381,10 @@ class ChainApplier(TarExtractor):
         if self._inc is not None:
             inc, self._inc = self._inc, None
             try:
-                self.reconstructed[self._inc_path] = length = inc.finish()
+                length = inc.finish()
             finally:
                 inc.close()
+            self.rebuilt += 1
             if self.lengths is not None:
                 self.lengths[self._inc_path] = length
             return
@@ -397,7 +400,6 @@ class ChainApplier(TarExtractor):
                     os.close(fd)
             finally:
                 os.close(parent)
-            self.reconstructed["backup_label"] = -1  # rewritten: its manifest entry loses the checksum
             return
         super().member_end()
 
@@ -439,9 +441,10 @@ def strip_incremental_lines(text: bytes) -> bytes:
 
 
 def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False, last: bool = True,
-                 lengths: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
+                 lengths: dict[str, int] | None = None) -> tuple[int, ChainApplier]:
     """One chain member, every object checked before use (pgdr.unpack), applied in place on ``target`` (the
-    full: unpacked into it). Returns the bytes read and {path: length} of the files it reconstructed."""
+    full: unpacked into it). Returns the bytes read and the applier (the paths the member held, how many
+    files it rebuilt)."""
     from pgdr.unpack import feed_parts
 
     applier = ChainApplier(target, base=base, skip_wal=not last, lengths=lengths)
@@ -453,34 +456,39 @@ def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: boo
         raise PgdrError(f"cannot apply incremental backup {m.label} to {target}: {e}") from e
     finally:
         applier.release()
-    changed = sum(1 for v in applier.reconstructed.values() if v >= 0)
     if base:
         log.info("restored full backup %s, the base of the chain", m.label)
-        return read, applier.reconstructed
-    log.info("applied incremental %s: %d relation files updated in place, %d whole files, %d removed",
-             m.label, changed, len(applier.files) - changed, removed)
-    return read, applier.reconstructed
+        return read, applier
+    log.info("applied incremental %s: %d relation files rebuilt in place, %d whole files, %d removed",
+             m.label, applier.rebuilt, len(applier.files) - applier.rebuilt, removed)
+    return read, applier
 
 
 def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -> int:
-    """The full into ``target``, then every incremental in order, in place. Returns the bytes read."""
-    lengths: dict[str, int] = {}
-    read, reconstructed = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1, lengths=lengths)
+    """The full into ``target``, then every incremental in order, in place. Returns the bytes read.
+
+    Per file, only the paths of the member being applied are kept in memory (about 100 bytes a file): the
+    lengths of the files the chain wrote and rebuilt are read back from the disk where needed."""
+    read, applier = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1)
     for i, m in enumerate(chain[1:], start=2):
-        got, reconstructed = apply_member(repo, m, target, last=i == len(chain), lengths=lengths)
+        applier = None  # the previous member's paths, released before the next member's are gathered
+        got, applier = apply_member(repo, m, target, last=i == len(chain))
         read += got
     if len(chain) > 1:
-        rewrite_backup_manifest(target, reconstructed)
+        rewrite_backup_manifest(target, applier.files, applier.rebuilt)
     return read
 
 
 # ------------------------------------------------------------------------------------- backup_manifest
 
-def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None:
+def rewrite_backup_manifest(target: Path, held: set[str], rebuilt: int) -> None:
     """The newest member's backup_manifest, as pg_combinebackup writes it for the combined directory. Read and
     written a line at a time, never whole: PostgreSQL writes one file a line, and a cluster of a million
-    files has a manifest of hundreds of MB (parsed whole, several GB of Python objects)."""
+    files has a manifest of hundreds of MB (parsed whole, several GB of Python objects). ``held``: the paths
+    the newest member's tar held (rebuilt files under their own names), ``rebuilt``: how many of them were
+    INCREMENTAL. files; a rebuilt file's size is read from the disk, where it was just written."""
     path = target / "backup_manifest"
+    listed = 0
     tmp = target / "backup_manifest.pgdr-tmp"
     sha = hashlib.sha256()
     try:
@@ -507,7 +515,9 @@ def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None
                     emit('"Files": [\n')
                     first = True
                 elif kind == "file":
-                    emit(("" if first else ",\n") + json.dumps(_combined_entry(target, value, reconstructed)))
+                    entry, incremental = _combined_entry(target, value, held)
+                    listed += incremental
+                    emit(("" if first else ",\n") + json.dumps(entry))
                     first = False
                 elif kind == "ranges":
                     emit('\n],\n"WAL-Ranges": [\n')
@@ -517,6 +527,9 @@ def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None
                     first = False
                 elif kind == "end":
                     emit("\n],\n")
+            if listed != rebuilt:
+                raise IntegrityError(f"the incremental's backup_manifest lists {listed} incremental files, its tar "
+                                     f"held {rebuilt}")
             flush()
             out.write(b'"Manifest-Checksum": "' + sha.hexdigest().encode() + b'"}\n')
     except OSError as e:
@@ -528,22 +541,35 @@ def rewrite_backup_manifest(target: Path, reconstructed: dict[str, int]) -> None
     os.replace(tmp, path)
 
 
-def _combined_entry(target: Path, entry: dict, reconstructed: dict[str, int]) -> dict:
-    """A file's manifest entry in the combined directory: an INCREMENTAL. file becomes the file it rebuilt,
-    without a checksum (pg_combinebackup leaves none either), and so does backup_label."""
+def _combined_entry(target: Path, entry: dict, held: set[str]) -> tuple[dict, bool]:
+    """A file's manifest entry in the combined directory, and whether it was an INCREMENTAL. one: that becomes
+    the file it rebuilt, with its size on the disk and without a checksum (pg_combinebackup leaves none
+    either), and so does backup_label."""
     p = entry.get("Path")
     if p is None:
-        return entry  # an Encoded-Path entry: never an incremental file
+        return entry, False  # an Encoded-Path entry: never an incremental file
     head, _, leaf = p.rpartition("/")
-    if leaf.startswith(PREFIX):
+    incremental = leaf.startswith(PREFIX)
+    if incremental:
         real = (head + "/" if head else "") + leaf[len(PREFIX):]
-        size = reconstructed.get(real)
-        if size is None or size < 0:
+        if real not in held:
             raise IntegrityError(f"backup_manifest lists {p}, which the incremental's tar did not hold")
-        entry = {"Path": real, "Size": size, "Last-Modified": entry.get("Last-Modified")}
+        entry = {"Path": real, "Size": _size_on_disk(target, real, p), "Last-Modified": entry.get("Last-Modified")}
     elif p == "backup_label":
-        entry = {"Path": p, "Size": (target / p).stat().st_size, "Last-Modified": entry.get("Last-Modified")}
-    return {k: v for k, v in entry.items() if v is not None}
+        entry = {"Path": p, "Size": _size_on_disk(target, p, p), "Last-Modified": entry.get("Last-Modified")}
+    return {k: v for k, v in entry.items() if v is not None}, incremental
+
+
+def _size_on_disk(target: Path, rel: str, listed: str) -> int:
+    """The size of a file the chain's restore just wrote (a path its tar held: checked by the extractor)."""
+    try:
+        st = os.stat(f"{target}/{rel}", follow_symlinks=False)
+    except OSError as e:
+        raise IntegrityError(f"backup_manifest lists {listed}, but the restore left no {rel} ({e.strerror})") \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        raise IntegrityError(f"backup_manifest lists {listed}, but {rel} is not a regular file")
+    return st.st_size
 
 
 def _manifest_lines(src) -> Iterator[tuple[str, object]]:

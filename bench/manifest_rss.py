@@ -61,12 +61,11 @@ def rebuild(target: Path, files: int) -> None:
 def child(target: Path, files: int, mode: str) -> None:
     from pgdr.incremental import rewrite_backup_manifest
 
-    held = {f"base/{16384 + i // 50000}/{100000 + i}" for i in range(files)}
-    held.add("backup_label")
+    rebuilt = {f"base/{16384 + i // 50000}/{100000 + i}" for i in range(files)}
     base = hwm()
     t = time.monotonic()
     if mode == "rewrite":
-        rewrite_backup_manifest(target, held, files)
+        rewrite_backup_manifest(target, rebuilt)
     elif mode == "json.loads":
         json.loads((target / "backup_manifest").read_bytes())
     peak = hwm()

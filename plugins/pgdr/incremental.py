@@ -271,7 +271,8 @@ class ChainApplier(TarExtractor):
         # chain's restore shares one): an unchanged relation is recognised without a look at the disk.
         self.lengths = lengths
         self._skip = False
-        self.files: set[str] = set()  # paths (relative, reconstructed names) this member holds
+        self.files: set[str] = set()  # paths (relative) of the whole files this member holds
+        self.rebuilt_paths: set[str] = set()  # and of the files it rebuilds from INCREMENTAL. ones
         self.dirs: set[str] = set()
         # How many INCREMENTAL. files this member rebuilt (their paths are in ``files``, their lengths on the
         # disk): no per-file map, a chain of a million files is restored in bounded memory.
@@ -299,10 +300,10 @@ class ChainApplier(TarExtractor):
             if not leaf or leaf in (".", ".."):
                 raise IntegrityError(f"tar member {name!r} names no file; refusing it")
         path = "/".join(parts[:-1] + [leaf])
-        if path in self.files or path in self.dirs:
+        if path in self.files or path in self.rebuilt_paths or path in self.dirs:
             raise IntegrityError(f"tar member {name!r} names a path that an earlier member already created; "
                                  "refusing it (the backup is damaged or was tampered with)")
-        self.files.add(path)
+        (self.rebuilt_paths if incremental else self.files).add(path)
         parent = self._open_dir(name, parts[:-1])
         if incremental:
             self._inc = _IncrementalFile(name, parent, leaf, size,
@@ -421,7 +422,7 @@ class ChainApplier(TarExtractor):
             rel_dir = os.path.relpath(dirpath, root)
             for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if rel not in self.files:
+                if rel not in self.files and rel not in self.rebuilt_paths:
                     os.unlink(os.path.join(dirpath, name))
                     if self.lengths is not None:
                         self.lengths.pop(rel, None)
@@ -460,7 +461,7 @@ def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: boo
         log.info("restored full backup %s, the base of the chain", m.label)
         return read, applier
     log.info("applied incremental %s: %d relation files rebuilt in place, %d whole files, %d removed",
-             m.label, applier.rebuilt, len(applier.files) - applier.rebuilt, removed)
+             m.label, applier.rebuilt, len(applier.files), removed)
     return read, applier
 
 
@@ -475,18 +476,18 @@ def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -
         got, applier = apply_member(repo, m, target, last=i == len(chain))
         read += got
     if len(chain) > 1:
-        rewrite_backup_manifest(target, applier.files, applier.rebuilt)
+        rewrite_backup_manifest(target, applier.rebuilt_paths)
     return read
 
 
 # ------------------------------------------------------------------------------------- backup_manifest
 
-def rewrite_backup_manifest(target: Path, held: set[str], rebuilt: int) -> None:
+def rewrite_backup_manifest(target: Path, rebuilt: set[str]) -> None:
     """The newest member's backup_manifest, as pg_combinebackup writes it for the combined directory. Read and
     written a line at a time, never whole: PostgreSQL writes one file a line, and a cluster of a million
-    files has a manifest of hundreds of MB (parsed whole, several GB of Python objects). ``held``: the paths
-    the newest member's tar held (rebuilt files under their own names), ``rebuilt``: how many of them were
-    INCREMENTAL. files; a rebuilt file's size is read from the disk, where it was just written."""
+    files has a manifest of hundreds of MB (parsed whole, several GB of Python objects). ``rebuilt``: the paths
+    the newest member's tar held as INCREMENTAL. files, under their own names; the manifest must list exactly
+    those as incremental, and a rebuilt file's size is read from the disk, where it was just written."""
     path = target / "backup_manifest"
     listed = 0
     tmp = target / "backup_manifest.pgdr-tmp"
@@ -515,7 +516,7 @@ def rewrite_backup_manifest(target: Path, held: set[str], rebuilt: int) -> None:
                     emit('"Files": [\n')
                     first = True
                 elif kind == "file":
-                    entry, incremental = _combined_entry(target, value, held)
+                    entry, incremental = _combined_entry(target, value, rebuilt)
                     listed += incremental
                     emit(("" if first else ",\n") + json.dumps(entry))
                     first = False
@@ -527,9 +528,9 @@ def rewrite_backup_manifest(target: Path, held: set[str], rebuilt: int) -> None:
                     first = False
                 elif kind == "end":
                     emit("\n],\n")
-            if listed != rebuilt:
+            if listed != len(rebuilt):
                 raise IntegrityError(f"the incremental's backup_manifest lists {listed} incremental files, its tar "
-                                     f"held {rebuilt}")
+                                     f"held {len(rebuilt)}")
             flush()
             out.write(b'"Manifest-Checksum": "' + sha.hexdigest().encode() + b'"}\n')
     except OSError as e:
@@ -541,7 +542,7 @@ def rewrite_backup_manifest(target: Path, held: set[str], rebuilt: int) -> None:
     os.replace(tmp, path)
 
 
-def _combined_entry(target: Path, entry: dict, held: set[str]) -> tuple[dict, bool]:
+def _combined_entry(target: Path, entry: dict, rebuilt: set[str]) -> tuple[dict, bool]:
     """A file's manifest entry in the combined directory, and whether it was an INCREMENTAL. one: that becomes
     the file it rebuilt, with its size on the disk and without a checksum (pg_combinebackup leaves none
     either), and so does backup_label."""
@@ -552,8 +553,9 @@ def _combined_entry(target: Path, entry: dict, held: set[str]) -> tuple[dict, bo
     incremental = leaf.startswith(PREFIX)
     if incremental:
         real = (head + "/" if head else "") + leaf[len(PREFIX):]
-        if real not in held:
-            raise IntegrityError(f"backup_manifest lists {p}, which the incremental's tar did not hold")
+        if real not in rebuilt:
+            raise IntegrityError(f"backup_manifest lists {p}, which the incremental's tar did not hold as an "
+                                 "incremental file")
         entry = {"Path": real, "Size": _size_on_disk(target, real, p), "Last-Modified": entry.get("Last-Modified")}
     elif p == "backup_label":
         entry = {"Path": p, "Size": _size_on_disk(target, p, p), "Last-Modified": entry.get("Last-Modified")}

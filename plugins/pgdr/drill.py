@@ -41,6 +41,7 @@ from pgdr.config import ClusterConfig
 from pgdr.errors import PgdrError, UsageError
 from pgdr.lsn import format_lsn, parse_lsn
 from pgdr.pgbin import find_bin_dir, reachable_by, user_ids
+from pgdr.postgres import first_line
 from pgdr.results import JsonResult, iso, utcnow
 from pgdr.lock import pid_alive
 from pgdr.server import server_env, start_server, stop_server
@@ -178,7 +179,7 @@ def mark_moment(cluster: ClusterConfig, conn, storage, plan: DrillPlan, poll: fl
         except psycopg.Error as e:
             raise DrillFailed("canary", f"cannot write the canary row into {canary.database}.{canary.table} on the "
                               f"source (grant pgdr create/insert there, or create the table): "
-                              f"{str(e).strip().splitlines()[0]}", record) from None
+                              f"{first_line(e)}", record) from None
         record["canary"] = {"database": canary.database, "table": canary.table, "run_id": plan.run_id}
     with connect(conn) as c:
         try:
@@ -190,7 +191,7 @@ def mark_moment(cluster: ClusterConfig, conn, storage, plan: DrillPlan, poll: fl
             record["method"] = "lsn"
             log.info("no privilege for pg_create_restore_point(): marking the current LSN instead")
         except psycopg.Error as e:
-            raise DrillFailed("mark", f"cannot mark the moment on the source: {str(e).strip().splitlines()[0]}",
+            raise DrillFailed("mark", f"cannot mark the moment on the source: {first_line(e)}",
                               record) from None
     marked = time.monotonic()
     record["lsn"] = row[0]
@@ -561,7 +562,7 @@ def _user_check(s: _Scratch, check) -> tuple:
         with s.connect(check.database) as c:
             row = c.execute(check.sql).fetchone()
     except Exception as e:
-        return name, False, f"query failed in {check.database}: {str(e).strip().splitlines()[0]}", \
+        return name, False, f"query failed in {check.database}: {first_line(e)}", \
             time.monotonic() - t0
     got = None if row is None else row[0]
     got_text = ("t" if got else "f") if isinstance(got, bool) else (None if got is None else str(got))

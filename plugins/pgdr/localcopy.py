@@ -34,7 +34,7 @@ from typing import Iterator
 
 from pgdr.errors import PgdrError, PostgresError
 from pgdr.lsn import parse_lsn
-from pgdr.postgres import ConnInfo, ServerInfo, connect
+from pgdr.postgres import ConnInfo, ServerInfo, connect, first_line
 from pgdr.streams import CHUNK
 from pgdr.tarstream import SPOOL_IN_MEMORY
 
@@ -545,7 +545,7 @@ class LocalCopy:
         except PgdrError as e:
             return f"cannot count the free replication slots ({e})"
         except Exception as e:  # psycopg's errors
-            return f"cannot count the free replication slots ({_first_line(e)})"
+            return f"cannot count the free replication slots ({first_line(e)})"
         return None if free > 0 else "every replication slot (max_replication_slots) is taken"
 
     def _reserve_wal(self, c) -> None:
@@ -562,7 +562,7 @@ class LocalCopy:
         except psycopg.Error as e:
             log.warning("backup %s: cannot hold the backup's WAL with a temporary replication slot (%s); a long "
                         "copy on a busy server may lose its start segment and fail: grant the backup role "
-                        "REPLICATION, or keep a free slot (max_replication_slots)", self.label, _first_line(e))
+                        "REPLICATION, or keep a free slot (max_replication_slots)", self.label, first_line(e))
 
     def _wal(self, out, manifest, root: int, timeline: int, start_lsn: str, stop_lsn: str) -> Iterator[bytes]:
         """The WAL from start to stop, from pg_wal (backup_wal: embed), and the timeline history files. Each
@@ -656,11 +656,6 @@ class CopyWatcher:
         for f in self.spooled.values():
             f.close()
         self.spooled.clear()
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _session(conn: ConnInfo):

@@ -55,6 +55,12 @@ class ServerInfo:
         return self.version_num // 10000
 
 
+def first_line(e: BaseException) -> str:
+    """An error's message in one line, for logs and reports (its class's name when it has none)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def connect(conn: ConnInfo, **kwargs):
     import psycopg
 
@@ -64,8 +70,7 @@ def connect(conn: ConnInfo, **kwargs):
     try:
         return psycopg.connect(conn.dsn, **kw)
     except psycopg.Error as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PostgresError(f"cannot connect to PostgreSQL at {conn.describe()}: {msg}") from None
+        raise PostgresError(f"cannot connect to PostgreSQL at {conn.describe()}: {first_line(e)}") from None
 
 
 # One document for everything server_info needs: the same query whether psql or the Python client asks it.

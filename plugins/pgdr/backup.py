@@ -410,11 +410,13 @@ def store_tar(chunks, repo: Repository, label: str, cluster: ClusterConfig, data
     """A backup's tar stream (chunks, read ahead in a thread) into the repository as its parts: the parts, and
     the TarWatcher that saw it (the caller closes it; or ``watcher``, what the stream's writer knows of it).
     The source is closed however this ends: a generator runs its cleanup at once (a local copy's session ends,
-    and the server abandons the backup)."""
+    and the server abandons the backup). LockedError if ``abort`` was set by the end."""
     prefetch = Prefetch(chunks, depth=16)
     watcher = TarWatcher() if watcher is None else watcher
     try:
         files = store_parts(ChunkReader(prefetch), watcher, repo, label, cluster, data_key, part_size, abort)
+        if abort is not None and abort.is_set():  # set after the last chunk: the stream may have been cut short
+            raise LockedError(f"backup {label} aborted: its lock was lost")
     except BaseException:
         watcher.close()
         raise
@@ -491,7 +493,8 @@ def _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_
             raise
         finally:
             stop_on_abort.set()
-        if abort is not None and abort.is_set():
+        if abort is not None and abort.is_set():  # set while pg_basebackup was waited for: killed
+            watcher.close()
             raise LockedError(f"backup {label} aborted: its lock was lost")
         errfile.seek(0)
         stderr = errfile.read().decode(errors="replace").strip()
@@ -510,9 +513,6 @@ def _stream(cluster, conn, storage, repo, bins, info, label, part_size, abort, p
                  label, cluster.name, local.datadir, info.version, storage.describe())
         files, watcher = store_tar(local.chunks(), repo, label, cluster, data_key, part_size, abort,
                                    watcher=local.watcher)
-        if abort is not None and abort.is_set():
-            watcher.close()
-            raise LockedError(f"backup {label} aborted: its lock was lost")
     else:
         files, watcher = _stream_basebackup(cluster, conn, repo, bins, label, part_size, abort, data_key,
                                             parent_path)

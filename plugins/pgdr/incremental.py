@@ -267,16 +267,16 @@ class ChainApplier(TarExtractor):
         super().__init__(root)
         self.base = base  # the chain's full: unpacked into an empty target, holds no INCREMENTAL. file
         self.skip_wal = skip_wal  # not the chain's last member: its WAL is never used (the last one's is)
-        # path -> length of every regular file the chain's members wrote so far, kept up to date by each (the
-        # chain's restore shares one): an unchanged relation is recognised without a look at the disk.
+        # Optional path -> length of every regular file the chain's members wrote so far, kept up to date by
+        # each: an unchanged relation is then recognised without a stat. restore_chain passes none (a map of
+        # every file is what kept a chain's memory growing); without it the file is stat'ed.
         self.lengths = lengths
         self._skip = False
-        self.files: set[str] = set()  # paths (relative) of the whole files this member holds
-        self.rebuilt_paths: set[str] = set()  # and of the files it rebuilds from INCREMENTAL. ones
+        # Paths (relative) of the whole files this member holds, and of the files it rebuilds from INCREMENTAL.
+        # ones (their lengths are on the disk): no per-file map, a chain of a million files in bounded memory.
+        self.files: set[str] = set()
+        self.rebuilt_paths: set[str] = set()
         self.dirs: set[str] = set()
-        # How many INCREMENTAL. files this member rebuilt (their paths are in ``files``, their lengths on the
-        # disk): no per-file map, a chain of a million files is restored in bounded memory.
-        self.rebuilt = 0
         self._inc: _IncrementalFile | None = None
         self._label: bytearray | None = None
         self._label_parent: int | None = None
@@ -385,7 +385,6 @@ class ChainApplier(TarExtractor):
                 length = inc.finish()
             finally:
                 inc.close()
-            self.rebuilt += 1
             if self.lengths is not None:
                 self.lengths[self._inc_path] = length
             return
@@ -403,6 +402,11 @@ class ChainApplier(TarExtractor):
                 os.close(parent)
             return
         super().member_end()
+
+    @property
+    def rebuilt(self) -> int:
+        """How many files this member rebuilt from INCREMENTAL. ones (all of them, once it was applied)."""
+        return len(self.rebuilt_paths)
 
     def release(self) -> None:
         if self._inc is not None:
@@ -441,14 +445,14 @@ def strip_incremental_lines(text: bytes) -> bytes:
                     if not line.decode("utf-8", "replace").startswith(LABEL_DROP))
 
 
-def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False, last: bool = True,
-                 lengths: dict[str, int] | None = None) -> tuple[int, ChainApplier]:
+def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: bool = False,
+                 last: bool = True) -> tuple[int, ChainApplier]:
     """One chain member, every object checked before use (pgdr.unpack), applied in place on ``target`` (the
     full: unpacked into it). Returns the bytes read and the applier (the paths the member held, how many
     files it rebuilt)."""
     from pgdr.unpack import feed_parts
 
-    applier = ChainApplier(target, base=base, skip_wal=not last, lengths=lengths)
+    applier = ChainApplier(target, base=base, skip_wal=not last)
     try:
         read = feed_parts(repo, m, applier.feed)
         applier.close()
@@ -468,8 +472,8 @@ def apply_member(repo: Repository, m: BackupManifest, target: Path, *, base: boo
 def restore_chain(repo: Repository, chain: list[BackupManifest], target: Path) -> int:
     """The full into ``target``, then every incremental in order, in place. Returns the bytes read.
 
-    Per file, only the paths of the member being applied are kept in memory (about 100 bytes a file): the
-    lengths of the files the chain wrote and rebuilt are read back from the disk where needed."""
+    Per file, only the paths of the member being applied are kept in memory (about 240 bytes a file, measured
+    at 200,000 files): the lengths of the files the chain wrote and rebuilt are read back from the disk."""
     read, applier = apply_member(repo, chain[0], target, base=True, last=len(chain) == 1)
     for i, m in enumerate(chain[1:], start=2):
         applier = None  # the previous member's paths, released before the next member's are gathered
